@@ -1,0 +1,127 @@
+"""The ``align`` command. Heavy libraries are imported inside commands, so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from align import __version__
+from align.errors import AlignError
+
+
+def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Print an :class:`AlignError` as one line and exit non-zero; ``--debug`` keeps the traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = kwargs.get("debug", False)
+        try:
+            return command(*args, **kwargs)
+        except AlignError as exc:
+            if debug:
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted: results so far are in the run directory.", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _load_plugins(strict: bool = False) -> Any:
+    from align.plugins.manager import load_plugins
+
+    plugins = load_plugins()
+    for failure in plugins.failures:
+        message = f"plugin '{failure.name}' ({failure.distribution or 'unknown distribution'}) failed to load: {failure.error}"
+        if strict:
+            raise AlignError(message)
+        click.echo(f"Warning: {message}; `align plugins` shows it", err=True)
+    return plugins
+
+
+_config_argument = click.argument("config", required=False, type=click.Path(dir_okay=False))
+_plan_options = [
+    click.option("--topics", type=click.Path(), help="A topic file or directory (default: the config's, else the demo's)."),
+    click.option("--model", help="A local Hugging Face model directory or hub id (default: the packaged SmolLM2)."),
+    click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value, e.g. dpo.beta=0.05."),
+    click.option("--output", type=click.Path(), help="The run directory (default: runs/<config name>-<time>)."),
+    click.option("--debug", is_flag=True, help="Show tracebacks for errors."),
+]
+
+
+def _with_plan_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_plan_options):
+        command = option(command)
+    return _config_argument(command)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="align")
+def cli() -> None:
+    """Teach a language model a person's knowledge and voice, topic by topic, with one rank-1 LoRA adapter.
+
+    \b
+    align run                      the built-in demo (3 topics, SmolLM2-135M-Instruct)
+    align run configs/dpo.yaml --topics my_topics/
+    align validate my.yaml         resolve and print the plan; trains nothing
+    align plugins                  every plugin as JSON
+    """
+
+
+@cli.command()
+@_with_plan_options
+@click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
+@_handle_errors
+def run(config, topics, model, overrides, output, debug, quiet):
+    """Run the protocol over every topic. CONFIG defaults to the built-in demo."""
+    from align.console import ConsoleReporter
+    from align.core.plan import make_plan
+    from align.core.runner import execute
+
+    plugins = _load_plugins()
+    plan = make_plan(plugins.registry, config, overrides=overrides, topics=topics, model=model, output=output)
+    execute(plan, reporter=ConsoleReporter(quiet=quiet))
+
+
+@cli.command()
+@_with_plan_options
+@_handle_errors
+def validate(config, topics, model, overrides, output, debug):
+    """Resolve CONFIG and print the plan (config, topics, steps); trains nothing and loads no model."""
+    from align.core.config import dump_config
+    from align.core.plan import make_plan
+
+    plugins = _load_plugins()
+    plan = make_plan(plugins.registry, config, overrides=overrides, topics=topics, model=model, output=output)
+    click.echo(f"# resolved config from {plan.source}")
+    click.echo(dump_config(plan.config).rstrip())
+    click.echo("\n# topics")
+    for topic in plan.topics:
+        click.echo(
+            f"- {topic.name} ({topic.source}): {len(topic.content)} passages, {len(topic.quiz)} quiz items, "
+            f"{len(topic.preference_pairs)} preference pairs, {len(topic.voice_pairs)} voice pairs"
+        )
+    click.echo("\n# protocol, for each topic")
+    for index, step in enumerate(plan.steps, 1):
+        click.echo(f"{index}. {step.describe()}")
+    click.echo(f"\n# metrics recorded: {', '.join(plan.metric_names)}")
+
+
+@cli.command()
+@_handle_errors
+def plugins(debug: bool = False):
+    """Print every plugin as JSON: name, distribution, version, hooks, components and load error."""
+    from align.plugins.manager import describe_plugins, load_plugins
+
+    click.echo(json.dumps(describe_plugins(load_plugins()), indent=2))
+
+
+def main() -> None:
+    cli(prog_name="align")

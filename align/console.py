@@ -1,0 +1,117 @@
+"""What ``align run`` prints: a line per step as it finishes, live loss on a terminal, and a table."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+from align.core.engine import Reporter, StepResult
+from align.core.plan import Plan
+from align.core.topics import Topic
+
+
+def _fmt(value: float | None) -> str:
+    return "   -" if value is None else f"{value:4.2f}"
+
+
+class ConsoleReporter(Reporter):
+    def __init__(self, stream: TextIO | None = None, quiet: bool = False):
+        self.stream = stream or sys.stdout
+        self.quiet = quiet
+        self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._live_line = False
+
+    def _say(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self._live_line:
+            self.stream.write("\r\033[K")
+            self._live_line = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def run_start(self, plan: Plan, output: str) -> None:
+        steps = " → ".join(step.name for step in plan.steps)
+        self._say(f"align: {len(plan.topics)} topics, model {plan.config['model']['path']}, output {output}")
+        self._say(f"protocol: {steps}")
+
+    def topic_start(self, index: int, total: int, topic: Topic) -> None:
+        self._say(f"[{index + 1}/{total}] {topic.name}")
+
+    def step_log(self, step: str, logs: Mapping[str, float]) -> None:
+        if self.quiet or not self.live or "loss" not in logs:
+            return
+        done, total = int(logs.get("step", 0)), int(logs.get("max_steps", 0))
+        self.stream.write(f"\r\033[K  {step:<10} step {done}/{total}  loss {logs['loss']:.4f}")
+        self.stream.flush()
+        self._live_line = True
+
+    def step_end(self, topic: Topic, result: StepResult) -> None:
+        if result.status == "skipped":
+            reason = result.gate["reason"] if result.gate else ""
+            self._say(f"  {result.name:<10} skipped: {reason}")
+            return
+        gate = f"  (gate passed: {result.gate['reason']})" if result.gate else ""
+        if result.kind == "train":
+            m = result.metrics
+            prefix = next(iter(m), "x.").split(".")[0]
+            parts = []
+            if f"{prefix}.first_loss" in m and f"{prefix}.final_loss" in m:
+                parts.append(f"loss {m[f'{prefix}.first_loss']:.3f} → {m[f'{prefix}.final_loss']:.3f}")
+            if f"{prefix}.steps" in m:
+                parts.append(f"{int(m[f'{prefix}.steps'])} steps")
+            if f"{prefix}.reward_margin" in m:
+                parts.append(f"reward margin {m[f'{prefix}.reward_margin']:.3f}")
+            text = ", ".join(parts) or _metrics_text(m)
+        else:
+            text = _metrics_text(result.metrics)
+        self._say(f"  {result.name:<10} {text}  [{result.seconds:.1f}s]{gate}")
+
+    def run_end(self, summary: Mapping[str, Any]) -> None:
+        if self.quiet:
+            return
+        self._say("")
+        self._say(summary_table(summary))
+        self._say(f"\nrun directory: {summary['output']} ({summary['seconds']:.0f}s)")
+
+
+def _metrics_text(metrics: Mapping[str, float]) -> str:
+    return "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if not k.endswith(".margin"))
+
+
+def summary_table(summary: Mapping[str, Any]) -> str:
+    """Per topic and metric, the value after each evaluation step; then each gate's decision."""
+    topics = summary["topics"]
+    eval_steps = [s for s in summary["steps"] if any(_step(t, s, "eval") for t in topics)]
+    lines = []
+    header = f"{'topic':<16}{'metric':<18}" + "".join(f"{s:>11}" for s in eval_steps)
+    lines += [header, "-" * len(header)]
+    for topic in topics:
+        names: list[str] = []
+        for step_name in eval_steps:
+            step = _step(topic, step_name, "eval")
+            for key in (step or {}).get("metrics", {}):
+                if key not in names and not key.endswith(".margin"):
+                    names.append(key)
+        for row, name in enumerate(names):
+            cells = []
+            for step_name in eval_steps:
+                step = _step(topic, step_name, "eval")
+                if step is None or step["status"] != "ran":
+                    cells.append(f"{'skipped':>11}")
+                else:
+                    cells.append(f"{_fmt(step['metrics'].get(name)):>11}")
+            lines.append(f"{(topic['topic'] if row == 0 else ''):<16}{name:<18}" + "".join(cells))
+        for step in topic["steps"]:
+            if step.get("gate") and "gate" in step["gate"]:
+                verdict = "ran" if step["gate"]["passed"] else "skipped"
+                lines.append(f"{'':<16}gate {step['step']}: {verdict} ({step['gate']['reason']})")
+    return "\n".join(lines)
+
+
+def _step(topic: Mapping[str, Any], name: str, kind: str) -> dict[str, Any] | None:
+    for step in topic["steps"]:
+        if step["step"] == name and step["kind"] == kind:
+            return step
+    return None

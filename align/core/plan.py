@@ -1,0 +1,274 @@
+"""From config to plan: every component named, built and checked before any model loads.
+
+Data flows one way: config → plan (validated, fully resolved, printable) → engine → events.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from align.core.config import apply_overrides, read_config, with_defaults
+from align.core.params import build_component, factory_defaults
+from align.core.topics import Topic, load_topics
+from align.errors import ConfigError, closest
+from align.plugins.manager import Registry
+
+_STEP_KEYS = ("name", "train", "evaluate", "gate", "if_ran")
+
+
+@dataclass
+class Component:
+    """A built component and the registry name it came from."""
+
+    name: str
+    kind: str
+    instance: Any
+    #: Every param the factory was called with, defaults included.
+    params: dict[str, Any]
+    #: The component's top-level config section with defaults: what ``config.yaml`` records.
+    section: dict[str, Any] = field(default_factory=dict)
+    #: Params given in the step itself (``{use: dpo, beta: 0.05}``).
+    inline: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    """One protocol step: train with one objective, or evaluate with evaluators; maybe gated."""
+
+    name: str
+    kind: str  # "train" or "evaluate"
+    components: list[Component]
+    gate: Component | None = None
+    if_ran: str | None = None
+
+    def describe(self) -> str:
+        what = ", ".join(c.name for c in self.components)
+        text = f"{self.name}: {self.kind} {what}"
+        if self.gate is not None:
+            rules = ", ".join(self.gate.instance.metrics_needed())
+            text += f" if gate '{self.gate.name}' passes (reads {rules})"
+        if self.if_ran:
+            text += f" if step '{self.if_ran}' ran"
+        return text
+
+
+@dataclass
+class Plan:
+    """Everything a run needs, resolved: the config as it will be recorded, topics and steps."""
+
+    config: dict[str, Any]
+    source: str
+    topics: list[Topic]
+    steps: list[Step]
+    metric_names: list[str] = field(default_factory=list)
+
+
+def demo_topics_path() -> Path:
+    return Path(str(resources.files("align") / "demo" / "topics"))
+
+
+def make_plan(
+    registry: Registry,
+    config_path: str | Path | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    topics: str | Path | None = None,
+    model: str | None = None,
+    output: str | None = None,
+) -> Plan:
+    """Read, resolve and check a config (``None``: the built-in demo) into a :class:`Plan`."""
+    data, source, base_dir = read_config(config_path)
+    data = apply_overrides(data, overrides)
+    if model is not None:
+        # A path given on the command line is relative to the working directory.
+        section = data.get("model") if isinstance(data.get("model"), dict) else {}
+        data["model"] = {**section, "path": str(Path(model).resolve()) if Path(model).exists() else model}
+    if output is not None:
+        data["output"] = output
+    return resolve_plan(data, source, registry, base_dir=base_dir, topics=topics)
+
+
+def resolve_plan(
+    data: Mapping[str, Any],
+    source: str,
+    registry: Registry,
+    *,
+    base_dir: Path = Path("."),
+    topics: str | Path | None = None,
+) -> Plan:
+    """Check a config mapping against the registry and build every component it names."""
+    component_names = {name for kind in registry.components for name in registry.names(kind)}
+    config = with_defaults(data, component_names, source)
+    steps = _build_steps(config, source, registry)
+    metric_names = _check_gates(steps, source)
+    config["protocol"] = [_step_as_data(step) for step in steps]
+    for step in steps:
+        for component in step.components:
+            config[component.name] = component.section
+    # Relative paths in a config file are relative to that file; from the command line, to the cwd.
+    if topics is not None:
+        topic_path = Path(topics)
+    elif config["topics"] is not None:
+        topic_path = _relative_to(config["topics"], base_dir)
+    else:
+        topic_path = demo_topics_path()
+    config["topics"] = str(topic_path)
+    model_path = Path(config["model"]["path"]).expanduser()
+    if not model_path.is_absolute() and (base_dir / model_path).is_dir():
+        config["model"]["path"] = str(base_dir / model_path)
+    topic_list = load_topics(topic_path)
+    _check_topics(topic_list, steps)
+    return Plan(config=config, source=source, topics=topic_list, steps=steps, metric_names=metric_names)
+
+
+def _relative_to(path: str, base_dir: Path) -> Path:
+    resolved = Path(path).expanduser()
+    return resolved if resolved.is_absolute() else base_dir / resolved
+
+
+def _component_ref(ref: Any, where: str, source: str) -> tuple[str, dict[str, Any]]:
+    """``dpo`` or ``{use: dpo, beta: 0.05}`` → ``("dpo", {"beta": 0.05})``."""
+    if isinstance(ref, str) and ref:
+        return ref, {}
+    if isinstance(ref, Mapping):
+        params = dict(ref)
+        name = params.pop("use", None)
+        if isinstance(name, str) and name:
+            return name, params
+        raise ConfigError(f"{source}: {where}: a component mapping needs 'use: <name>', e.g. {{use: threshold, all: [...]}}")
+    raise ConfigError(f"{source}: {where}: expected a component name or a mapping with 'use:', got {ref!r}")
+
+
+def _build(
+    kind: str, ref: Any, where: str, config: Mapping[str, Any], source: str, registry: Registry
+) -> Component:
+    name, inline = _component_ref(ref, where, source)
+    registration = registry.get(kind, name)
+    if registration is None:
+        names = registry.names(kind)
+        raise ConfigError(
+            f"{source}: {where}: unknown {kind} '{name}'{closest(name, names)} "
+            f"(registered: {', '.join(names) or 'none'}; `align plugins` lists them)"
+        )
+    section = config.get(name) or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{source}: {name}: must be a mapping of {kind} params, got {type(section).__name__}")
+    params = {**section, **inline}
+    instance = build_component(registration.factory, params, where if inline else name, source)
+    defaults = factory_defaults(registration.factory)
+    return Component(
+        name=name,
+        kind=kind,
+        instance=instance,
+        params=copy.deepcopy({**defaults, **params}),
+        section=copy.deepcopy({**defaults, **section}),
+        inline=copy.deepcopy(inline),
+    )
+
+
+def _build_steps(config: Mapping[str, Any], source: str, registry: Registry) -> list[Step]:
+    steps: list[Step] = []
+    for index, raw in enumerate(config["protocol"]):
+        where = f"protocol[{index}]"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{source}: {where}: a step is a mapping such as {{name: sft, train: sft}}")
+        for key in raw:
+            if key not in _STEP_KEYS:
+                raise ConfigError(
+                    f"{source}: {where}: unknown key '{key}'{closest(str(key), _STEP_KEYS)} "
+                    f"(valid: {', '.join(_STEP_KEYS)})"
+                )
+        if ("train" in raw) == ("evaluate" in raw):
+            raise ConfigError(f"{source}: {where}: a step has exactly one of 'train: <objective>' or 'evaluate: [...]'")
+        if "train" in raw:
+            kind = "train"
+            components = [_build("objective", raw["train"], f"{where}.train", config, source, registry)]
+        else:
+            kind = "evaluate"
+            refs = raw["evaluate"]
+            refs = [refs] if isinstance(refs, (str, Mapping)) else refs
+            if not isinstance(refs, list) or not refs:
+                raise ConfigError(f"{source}: {where}.evaluate: expected a non-empty list of evaluators")
+            components = [
+                _build("evaluator", ref, f"{where}.evaluate[{i}]", config, source, registry)
+                for i, ref in enumerate(refs)
+            ]
+        name = raw.get("name") or (components[0].name if kind == "train" else f"eval{index}")
+        if not isinstance(name, str):
+            raise ConfigError(f"{source}: {where}.name: expected a string, got {name!r}")
+        if any(step.name == name for step in steps):
+            raise ConfigError(f"{source}: {where}.name: step name '{name}' is used twice; step names must be unique")
+        gate = None
+        if raw.get("gate") is not None:
+            gate = _build("gate", raw["gate"], f"{where}.gate", config, source, registry)
+        if_ran = raw.get("if_ran")
+        if if_ran is not None:
+            earlier = [s.name for s in steps if s.kind == "train"]
+            if if_ran not in earlier:
+                raise ConfigError(
+                    f"{source}: {where}.if_ran: '{if_ran}' is not an earlier training step"
+                    f"{closest(str(if_ran), earlier)} (earlier training steps: {', '.join(earlier) or 'none'})"
+                )
+        steps.append(Step(name=name, kind=kind, components=components, gate=gate, if_ran=if_ran))
+    return steps
+
+
+def _declared_metrics(component: Component) -> list[str] | None:
+    declared = getattr(component.instance, "metrics", None)
+    if declared is None or isinstance(declared, str):
+        return None
+    return [f"{component.name}.{key}" for key in declared]
+
+
+def _check_gates(steps: list[Step], source: str) -> list[str]:
+    """Every metric a gate reads must be recorded by an earlier step; returns all recorded names."""
+    recorded: list[str] = []
+    open_prefixes: list[str] = []  # components that do not declare their metrics
+    for index, step in enumerate(steps):
+        if step.gate is not None:
+            for metric in step.gate.instance.metrics_needed():
+                if metric in recorded or any(metric.startswith(p + ".") for p in open_prefixes):
+                    continue
+                raise ConfigError(
+                    f"{source}: protocol[{index}].gate: metric '{metric}' is not recorded by any earlier step"
+                    f"{closest(metric, recorded)} (recorded before '{step.name}': {', '.join(recorded) or 'none'})"
+                )
+        for component in step.components:
+            names = _declared_metrics(component)
+            if names is None:
+                open_prefixes.append(component.name)
+            else:
+                recorded.extend(n for n in names if n not in recorded)
+    return recorded
+
+
+def _check_topics(topics: list[Topic], steps: list[Step]) -> None:
+    for step in steps:
+        for component in step.components:
+            for field_name in getattr(component.instance, "requires", ()):
+                for topic in topics:
+                    if not getattr(topic, field_name, None):
+                        raise ConfigError(
+                            f"{topic.source}: {field_name}: empty, but step '{step.name}' uses "
+                            f"'{component.name}', which needs it; add {field_name} to the topic or "
+                            "remove the step from the protocol"
+                        )
+
+
+def _step_as_data(step: Step) -> dict[str, Any]:
+    data: dict[str, Any] = {"name": step.name}
+    refs = [{"use": c.name, **c.inline} if c.inline else c.name for c in step.components]
+    if step.kind == "train":
+        data["train"] = refs[0]
+    else:
+        data["evaluate"] = refs
+    if step.gate is not None:
+        data["gate"] = {"use": step.gate.name, **step.gate.params}
+    if step.if_ran:
+        data["if_ran"] = step.if_ran
+    return data

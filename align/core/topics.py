@@ -1,0 +1,224 @@
+"""Topics: what the model should learn about one subject, and how that is checked.
+
+A topic file is YAML or JSON. A directory of topic files is a topic set, run in file-name order.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from align.errors import AlignError, TopicError, closest
+
+TOPIC_SUFFIXES = (".yaml", ".yml", ".json")
+MAX_TOPIC_FILE_BYTES = 16 * 1024 * 1024
+# A topic name becomes a directory name under the run's adapters/: keep it a plain file name.
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_TOPIC_KEYS = ("name", "content", "quiz", "preference_pairs", "voice_pairs")
+
+
+@dataclass(frozen=True)
+class QuizItem:
+    """A multiple-choice question; ``answer`` is the index of the right choice."""
+
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A prompt with a preferred (``chosen``) and a dispreferred (``rejected``) answer."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class Topic:
+    """One subject: passages to learn, a quiz for knowledge, and answer pairs for voice.
+
+    ``preference_pairs`` train the voice (DPO); ``voice_pairs`` have the same shape and are held
+    out from training to score it.
+    """
+
+    name: str
+    content: tuple[str, ...]
+    quiz: tuple[QuizItem, ...] = ()
+    preference_pairs: tuple[PreferencePair, ...] = ()
+    voice_pairs: tuple[PreferencePair, ...] = ()
+    source: str = field(default="<dict>", compare=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> Topic:
+        """Build and validate a topic; errors name ``source``, the item and the field."""
+        if not isinstance(data, Mapping):
+            raise TopicError(f"{source}: a topic must be a mapping with keys {', '.join(_TOPIC_KEYS)}")
+        for key in data:
+            if key not in _TOPIC_KEYS:
+                hint = closest(str(key), _TOPIC_KEYS)
+                raise TopicError(f"{source}: unknown topic key '{key}'{hint} (valid: {', '.join(_TOPIC_KEYS)})")
+        name = data.get("name")
+        if not isinstance(name, str) or not name:
+            raise TopicError(f"{source}: name: required, a non-empty string such as 'early_life'")
+        if not _NAME_PATTERN.match(name):
+            raise TopicError(
+                f"{source}: name: '{name}' must be letters, digits, '_', '-' or '.', starting with a letter "
+                "or digit (it names the topic's adapter directory)"
+            )
+        content = _strings(data.get("content"), source, "content")
+        if not content:
+            raise TopicError(f"{source}: content: required, a non-empty list of passages to learn")
+        return cls(
+            name=name,
+            content=content,
+            quiz=tuple(_quiz_item(item, source, i) for i, item in enumerate(_items(data, "quiz", source))),
+            preference_pairs=tuple(
+                _pair(item, source, f"preference_pairs[{i}]")
+                for i, item in enumerate(_items(data, "preference_pairs", source))
+            ),
+            voice_pairs=tuple(
+                _pair(item, source, f"voice_pairs[{i}]")
+                for i, item in enumerate(_items(data, "voice_pairs", source))
+            ),
+            source=source,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The topic as plain data, the inverse of :meth:`from_dict`."""
+        return {
+            "name": self.name,
+            "content": list(self.content),
+            "quiz": [
+                {"question": q.question, "choices": list(q.choices), "answer": q.answer} for q in self.quiz
+            ],
+            "preference_pairs": [vars(p).copy() for p in self.preference_pairs],
+            "voice_pairs": [vars(p).copy() for p in self.voice_pairs],
+        }
+
+
+def _items(data: Mapping[str, Any], key: str, source: str) -> list[Any]:
+    value = data.get(key, [])
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise TopicError(f"{source}: {key}: must be a list, got {type(value).__name__}")
+    return value
+
+
+def _strings(value: Any, source: str, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise TopicError(f"{source}: {where}: must be a list of strings, got {type(value).__name__}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            raise TopicError(f"{source}: {where}[{i}]: must be a non-empty string")
+    return tuple(value)
+
+
+def _text(item: Mapping[str, Any], key: str, source: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise TopicError(f"{source}: {where}.{key}: required, a non-empty string")
+    return value
+
+
+def _check_keys(item: Any, keys: Sequence[str], source: str, where: str) -> None:
+    if not isinstance(item, Mapping):
+        raise TopicError(f"{source}: {where}: must be a mapping with keys {', '.join(keys)}")
+    for key in item:
+        if key not in keys:
+            raise TopicError(f"{source}: {where}: unknown key '{key}'{closest(str(key), keys)}")
+
+
+def _quiz_item(item: Any, source: str, index: int) -> QuizItem:
+    where = f"quiz[{index}]"
+    _check_keys(item, ("question", "choices", "answer"), source, where)
+    question = _text(item, "question", source, where)
+    choices = _strings(item.get("choices"), source, f"{where}.choices")
+    if len(choices) < 2:
+        raise TopicError(f"{source}: {where}.choices: needs at least two choices, got {len(choices)}")
+    answer = item.get("answer")
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        raise TopicError(f"{source}: {where}.answer: must be the 0-based index of the right choice")
+    if not 0 <= answer < len(choices):
+        raise TopicError(
+            f"{source}: {where}.answer: index {answer} is out of range for {len(choices)} choices; "
+            f"use 0..{len(choices) - 1}"
+        )
+    return QuizItem(question=question, choices=choices, answer=answer)
+
+
+def _pair(item: Any, source: str, where: str) -> PreferencePair:
+    keys = ("prompt", "chosen", "rejected")
+    _check_keys(item, keys, source, where)
+    return PreferencePair(*(_text(item, key, source, where) for key in keys))
+
+
+def read_data_file(path: Path, what: str, error: type[AlignError]) -> Any:
+    """Read a YAML or JSON file as plain data (``yaml.safe_load``), raising ``error`` with one line."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
+    if path.is_dir():
+        raise error(f"{path}: is a directory, expected a {what}")
+    if size > MAX_TOPIC_FILE_BYTES:
+        raise error(f"{path}: {what} is {size // 1024 // 1024} MiB; the limit is 16 MiB, split it up")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{path}: {what} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        problem = getattr(exc, "problem", None) or getattr(exc, "msg", None) or str(exc)
+        raise error(f"{path}: not valid {kind}{where}: {problem}") from None
+
+
+def load_topic_file(path: str | Path) -> Topic:
+    """Load and validate one topic file."""
+    path = Path(path)
+    return Topic.from_dict(read_data_file(path, "topic file", TopicError), source=str(path))
+
+
+def load_topics(path: str | Path) -> list[Topic]:
+    """Load a topic file, or every topic file in a directory in name order."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in TOPIC_SUFFIXES and p.is_file())
+        if not files:
+            raise TopicError(
+                f"{path}: no topic files (*.yaml, *.yml, *.json) in this directory; add one or point to a file"
+            )
+        topics = [load_topic_file(p) for p in files]
+    elif path.exists():
+        topics = [load_topic_file(path)]
+    else:
+        raise TopicError(f"{path}: topic file or directory not found")
+    seen: dict[str, str] = {}
+    for topic in topics:
+        if topic.name in seen:
+            raise TopicError(
+                f"{topic.source}: name: '{topic.name}' is also the name of the topic in {seen[topic.name]}; "
+                "topic names must be unique"
+            )
+        seen[topic.name] = topic.source
+    return topics

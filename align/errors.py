@@ -1,0 +1,42 @@
+"""Errors a user can cause and fix.
+
+The CLI prints an :class:`AlignError` as one line, without a traceback, and exits non-zero.
+Anything else is a bug in align or in a plugin and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class AlignError(Exception):
+    """A mistake in input (config, topics, model path, plugins) that the user can fix."""
+
+    exit_code = 1
+
+
+class ConfigError(AlignError):
+    """The config file or a ``--set`` override is wrong."""
+
+    exit_code = 2
+
+
+class TopicError(AlignError):
+    """A topic file is missing, unreadable or malformed."""
+
+    exit_code = 2
+
+
+class PluginError(AlignError):
+    """A plugin could not be loaded, or two plugins claim one name."""
+
+
+class ModelError(AlignError):
+    """The model could not be found, loaded or fitted with the adapter."""
+
+
+def closest(word: str, candidates: Iterable[str]) -> str:
+    """Return ``"; did you mean 'x'?"`` for the closest candidate, or ``""`` when none is close."""
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""

@@ -1,0 +1,1 @@
+"""Built-in evaluators, each a plugin in its own module."""

@@ -1,0 +1,42 @@
+"""Knowledge: multiple-choice quiz accuracy, scored by the model's likelihood of each choice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from align import LanguageModel, Topic, hookimpl
+from align.evaluators.accuracy import accuracy
+
+
+@dataclass
+class QuizEvaluator:
+    """The fraction of quiz questions whose right choice the model finds most likely.
+
+    Each question is the prompt and each choice a completion; all choices of all questions are
+    scored in one batched ``loglikelihood`` call. ``normalize: chars`` divides each choice's
+    log-likelihood by its length in characters, so long choices are not penalised for length.
+    """
+
+    normalize: Literal["none", "chars"] = "chars"
+
+    metrics = ("accuracy",)
+    requires = ("quiz",)
+
+    def evaluate(self, model: LanguageModel, topic: Topic) -> dict[str, float]:
+        prompts = [item.question for item in topic.quiz for _ in item.choices]
+        completions = [choice for item in topic.quiz for choice in item.choices]
+        scores = model.loglikelihood(prompts, completions)
+        predictions, start = [], 0
+        for item in topic.quiz:
+            item_scores = scores[start : start + len(item.choices)]
+            if self.normalize == "chars":
+                item_scores = [s / max(1, len(c)) for s, c in zip(item_scores, item.choices)]
+            predictions.append(max(range(len(item_scores)), key=item_scores.__getitem__))
+            start += len(item.choices)
+        return {"accuracy": accuracy(predictions, [item.answer for item in topic.quiz])}
+
+
+@hookimpl
+def register_evaluators(register: Any) -> None:
+    register("quiz", QuizEvaluator)

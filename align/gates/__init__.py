@@ -1,0 +1,1 @@
+"""Built-in gates, which decide whether a protocol step runs."""

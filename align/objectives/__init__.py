@@ -1,0 +1,1 @@
+"""Built-in training objectives, each a plugin in its own module."""

@@ -1,0 +1,142 @@
+"""Direct Preference Optimization on a topic's preference pairs, through TRL's ``DPOTrainer``.
+
+The reference is the policy as it stands when DPO starts (after this topic's SFT), not the raw
+base model, and it costs no second copy of the model: TRL copies the rank-1 adapter under the
+name ``ref`` when it is handed a PEFT model without a ``ref_model``, and with
+``precompute_ref_log_probs`` the reference log-probs are computed once, before the first step.
+The copy is deleted afterwards, so the next topic's DPO starts from its own reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from align import Policy, Topic, hookimpl, require
+from align.core.training import train_and_summarise
+
+#: The loss types TRL's DPOTrainer implements.
+LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+)
+REFERENCE_ADAPTER = "ref"
+
+
+@dataclass
+class DPOObjective:
+    """Prefer each pair's ``chosen`` answer over its ``rejected`` one, relative to the reference.
+
+    The seed note's learning rate of 5e-7 barely moves a rank-1 adapter; measured on SmolLM2-135M,
+    ``5e-3`` for 10 steps on 6 pairs lifts held-out voice pairs without costing quiz accuracy.
+    """
+
+    beta: float = 0.1
+    learning_rate: float = 5e-3
+    max_steps: int = 10
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 1
+    loss_type: str = "sigmoid"
+    max_length: int = 256
+    lr_scheduler_type: str = "linear"
+    precompute_ref_log_probs: bool = True
+
+    metrics = (
+        "loss",
+        "first_loss",
+        "final_loss",
+        "steps",
+        "reward_margin",
+        "reward_accuracy",
+        "reward_chosen",
+        "reward_rejected",
+    )
+    requires = ("preference_pairs",)
+
+    def __post_init__(self) -> None:
+        require(self.beta > 0, "beta", f"must be > 0 (got {self.beta})")
+        require(self.learning_rate > 0, "learning_rate", f"must be > 0 (got {self.learning_rate})")
+        require(self.max_steps >= 1, "max_steps", f"must be >= 1 (got {self.max_steps})")
+        require(self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "must be >= 1")
+        require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
+        require(self.max_length >= 8, "max_length", f"must be >= 8 (got {self.max_length})")
+        require(
+            self.loss_type in LOSS_TYPES,
+            "loss_type",
+            f"unknown loss type '{self.loss_type}'; use one of {', '.join(LOSS_TYPES)}",
+        )
+
+    def train(self, policy: Policy, topic: Topic) -> dict[str, float]:
+        from trl import DPOConfig, DPOTrainer
+
+        model = policy.model
+        if REFERENCE_ADAPTER in model.peft_config:  # left over from an interrupted step
+            model.delete_adapter(REFERENCE_ADAPTER)
+        args = DPOConfig(
+            beta=self.beta,
+            learning_rate=self.learning_rate,
+            max_steps=self.max_steps,
+            per_device_train_batch_size=self.per_device_train_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            loss_type=[self.loss_type],
+            max_length=self.max_length,
+            lr_scheduler_type=self.lr_scheduler_type,
+            precompute_ref_log_probs=self.precompute_ref_log_probs,
+            **policy.trainer_args(),
+        )
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=preference_dataset(topic, chat=bool(policy.tokenizer.chat_template)),
+            processing_class=policy.tokenizer,
+            callbacks=policy.trainer_callbacks("dpo"),
+        )
+        try:
+            return train_and_summarise(
+                trainer,
+                {
+                    "reward_margin": "rewards/margins",
+                    "reward_accuracy": "rewards/accuracies",
+                    "reward_chosen": "rewards/chosen",
+                    "reward_rejected": "rewards/rejected",
+                },
+            )
+        finally:
+            if REFERENCE_ADAPTER in model.peft_config:
+                model.delete_adapter(REFERENCE_ADAPTER)
+            model.set_adapter("default")
+
+
+def preference_dataset(topic: Topic, chat: bool) -> Any:
+    """The topic's preference pairs in TRL's format: conversational when the model has a chat template."""
+    from datasets import Dataset
+
+    if chat:
+        rows = [
+            {
+                "prompt": [{"role": "user", "content": pair.prompt}],
+                "chosen": [{"role": "assistant", "content": pair.chosen}],
+                "rejected": [{"role": "assistant", "content": pair.rejected}],
+            }
+            for pair in topic.preference_pairs
+        ]
+    else:
+        rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in topic.preference_pairs]
+    return Dataset.from_list(rows)
+
+
+@hookimpl
+def register_objectives(register: Any) -> None:
+    register("dpo", DPOObjective)

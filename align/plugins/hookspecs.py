@@ -1,0 +1,54 @@
+"""Every hook align calls. A plugin implements some of them with ``@align.hookimpl``.
+
+Contribution hooks receive a ``register(name, factory)`` callback and call it once per component
+they add, so adding a second component never changes a hook's signature. The engine builds a
+component by calling ``factory(**params)`` with the params from the config (a dataclass or any
+callable with keyword parameters; its annotations are used to check and convert config values).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("align")
+hookimpl = pluggy.HookimplMarker("align")
+
+#: ``register(name, factory)``: adds one component under ``name``.
+Register = Callable[[str, Callable[..., Any]], None]
+
+
+@hookspec
+def register_objectives(register: Register) -> None:
+    """Contribute training objectives (such as ``sft`` and ``dpo``).
+
+    :param register: call ``register(name, factory)`` once per objective. ``factory(**params)``
+        returns an object with ``train(policy, topic) -> Mapping[str, float]`` that trains
+        ``policy.model`` (the engine's one rank-1 adapter) on the topic and returns its training
+        metrics. The engine records them as ``<objective name>.<key>``.
+    """
+
+
+@hookspec
+def register_evaluators(register: Register) -> None:
+    """Contribute evaluators (such as ``quiz`` and ``voice``).
+
+    :param register: call ``register(name, factory)`` once per evaluator. ``factory(**params)``
+        returns an object with ``evaluate(model, topic) -> Mapping[str, float]``, where ``model``
+        is an :class:`align.LanguageModel`. The engine records each key as
+        ``<evaluator name>.<key>``; declare the keys in a ``metrics`` attribute so gates on them
+        are checked before a run starts.
+    """
+
+
+@hookspec
+def register_gates(register: Register) -> None:
+    """Contribute gates, which decide whether a protocol step runs (such as ``threshold``).
+
+    :param register: call ``register(name, factory)`` once per gate. ``factory(**params)``
+        returns an object with ``decide(metrics) -> align.GateDecision``, given the topic's
+        metrics recorded so far (latest value per name), and ``metrics_needed() -> list[str]``,
+        the names it reads, checked against what earlier steps record before the run starts.
+    """
