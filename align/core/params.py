@@ -72,8 +72,11 @@ def _plain(value: Any) -> Any:
 
 def build_component(
     factory: Callable[..., Any], params: Mapping[str, Any], where: str, source: str
-) -> Any:
-    """Check ``params`` against ``factory`` and call it; errors name ``source`` and ``where.key``."""
+) -> tuple[Any, dict[str, Any]]:
+    """Check ``params`` against ``factory`` and call it; errors name ``source`` and ``where.key``.
+
+    Returns the component and the keyword arguments it was built with (converted values).
+    """
     accepted = factory_params(factory)
     kwargs = dict(params)
     if accepted is not None:
@@ -92,7 +95,7 @@ def build_component(
         if missing:
             raise ConfigError(f"{source}: '{where}.{missing[0]}' is required; add it to the config")
     try:
-        return factory(**kwargs)
+        return factory(**kwargs), kwargs
     except ParamError as exc:
         raise ConfigError(f"{source}: {where}.{exc.key}: {exc.message}") from None
 

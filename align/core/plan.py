@@ -158,16 +158,16 @@ def _build(
     section = config.get(name) or {}
     if not isinstance(section, Mapping):
         raise ConfigError(f"{source}: {name}: must be a mapping of {kind} params, got {type(section).__name__}")
-    params = {**section, **inline}
-    instance = build_component(registration.factory, params, where if inline else name, source)
+    instance, params = build_component(registration.factory, {**section, **inline}, where if inline else name, source)
     defaults = factory_defaults(registration.factory)
+    converted_section = {key: params.get(key, value) for key, value in section.items() if key not in inline}
     return Component(
         name=name,
         kind=kind,
         instance=instance,
         params=copy.deepcopy({**defaults, **params}),
-        section=copy.deepcopy({**defaults, **section}),
-        inline=copy.deepcopy(inline),
+        section=copy.deepcopy({**defaults, **section, **converted_section}),
+        inline={key: params.get(key, value) for key, value in inline.items()},
     )
 
 

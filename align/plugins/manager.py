@@ -190,7 +190,8 @@ def load_plugins(
     try:
         manager.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin '{exc.plugin_name}': {exc}") from None
+        name = manager.get_name(exc.plugin) or repr(exc.plugin)
+        raise PluginError(f"plugin '{name}': {exc}") from None
     return Plugins(manager=manager, registry=build_registry(manager), failures=failures)
 
 

@@ -1,0 +1,167 @@
+"""The engine with stub objectives, evaluators and a stub policy: no torch model, milliseconds."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from align import hookimpl
+from align.core.plan import resolve_plan
+from align.core.runner import execute
+from align.plugins.manager import load_plugins
+from align.testing import StubPolicy
+from tests.conftest import write_topic
+
+
+@dataclass
+class CountingObjective:
+    gain: float = 0.25
+    metrics = ("loss", "steps")
+
+    def __post_init__(self):
+        self.trained = []
+
+    def train(self, policy, topic):
+        self.trained.append(topic.name)
+        policy.language_model.level = getattr(policy.language_model, "level", 0.0) + self.gain
+        return {"loss": 1.0 - self.gain, "steps": 3}
+
+
+@dataclass
+class LevelEvaluator:
+    """Reports the stub model's level, which the objective raises."""
+
+    metrics = ("level",)
+
+    def evaluate(self, model, topic):
+        return {"level": getattr(model, "level", 0.0)}
+
+
+class StubPlugin:
+    @hookimpl
+    def register_objectives(self, register):
+        register("bump", CountingObjective)
+
+    @hookimpl
+    def register_evaluators(self, register):
+        register("level", LevelEvaluator)
+
+
+PROTOCOL = [
+    {"name": "before", "evaluate": ["level"]},
+    {"name": "train", "train": "bump"},
+    {"name": "after", "evaluate": ["level"]},
+    {"name": "extra", "train": "bump", "gate": {"use": "threshold", "all": ["level.level >= 0.5"]}},
+    {"name": "final", "evaluate": ["level"], "if_ran": "extra"},
+]
+
+
+@pytest.fixture
+def stub_plugins(monkeypatch):
+    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
+    return load_plugins(extra=[StubPlugin()])
+
+
+def run(stub_plugins, tmp_path, protocol=PROTOCOL, topics=("t1", "t2"), **config):
+    topic_dir = tmp_path / "topics"
+    topic_dir.mkdir(exist_ok=True)
+    for name in topics:
+        write_topic(topic_dir, name)
+    data = {"protocol": protocol, "output": str(tmp_path / "run"), **config}
+    plan = resolve_plan(data, "test.yaml", stub_plugins.registry, topics=topic_dir)
+    policy = StubPolicy()
+    summary = execute(plan, policy=policy)
+    return plan, policy, summary
+
+
+def events(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_steps_run_in_order_with_prefixed_metrics(stub_plugins, tmp_path):
+    plan, policy, summary = run(stub_plugins, tmp_path, topics=("t1",))
+    seen = [(e["step"], e["kind"]) for e in events(tmp_path)]
+    assert seen == [("before", "eval"), ("train", "train"), ("after", "eval"), ("extra", "gate"), ("final", "skip")]
+    first = events(tmp_path)[1]
+    assert first["topic"] == "t1"
+    assert first["metrics"] == {"bump.loss": 0.75, "bump.steps": 3.0}
+    assert events(tmp_path)[2]["metrics"] == {"level.level": 0.25}
+
+
+def test_gate_blocks_then_passes_as_the_metric_grows(stub_plugins, tmp_path):
+    # The level carries across topics (one adapter): 0.25 after t1's training blocks the gate,
+    # 0.5 after t2's training passes it.
+    _, _, summary = run(stub_plugins, tmp_path)
+    gates = [e for e in events(tmp_path) if e["kind"] == "gate"]
+    assert [(g["topic"], g["passed"]) for g in gates] == [("t1", False), ("t2", True)]
+    assert gates[0]["reason"] == "level.level 0.25 < 0.50"
+    assert gates[1]["reason"] == "level.level 0.50 >= 0.50"
+    t2 = summary["topics"][1]
+    assert [s["status"] for s in t2["steps"]] == ["ran"] * 5
+    assert t2["steps"][-1]["metrics"] == {"level.level": 0.75}
+    t1 = summary["topics"][0]
+    assert [s["status"] for s in t1["steps"]][-2:] == ["skipped", "skipped"]
+    assert t1["steps"][-1]["gate"]["reason"] == "step 'extra' did not run"
+
+
+def test_objective_instances_are_built_once_and_see_every_topic(stub_plugins, tmp_path):
+    plan, _, _ = run(stub_plugins, tmp_path, topics=("a", "b", "c"))
+    assert plan.steps[1].components[0].instance.trained == ["a", "b", "c"]
+
+
+def test_run_directory_holds_config_summary_and_an_adapter_per_topic(stub_plugins, tmp_path):
+    _, policy, summary = run(stub_plugins, tmp_path, seed=7)
+    run_dir = tmp_path / "run"
+    import yaml
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["seed"] == 7
+    assert config["protocol"][3]["gate"] == {"use": "threshold", "all": ["level.level >= 0.5"], "any": []}
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["status"] == "completed"
+    assert on_disk["topics"] == summary["topics"]
+    assert [p.name for p in policy.saved] == ["t1", "t2"]
+    assert (run_dir / "adapters" / "t2" / "stub_adapter.json").is_file()
+
+
+def test_a_run_refuses_a_directory_that_holds_a_run(stub_plugins, tmp_path):
+    run(stub_plugins, tmp_path)
+    from align.errors import AlignError
+
+    with pytest.raises(AlignError, match="already exists and is not empty"):
+        run(stub_plugins, tmp_path)
+
+
+def test_a_failing_objective_leaves_a_summary_of_what_finished(stub_plugins, tmp_path):
+    class Boom:
+        def train(self, policy, topic):
+            if topic.name == "t2":
+                raise RuntimeError("boom")
+            return {"loss": 0.1}
+
+    class BoomPlugin:
+        @hookimpl
+        def register_objectives(self, register):
+            register("boom", Boom)
+
+    plugins = load_plugins(extra=[BoomPlugin()], entry_points=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(plugins, tmp_path, protocol=[{"name": "b", "train": "boom"}])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert [t["topic"] for t in summary["topics"]] == ["t1"]
+
+
+def test_an_evaluator_returning_a_non_number_is_reported(stub_plugins, tmp_path):
+    class Bad:
+        def evaluate(self, model, topic):
+            return {"x": "high"}
+
+    class BadPlugin:
+        @hookimpl
+        def register_evaluators(self, register):
+            register("bad", Bad)
+
+    plugins = load_plugins(extra=[BadPlugin()], entry_points=False)
+    with pytest.raises(TypeError, match="evaluator 'bad' returned x='high'"):
+        run(plugins, tmp_path, protocol=[{"evaluate": ["bad"]}])

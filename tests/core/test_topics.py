@@ -1,0 +1,85 @@
+import pytest
+
+from align import Topic, load_topics
+from align.errors import TopicError
+from align.testing import make_topic
+from tests.conftest import REPO, write_topic
+
+
+def test_demo_topics_load_in_name_order():
+    topics = load_topics(REPO / "align" / "demo" / "topics")
+    assert [t.name for t in topics] == ["early_life", "work", "home"]
+    for topic in topics:
+        assert topic.content and topic.quiz and topic.preference_pairs and topic.voice_pairs
+        for item in topic.quiz:
+            assert 0 <= item.answer < len(item.choices)
+
+
+def test_from_dict_builds_items_with_attributes():
+    topic = make_topic(
+        quiz=[{"question": "Q?", "choices": ["a", "b", "c"], "answer": 2}],
+        preference_pairs=[{"prompt": "p", "chosen": "c", "rejected": "r"}],
+    )
+    assert topic.quiz[0].question == "Q?"
+    assert topic.quiz[0].choices == ("a", "b", "c")
+    assert topic.quiz[0].answer == 2
+    assert (topic.preference_pairs[0].prompt, topic.preference_pairs[0].chosen) == ("p", "c")
+    assert Topic.from_dict(topic.to_dict()) == topic
+
+
+def test_json_topic_file(tmp_path):
+    import json
+
+    (tmp_path / "t.json").write_text(json.dumps(make_topic(name="json_topic").to_dict()))
+    assert load_topics(tmp_path / "t.json")[0].name == "json_topic"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"quiz": [{"question": "Q?", "choices": ["a", "b"], "answer": 5}]}, "quiz[0].answer: index 5 is out of range"),
+        ({"quiz": [{"question": "Q?", "choices": ["a"], "answer": 0}]}, "quiz[0].choices: needs at least two"),
+        ({"quiz": [{"choices": ["a", "b"], "answer": 0}]}, "quiz[0].question: required"),
+        ({"preference_pairs": [{"prompt": "p", "chosen": "c"}]}, "preference_pairs[0].rejected: required"),
+        ({"voice_pairs": [{"prompt": "p", "chosen": "c", "rejected": "r", "extra": 1}]}, "voice_pairs[0]: unknown key 'extra'"),
+        ({"content": []}, "content: required"),
+        ({"name": "../escape"}, "name: '../escape' must be letters"),
+        ({"contnet": ["x"]}, "unknown topic key 'contnet'; did you mean 'content'?"),
+    ],
+)
+def test_validation_errors_name_file_item_and_field(tmp_path, change, message):
+    path = write_topic(tmp_path)
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    data.update(change)
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(TopicError) as excinfo:
+        load_topics(path)
+    assert str(path) in str(excinfo.value)
+    assert message in str(excinfo.value)
+
+
+def test_duplicate_topic_names_are_an_error(tmp_path):
+    write_topic(tmp_path, "a")
+    (tmp_path / "b.yaml").write_text((tmp_path / "a.yaml").read_text())
+    with pytest.raises(TopicError, match="also the name of the topic in"):
+        load_topics(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"name: [unclosed", "not valid YAML at line 1"), (b"\xff\xfe\x00binary", "not UTF-8"), (b"- a\n- b\n", "must be a mapping")],
+)
+def test_unreadable_topic_files(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(TopicError, match=message):
+        load_topics(path)
+
+
+def test_empty_directory_and_missing_path(tmp_path):
+    with pytest.raises(TopicError, match="no topic files"):
+        load_topics(tmp_path)
+    with pytest.raises(TopicError, match="not found"):
+        load_topics(tmp_path / "nope")
