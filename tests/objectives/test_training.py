@@ -1,0 +1,101 @@
+"""Real training on a tiny random Llama model: the DPO reference, and the adapter the run saves."""
+
+import math
+
+import pytest
+import torch
+
+from align.core.model import EnginePolicy, attach_adapter
+from align.objectives.dpo import DPOObjective
+from align.objectives.sft import SFTObjective
+from align.testing import make_topic, tiny_causal_lm
+
+TARGETS = ["o_proj", "v_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture
+def policy(tmp_path):
+    from transformers import set_seed
+
+    set_seed(0)
+    model, tokenizer = tiny_causal_lm()
+    peft_model = attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=TARGETS)
+    logs = []
+    policy = EnginePolicy(peft_model, tokenizer, seed=0, scratch_dir=tmp_path / "scratch")
+    policy.set_log_target(lambda step, entry: logs.append((step, entry)))
+    policy.logs = logs
+    return policy
+
+
+TOPIC = make_topic(
+    content=["Ilse keeps a donkey named Tallow.", "Tallow the donkey lives on Morrow Head."],
+    preference_pairs=[
+        {"prompt": "How are you?", "chosen": "Bright as blown glass, little gull.", "rejected": "I am fine."},
+        {"prompt": "Any advice?", "chosen": "Ride the swell, little gull.", "rejected": "Be patient."},
+    ],
+)
+
+
+def adapter_state(model, name="default"):
+    return {k: v.detach().clone() for k, v in model.named_parameters() if f".{name}." in k and "lora_" in k}
+
+
+def test_dpo_reference_is_the_policy_after_sft_not_the_base_model(policy):
+    SFTObjective(epochs=2, learning_rate=5e-2, per_device_train_batch_size=1).train(policy, TOPIC)
+    after_sft = adapter_state(policy.model)
+    # SFT moved the adapter away from the base model, so a base-model reference would not give ln 2.
+    assert any(v.abs().max() > 1e-3 for k, v in after_sft.items() if "lora_B" in k)
+    policy.logs.clear()
+    metrics = DPOObjective(max_steps=2, learning_rate=5e-3, per_device_train_batch_size=2).train(policy, TOPIC)
+    first = next(entry for step, entry in policy.logs if step == "dpo" and "loss" in entry)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    assert metrics["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert metrics["steps"] == 2
+    # DPO trained the same adapter and cleaned up its reference copy.
+    assert list(policy.model.peft_config) == ["default"]
+    assert any(not torch.equal(after_sft[k], v) for k, v in adapter_state(policy.model).items())
+
+
+def test_sft_lowers_the_loss_on_the_content(policy):
+    metrics = SFTObjective(epochs=3, learning_rate=5e-2, per_device_train_batch_size=1).train(policy, TOPIC)
+    assert metrics["steps"] == 6
+    assert metrics["final_loss"] < metrics["first_loss"]
+    sft_logs = [entry for step, entry in policy.logs if step == "sft"]
+    assert len(sft_logs) == 6 and all("loss" in entry for entry in sft_logs)
+
+
+def test_saved_adapter_loads_with_peft(policy, tmp_path):
+    from peft import PeftModel
+
+    SFTObjective(epochs=1, learning_rate=5e-2, per_device_train_batch_size=1).train(policy, TOPIC)
+    policy.save_adapter(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list(tmp_path.glob(".adapter-*"))  # no staging directory left behind
+    base, _ = tiny_causal_lm()
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    policy.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, policy.model(ids).logits, atol=1e-5)
+
+
+def test_loglikelihood_matches_a_plain_forward_pass(policy):
+    lm = policy.language_model
+    prompts, completions = ["Hello there", "Hi"], ["friend", "a much longer completion"]
+    batched = lm.loglikelihood(prompts, completions)
+    for prompt, completion, value in zip(prompts, completions, batched):
+        prompt_ids, completion_ids = lm.prompt_ids(prompt), lm.completion_ids(completion)
+        ids = torch.tensor([prompt_ids + completion_ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(policy.model(ids).logits[0, :-1].float(), -1)
+        expected = sum(float(logprobs[len(prompt_ids) - 1 + i, t]) for i, t in enumerate(completion_ids))
+        assert value == pytest.approx(expected, abs=1e-4)
+
+
+def test_unknown_target_module_lists_the_ones_the_model_has():
+    from align.errors import ModelError
+
+    model, _ = tiny_causal_lm()
+    with pytest.raises(ModelError, match=r"no module 'c_attn'.*it has: down_proj, gate_proj, k_proj"):
+        attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=["c_attn"])

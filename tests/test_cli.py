@@ -1,0 +1,124 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from align import __version__
+from align.cli import cli
+from tests.conftest import REPO, write_topic
+
+
+@pytest.fixture
+def runner(monkeypatch):
+    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
+    return CliRunner()
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys; from align.cli import main; sys.argv = ['align', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "Usage: align" in out
+    assert "HEAVY []" in out
+
+
+def test_version(runner):
+    result = runner.invoke(cli, ["--version"])
+    assert result.exit_code == 0
+    assert __version__ in result.output
+
+
+def test_validate_prints_the_plan_of_the_seed_config(runner, tmp_path):
+    write_topic(tmp_path)
+    result = runner.invoke(cli, ["validate", str(REPO / "configs" / "dpo.yaml"), "--topics", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(result.output.split("\n# topics")[0])
+    assert resolved["dpo"]["learning_rate"] == 5e-7
+    assert "4. dpo: train dpo if gate 'threshold' passes (reads quiz.accuracy, voice.score)" in result.output
+    assert "- alpha (" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "code"),
+    [
+        (["validate", "nope.yaml"], "nope.yaml: config file not found", 2),
+        (["validate", "--set", "dpo.betta=1"], "unknown key 'dpo.betta'; did you mean 'beta'?", 2),
+        (["validate", "--set", "lora.rank=0"], "lora.rank: must be >= 1 (got 0)", 2),
+        (["validate", "--topics", "missing_dir"], "missing_dir: topic file or directory not found", 2),
+        (["run", "--set", "dpo.beta=-1"], "dpo.beta: must be > 0", 2),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(runner, args, message, code):
+    result = runner.invoke(cli, args)
+    assert result.exit_code == code
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert result.output.count("\n") == 1
+
+
+def test_bad_run_leaves_no_output_directory(runner, tmp_path):
+    result = runner.invoke(cli, ["run", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "model directory not found" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_plugins_prints_json(runner):
+    result = runner.invoke(cli, ["plugins"])
+    assert result.exit_code == 0
+    rows = json.loads(result.output)
+    quiz = next(row for row in rows if row["name"] == "align.evaluators.quiz")
+    assert quiz["builtin"] is True
+    assert quiz["hooks"] == ["register_evaluators"]
+    assert quiz["components"] == {"evaluator": ["quiz"]}
+    assert quiz["version"] == __version__
+
+
+def test_run_on_a_tiny_model_end_to_end(runner, tmp_path, tiny_model_dir):
+    topics = tmp_path / "topics"
+    topics.mkdir()
+    write_topic(topics, "first")
+    write_topic(topics, "second")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "sft": {"epochs": 1, "learning_rate": 0.05},
+                "dpo": {"max_steps": 2},
+                # the gate always passes here, so both branches of the table show
+                "protocol": [
+                    {"name": "before", "evaluate": ["quiz", "voice"]},
+                    {"name": "sft", "train": "sft"},
+                    {"name": "dpo", "train": "dpo", "gate": {"use": "threshold", "all": ["quiz.accuracy >= 0"]}},
+                    {"name": "after", "evaluate": ["quiz", "voice"], "if_ran": "dpo"},
+                ],
+            }
+        )
+    )
+    out = tmp_path / "run"
+    result = runner.invoke(
+        cli, ["run", str(config), "--model", str(tiny_model_dir), "--topics", str(topics), "--output", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "gate dpo: ran (quiz.accuracy" in result.output
+    assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "summary.json", "adapters"}
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kinds = [(e["topic"], e["step"], e["kind"]) for e in events if e["kind"] != "log"]
+    assert kinds[:4] == [("first", "before", "eval"), ("first", "sft", "train"), ("first", "dpo", "gate"), ("first", "dpo", "train")]
+    assert all({"topic", "step", "kind", "metrics"} <= set(e) for e in events)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["environment"]["trl"]
+    assert [t["adapter"] for t in summary["topics"]] == ["adapters/first", "adapters/second"]
+    for topic in ("first", "second"):
+        assert (out / "adapters" / topic / "adapter_model.safetensors").is_file()
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["model"]["path"] == str(tiny_model_dir)
+    assert recorded["sft"]["learning_rate"] == 0.05
