@@ -48,10 +48,24 @@ def _load_plugins(strict: bool = False) -> Any:
 
 _config_argument = click.argument("config", required=False, type=click.Path(dir_okay=False))
 _plan_options = [
-    click.option("--topics", type=click.Path(), help="A topic file or directory (default: the config's, else the demo's)."),
-    click.option("--model", help="A local Hugging Face model directory or hub id (default: the packaged SmolLM2)."),
-    click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value, e.g. dpo.beta=0.05."),
-    click.option("--output", type=click.Path(), help="The run directory (default: runs/<config name>-<time>)."),
+    click.option(
+        "--topics",
+        type=click.Path(),
+        help="A topic file or directory (default: the config's, else the demo's).",
+    ),
+    click.option(
+        "--model", help="A local Hugging Face model directory or hub id (default: the packaged SmolLM2)."
+    ),
+    click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a config value, e.g. dpo.beta=0.05.",
+    ),
+    click.option(
+        "--output", type=click.Path(), help="The run directory (default: runs/<config name>-<time>)."
+    ),
     click.option("--debug", is_flag=True, help="Show tracebacks for errors."),
 ]
 

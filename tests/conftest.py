@@ -5,11 +5,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TQDM_DISABLE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
-from align.plugins.manager import load_plugins  # noqa: E402
+from align.plugins.manager import load_plugins
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -64,7 +64,9 @@ def test_bad_input_is_one_line_without_traceback(runner, args, message, code):
 
 
 def test_bad_run_leaves_no_output_directory(runner, tmp_path):
-    result = runner.invoke(cli, ["run", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "out")])
+    result = runner.invoke(
+        cli, ["run", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "out")]
+    )
     assert result.exit_code == 1
     assert "model directory not found" in result.output
     assert not (tmp_path / "out").exists()
@@ -96,7 +98,11 @@ def test_run_on_a_tiny_model_end_to_end(runner, tmp_path, tiny_model_dir):
                 "protocol": [
                     {"name": "before", "evaluate": ["quiz", "voice"]},
                     {"name": "sft", "train": "sft"},
-                    {"name": "dpo", "train": "dpo", "gate": {"use": "threshold", "all": ["quiz.accuracy >= 0"]}},
+                    {
+                        "name": "dpo",
+                        "train": "dpo",
+                        "gate": {"use": "threshold", "all": ["quiz.accuracy >= 0"]},
+                    },
                     {"name": "after", "evaluate": ["quiz", "voice"], "if_ran": "dpo"},
                 ],
             }
@@ -104,14 +110,20 @@ def test_run_on_a_tiny_model_end_to_end(runner, tmp_path, tiny_model_dir):
     )
     out = tmp_path / "run"
     result = runner.invoke(
-        cli, ["run", str(config), "--model", str(tiny_model_dir), "--topics", str(topics), "--output", str(out)]
+        cli,
+        ["run", str(config), "--model", str(tiny_model_dir), "--topics", str(topics), "--output", str(out)],
     )
     assert result.exit_code == 0, result.output
     assert "gate dpo: ran (quiz.accuracy" in result.output
     assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "summary.json", "adapters"}
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     kinds = [(e["topic"], e["step"], e["kind"]) for e in events if e["kind"] != "log"]
-    assert kinds[:4] == [("first", "before", "eval"), ("first", "sft", "train"), ("first", "dpo", "gate"), ("first", "dpo", "train")]
+    assert kinds[:4] == [
+        ("first", "before", "eval"),
+        ("first", "sft", "train"),
+        ("first", "dpo", "gate"),
+        ("first", "dpo", "train"),
+    ]
     assert all({"topic", "step", "kind", "metrics"} <= set(e) for e in events)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed"

@@ -8,6 +8,7 @@ complete config: everything it leaves out has a default.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterable, Mapping
 from importlib import resources
@@ -138,7 +139,9 @@ def with_defaults(data: Mapping[str, Any], component_names: Iterable[str], sourc
             if value is None:
                 continue
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{source}: {key}: must be a mapping of settings, got {type(value).__name__}")
+                raise ConfigError(
+                    f"{source}: {key}: must be a mapping of settings, got {type(value).__name__}"
+                )
             for sub, sub_value in value.items():
                 if sub not in SECTION_KEYS[key]:
                     raise ConfigError(
@@ -160,10 +163,8 @@ def _check_base(config: dict[str, Any], source: str) -> None:
 
     def number(key: str, value: Any, integer: bool = False) -> float:
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(key, f"expected {'an integer' if integer else 'a number'}, got {value!r}")
         if integer and float(value) != int(value):
@@ -197,11 +198,7 @@ def _check_base(config: dict[str, Any], source: str) -> None:
     if not 0 <= lora["dropout"] < 1:
         fail("lora.dropout", f"must be in [0, 1) (got {lora['dropout']})")
     targets = lora["target_modules"]
-    if (
-        not isinstance(targets, list)
-        or not targets
-        or not all(isinstance(t, str) and t for t in targets)
-    ):
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
         fail("lora.target_modules", "expected a non-empty list of module names, e.g. [o_proj, v_proj]")
     if not isinstance(config["protocol"], list) or not config["protocol"]:
         fail("protocol", "expected a non-empty list of steps")

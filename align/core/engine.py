@@ -76,7 +76,9 @@ def _now() -> str:
 
 def _prefixed(name: str, metrics: Mapping[str, Any], where: str) -> dict[str, float]:
     if not isinstance(metrics, Mapping):
-        raise TypeError(f"{where} returned {type(metrics).__name__}, expected a mapping of metric name to number")
+        raise TypeError(
+            f"{where} returned {type(metrics).__name__}, expected a mapping of metric name to number"
+        )
     flat = {}
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -110,7 +112,14 @@ class Engine:
 
     # -- events -------------------------------------------------------------------------------
     def _record(self, topic: str, step: str, kind: str, metrics: Mapping[str, float], **extra: Any) -> None:
-        event = {"time": _now(), "topic": topic, "step": step, "kind": kind, "metrics": dict(metrics), **extra}
+        event = {
+            "time": _now(),
+            "topic": topic,
+            "step": step,
+            "kind": kind,
+            "metrics": dict(metrics),
+            **extra,
+        }
         self.rundir.record(event)
 
     def on_trainer_log(self, topic: str) -> Callable[[str, dict[str, float]], None]:

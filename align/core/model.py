@@ -57,7 +57,9 @@ def resolve_model_path(spec: str) -> str:
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelError(f"{spec}: model path is a file; pass a Hugging Face model directory (with config.json)")
+            raise ModelError(
+                f"{spec}: model path is a file; pass a Hugging Face model directory (with config.json)"
+            )
         if not (path / "config.json").is_file():
             raise ModelError(
                 f"{spec}: not a Hugging Face model directory (no config.json); pass a directory saved "
@@ -65,7 +67,9 @@ def resolve_model_path(spec: str) -> str:
             )
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise ModelError(f"{spec}: model directory not found; check the path, or use 'smollm2' for the default model")
+        raise ModelError(
+            f"{spec}: model directory not found; check the path, or use 'smollm2' for the default model"
+        )
     return spec  # a hub id: from_pretrained finds it in the local cache (or online, where allowed)
 
 
@@ -75,7 +79,9 @@ def converted_smollm2() -> Path:
     target = cache_root() / "models" / f"SmolLM2-135M-Instruct-{gguf.stat().st_size}"
     if (target / "config.json").is_file():
         return target
-    logger.warning("First use of the default model: converting %s to %s (about 20 s, once)", gguf.name, target)
+    logger.warning(
+        "First use of the default model: converting %s to %s (about 20 s, once)", gguf.name, target
+    )
     convert_gguf(gguf, target)
     return target
 
@@ -122,9 +128,13 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
     except OSError as exc:
-        offline = " (HF_HUB_OFFLINE=1 is set: only local models load)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        offline = (
+            " (HF_HUB_OFFLINE=1 is set: only local models load)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        )
         raise ModelError(f"{spec}: could not load the model{offline}: {str(exc).splitlines()[0]}") from None
     except ValueError as exc:
         raise ModelError(f"{spec}: could not load the model: {str(exc).splitlines()[0]}") from None
@@ -138,12 +148,22 @@ def linear_module_names(model: Any) -> list[str]:
     """The short names of the model's linear layers, which LoRA can target."""
     import torch
 
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
     return sorted(names)
 
 
 def attach_adapter(
-    model: Any, *, rank: int, alpha: float, dropout: float, target_modules: Sequence[str], source: str = "config"
+    model: Any,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    target_modules: Sequence[str],
+    source: str = "config",
 ) -> Any:
     """Wrap ``model`` with the run's one LoRA adapter (named ``default``)."""
     from peft import LoraConfig, get_peft_model
@@ -173,7 +193,9 @@ class HFLanguageModel:
     position and only the completion positions' logits are computed (``logits_to_keep``).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 16, chat_template: bool | None = None):
+    def __init__(
+        self, model: Any, tokenizer: Any, *, batch_size: int = 16, chat_template: bool | None = None
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -334,6 +356,8 @@ class EnginePolicy:
             "fp16": False,
             "use_cpu": not torch.cuda.is_available(),
             "dataloader_pin_memory": False,
+            # TRL turns this on by default; for a rank-1 adapter on a small model it only costs time.
+            "gradient_checkpointing": False,
         }
 
     def save_adapter(self, directory: Path) -> None:

@@ -59,9 +59,7 @@ def factory_defaults(factory: Callable[..., Any]) -> dict[str, Any]:
                 defaults[f.name] = _plain(f.default_factory())
         return defaults
     params = factory_params(factory) or {}
-    return {
-        name: _plain(p.default) for name, p in params.items() if p.default is not inspect.Parameter.empty
-    }
+    return {name: _plain(p.default) for name, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
 def _plain(value: Any) -> Any:
@@ -90,7 +88,9 @@ def build_component(
             if annotation is not inspect.Parameter.empty:
                 kwargs[key] = coerce(value, annotation, f"{where}.{key}", source)
         missing = [
-            name for name, p in accepted.items() if p.default is inspect.Parameter.empty and name not in kwargs
+            name
+            for name, p in accepted.items()
+            if p.default is inspect.Parameter.empty and name not in kwargs
         ]
         if missing:
             raise ConfigError(f"{source}: '{where}.{missing[0]}' is required; add it to the config")

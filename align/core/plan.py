@@ -140,7 +140,9 @@ def _component_ref(ref: Any, where: str, source: str) -> tuple[str, dict[str, An
         name = params.pop("use", None)
         if isinstance(name, str) and name:
             return name, params
-        raise ConfigError(f"{source}: {where}: a component mapping needs 'use: <name>', e.g. {{use: threshold, all: [...]}}")
+        raise ConfigError(
+            f"{source}: {where}: a component mapping needs 'use: <name>', e.g. {{use: threshold, all: [...]}}"
+        )
     raise ConfigError(f"{source}: {where}: expected a component name or a mapping with 'use:', got {ref!r}")
 
 
@@ -157,8 +159,12 @@ def _build(
         )
     section = config.get(name) or {}
     if not isinstance(section, Mapping):
-        raise ConfigError(f"{source}: {name}: must be a mapping of {kind} params, got {type(section).__name__}")
-    instance, params = build_component(registration.factory, {**section, **inline}, where if inline else name, source)
+        raise ConfigError(
+            f"{source}: {name}: must be a mapping of {kind} params, got {type(section).__name__}"
+        )
+    instance, params = build_component(
+        registration.factory, {**section, **inline}, where if inline else name, source
+    )
     defaults = factory_defaults(registration.factory)
     converted_section = {key: params.get(key, value) for key, value in section.items() if key not in inline}
     return Component(
@@ -184,7 +190,9 @@ def _build_steps(config: Mapping[str, Any], source: str, registry: Registry) -> 
                     f"(valid: {', '.join(_STEP_KEYS)})"
                 )
         if ("train" in raw) == ("evaluate" in raw):
-            raise ConfigError(f"{source}: {where}: a step has exactly one of 'train: <objective>' or 'evaluate: [...]'")
+            raise ConfigError(
+                f"{source}: {where}: a step has exactly one of 'train: <objective>' or 'evaluate: [...]'"
+            )
         if "train" in raw:
             kind = "train"
             components = [_build("objective", raw["train"], f"{where}.train", config, source, registry)]
@@ -202,7 +210,9 @@ def _build_steps(config: Mapping[str, Any], source: str, registry: Registry) -> 
         if not isinstance(name, str):
             raise ConfigError(f"{source}: {where}.name: expected a string, got {name!r}")
         if any(step.name == name for step in steps):
-            raise ConfigError(f"{source}: {where}.name: step name '{name}' is used twice; step names must be unique")
+            raise ConfigError(
+                f"{source}: {where}.name: step name '{name}' is used twice; step names must be unique"
+            )
         gate = None
         if raw.get("gate") is not None:
             gate = _build("gate", raw["gate"], f"{where}.gate", config, source, registry)

@@ -61,7 +61,9 @@ class RunDir:
         while not probe.exists():
             probe = probe.parent
         if not os.access(probe, os.W_OK):
-            raise AlignError(f"{self.path}: output directory is not writable (no write permission on {probe})")
+            raise AlignError(
+                f"{self.path}: output directory is not writable (no write permission on {probe})"
+            )
 
     def create(self, config_yaml: str) -> None:
         self.check_writable()

@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,10 @@ def library_versions() -> dict[str, str]:
 def quiet_libraries() -> None:
     """Keep the libraries' own progress bars and notices out of align's output."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's reference log-prob pass reads this
+    # Deprecation notices from inside transformers/TRL are for their authors, not align's users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     import datasets
     import transformers
 

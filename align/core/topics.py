@@ -64,7 +64,9 @@ class Topic:
         for key in data:
             if key not in _TOPIC_KEYS:
                 hint = closest(str(key), _TOPIC_KEYS)
-                raise TopicError(f"{source}: unknown topic key '{key}'{hint} (valid: {', '.join(_TOPIC_KEYS)})")
+                raise TopicError(
+                    f"{source}: unknown topic key '{key}'{hint} (valid: {', '.join(_TOPIC_KEYS)})"
+                )
         name = data.get("name")
         if not isinstance(name, str) or not name:
             raise TopicError(f"{source}: name: required, a non-empty string such as 'early_life'")

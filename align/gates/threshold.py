@@ -40,12 +40,15 @@ def parse_rule(rule: Any, key: str) -> Rule:
         match = _RULE.match(rule)
         if not match:
             raise ParamError(
-                key, f"cannot read rule {rule!r}; write it as 'metric op number', e.g. 'quiz.accuracy >= 0.70'"
+                key,
+                f"cannot read rule {rule!r}; write it as 'metric op number', e.g. 'quiz.accuracy >= 0.70'",
             )
         return Rule(match.group(1), match.group(2), float(match.group(3)))
     if isinstance(rule, Mapping):
         if set(rule) != {"metric", "op", "value"}:
-            raise ParamError(key, f"a rule mapping needs exactly the keys metric, op, value (got {sorted(rule)})")
+            raise ParamError(
+                key, f"a rule mapping needs exactly the keys metric, op, value (got {sorted(rule)})"
+            )
         if rule["op"] not in OPERATORS:
             raise ParamError(key, f"unknown op {rule['op']!r}; use one of {', '.join(OPERATORS)}")
         value = rule["value"]

@@ -133,7 +133,9 @@ def preference_dataset(topic: Topic, chat: bool) -> Any:
             for pair in topic.preference_pairs
         ]
     else:
-        rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in topic.preference_pairs]
+        rows = [
+            {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in topic.preference_pairs
+        ]
     return Dataset.from_list(rows)
 
 

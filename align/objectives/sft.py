@@ -13,13 +13,14 @@ from align.core.training import train_and_summarise
 class SFTObjective:
     """Language-model the topic's passages, training only the run's rank-1 adapter.
 
-    The defaults were measured on SmolLM2-135M with a rank-1 adapter (alpha 1): 3 epochs at
-    ``5e-3`` take a topic of seven invented facts from chance to a passing quiz; ``1e-3`` does not.
+    The defaults were measured on SmolLM2-135M with a rank-1 adapter (alpha 1) on the demo topics
+    (seven invented facts each, 14 passages): 3 epochs at ``5e-3`` with batch size 1 lift quiz
+    accuracy to 0.71-0.86 on every topic; batch size 4 (fewer steps) reaches only 0.43-0.86.
     """
 
     epochs: float = 3
     learning_rate: float = 5e-3
-    per_device_train_batch_size: int = 4
+    per_device_train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     max_length: int = 256
     lr_scheduler_type: str = "linear"

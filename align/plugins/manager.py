@@ -68,7 +68,9 @@ class Registry:
         if not isinstance(name, str) or not name or "." in name:
             raise PluginError(f"plugin '{plugin}' registered a {kind} with the invalid name {name!r}")
         if not callable(factory):
-            raise PluginError(f"plugin '{plugin}' registered {kind} '{name}' with a factory that is not callable")
+            raise PluginError(
+                f"plugin '{plugin}' registered {kind} '{name}' with a factory that is not callable"
+            )
         existing = self.components[kind].get(name)
         if existing is not None:
             raise PluginError(
@@ -149,7 +151,10 @@ def build_registry(manager: pluggy.PluginManager) -> Registry:
         hook = getattr(manager.hook, hook_name)
         # Call implementations one at a time so every registration is attributed to its plugin.
         for impl in reversed(hook.get_hookimpls()):
-            def register(name: str, factory: Callable[..., Any], _kind=kind, _plugin=impl.plugin_name) -> None:
+
+            def register(
+                name: str, factory: Callable[..., Any], _kind=kind, _plugin=impl.plugin_name
+            ) -> None:
                 registry.add(_kind, name, factory, _plugin)
 
             impl.function(register=register)
@@ -251,4 +256,3 @@ def _module_distribution(module: ModuleType) -> tuple[str, str] | None:
     if not names:
         return None
     return (names[0], importlib.metadata.version(names[0]))
-

