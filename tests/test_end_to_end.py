@@ -20,7 +20,9 @@ def test_demo_topic_on_the_packaged_smollm2(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
     topics = tmp_path / "topics"
     topics.mkdir()
-    (topics / "home.yaml").write_text((REPO / "align" / "demo" / "topics" / "03_home.yaml").read_text())
+    (topics / "early_life.yaml").write_text(
+        (REPO / "align" / "demo" / "topics" / "01_early_life.yaml").read_text()
+    )
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["run", "--topics", str(topics), "--output", str(out)])
     assert result.exit_code == 0, result.output
@@ -28,11 +30,15 @@ def test_demo_topic_on_the_packaged_smollm2(tmp_path, monkeypatch):
     steps = {s["step"]: s for s in summary["topics"][0]["steps"]}
     before, after_sft = steps["before"]["metrics"], steps["after_sft"]["metrics"]
     # SFT teaches the invented facts: quiz accuracy reaches the gate's bar.
-    assert after_sft["quiz.accuracy"] >= 0.70 > before["quiz.accuracy"]
+    assert before["quiz.accuracy"] < 0.5
+    assert after_sft["quiz.accuracy"] >= 0.70
     assert steps["sft"]["metrics"]["sft.final_loss"] < steps["sft"]["metrics"]["sft.first_loss"]
     if steps["dpo"]["status"] == "ran":
-        assert steps["dpo"]["metrics"]["dpo.first_loss"] == pytest.approx(0.6931, abs=1e-3)
-        assert steps["after_dpo"]["metrics"]["voice.score"] > after_sft["voice.score"]
+        dpo = steps["dpo"]["metrics"]
+        assert dpo["dpo.first_loss"] == pytest.approx(0.6931, abs=1e-3)  # reference = post-SFT policy
+        assert dpo["dpo.final_loss"] < dpo["dpo.first_loss"]
+    else:
+        assert "voice.score" in steps["dpo"]["gate"]["reason"]
     # The saved adapter loads with PEFT on the cached safetensors copy of the model.
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -41,5 +47,5 @@ def test_demo_topic_on_the_packaged_smollm2(tmp_path, monkeypatch):
 
     assert yaml.safe_load((out / "config.yaml").read_text())["model"]["path"] == "smollm2"
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2"))
-    PeftModel.from_pretrained(base, out / "adapters" / "home")
+    PeftModel.from_pretrained(base, out / "adapters" / "early_life")
     assert "quiz.accuracy" in result.output and "gate dpo:" in result.output
