@@ -57,9 +57,13 @@ BASE_DEFAULTS: dict[str, Any] = {
 SECTION_KEYS = {"model": BASE_DEFAULTS["model"], "lora": BASE_DEFAULTS["lora"]}
 
 
+def demo_dir() -> Path:
+    """The built-in demo: ``demo.yaml`` and ``topics/``, ordinary files inside the package."""
+    return Path(str(resources.files("align") / "demo"))
+
+
 def demo_config_path() -> Path:
-    """The built-in demo's config, an ordinary file inside the package."""
-    return Path(str(resources.files("align") / "demo" / "demo.yaml"))
+    return demo_dir() / "demo.yaml"
 
 
 def read_config(path: str | Path | None) -> tuple[dict[str, Any], str, Path]:

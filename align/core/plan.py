@@ -8,11 +8,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from align.core.config import apply_overrides, read_config, with_defaults
+from align.core.config import apply_overrides, demo_dir, read_config, with_defaults
 from align.core.params import build_component, factory_defaults
 from align.core.topics import Topic, load_topics
 from align.errors import ConfigError, closest
@@ -69,7 +68,7 @@ class Plan:
 
 
 def demo_topics_path() -> Path:
-    return Path(str(resources.files("align") / "demo" / "topics"))
+    return demo_dir() / "topics"
 
 
 def make_plan(
