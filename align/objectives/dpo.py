@@ -31,6 +31,7 @@ LOSS_TYPES = (
     "apo_down",
     "discopop",
     "sigmoid_norm",
+    "sft",
 )
 REFERENCE_ADAPTER = "ref"
 
@@ -49,7 +50,8 @@ class DPOObjective:
     max_steps: int = 10
     per_device_train_batch_size: int = 2
     gradient_accumulation_steps: int = 1
-    loss_type: str = "sigmoid"
+    loss_type: str | list[str] = "sigmoid"
+    loss_weights: list[float] | None = None
     max_length: int = 256
     lr_scheduler_type: str = "linear"
     precompute_ref_log_probs: bool = True
@@ -73,11 +75,26 @@ class DPOObjective:
         require(self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "must be >= 1")
         require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
         require(self.max_length >= 8, "max_length", f"must be >= 8 (got {self.max_length})")
-        require(
-            self.loss_type in LOSS_TYPES,
-            "loss_type",
-            f"unknown loss type '{self.loss_type}'; use one of {', '.join(LOSS_TYPES)}",
-        )
+        losses = self.loss_types
+        require(bool(losses), "loss_type", "needs at least one loss type")
+        for loss in losses:
+            require(
+                loss in LOSS_TYPES,
+                "loss_type",
+                f"unknown loss type '{loss}'; use one of {', '.join(LOSS_TYPES)}",
+            )
+        if self.loss_weights is not None:
+            require(
+                len(self.loss_weights) == len(losses),
+                "loss_weights",
+                f"needs one weight per loss type ({len(losses)}), got {len(self.loss_weights)}",
+            )
+            require(all(w >= 0 for w in self.loss_weights), "loss_weights", "weights must be >= 0")
+
+    @property
+    def loss_types(self) -> list[str]:
+        """``loss_type`` as a list: one TRL loss, or several summed with ``loss_weights``."""
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
 
     def train(self, policy: Policy, topic: Topic) -> dict[str, float]:
         from trl import DPOConfig, DPOTrainer
@@ -91,7 +108,8 @@ class DPOObjective:
             max_steps=self.max_steps,
             per_device_train_batch_size=self.per_device_train_batch_size,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
-            loss_type=[self.loss_type],
+            loss_type=self.loss_types,
+            loss_weights=self.loss_weights,
             max_length=self.max_length,
             lr_scheduler_type=self.lr_scheduler_type,
             precompute_ref_log_probs=self.precompute_ref_log_probs,

@@ -82,6 +82,12 @@ def test_apply_overrides_parses_yaml_values_and_list_indices():
         ({"lora": {"rank": 0}}, "lora.rank: must be >= 1"),
         ({"lora": {"target_modules": []}}, "lora.target_modules: expected a non-empty list"),
         ({"dpo": {"loss_type": "sigmod"}}, "unknown loss type 'sigmod'; use one of sigmoid"),
+        ({"dpo": {"loss_type": ["sigmoid", "sfd"]}}, "dpo.loss_type: unknown loss type 'sfd'"),
+        ({"dpo": {"loss_type": []}}, "dpo.loss_type: needs at least one loss type"),
+        (
+            {"dpo": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}},
+            "dpo.loss_weights: needs one weight per loss type (2), got 1",
+        ),
         ({"model": {"dtype": "float8"}}, "model.dtype: 'float8' is not one of"),
         ({"protocol": [{"name": "x", "train": "ppo"}]}, "unknown objective 'ppo'"),
         ({"protocol": [{"evaluate": ["quizz"]}]}, "unknown evaluator 'quizz'; did you mean 'quiz'?"),
