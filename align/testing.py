@@ -1,23 +1,31 @@
 """Test helpers for align and its plugin authors; also a pytest plugin (entry point ``pytest11``).
 
 ``StubModel`` stands in for a language model, so an evaluator is tested in milliseconds with no
-torch model. ``StubPolicy`` stands in for the engine's model in engine tests. ``tiny_causal_lm``
-builds a real (random, tiny) Llama model and byte-level tokenizer for training tests, offline.
+torch model. ``StubPolicy`` stands in for the engine's model, ``StubObjective`` for training, and
+``run_protocol`` runs the real engine's topic loop with them, so a gate, an evaluator or a
+lifecycle hook is tested inside a run in milliseconds. ``tiny_causal_lm`` builds a real (random,
+tiny) Llama model and byte-level tokenizer for training tests, offline.
 
-Fixtures: ``stub_model`` (builds a :class:`StubModel`) and ``make_topic`` (a valid
-:class:`align.Topic` from a partial dict).
+Fixtures (available in any project that has align installed): ``stub_model`` (builds a
+:class:`StubModel`), ``make_topic`` (a valid :class:`align.Topic` from a partial dict) and
+``plugin_manager`` (an isolated :class:`PluginHarness`: only the plugins a test registers).
 """
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
 from align.core.topics import Topic
+from align.plugins.hookspecs import hookimpl
 
 Generate = Callable[[str], str] | Mapping[str, str] | None
 Loglikelihood = Callable[[str, str], float] | Mapping[Any, float] | None
@@ -68,15 +76,34 @@ class StubModel:
 
 
 class StubPolicy:
-    """Stands in for the engine's model: evaluators see ``language_model``; adapters are JSON files."""
+    """Stands in for the engine's model: evaluators see ``language_model``; adapters are JSON files.
 
-    def __init__(self, language_model: Any = None, seed: int = 0, scratch_dir: Path | None = None):
+    ``state`` is a dict standing in for the adapter's weights: a :class:`StubObjective` changes it,
+    a :class:`StubModel` built on a function can read it, and the engine's ``snapshot``/``restore``
+    (used by rollback guards) copy it and put it back in place.
+    """
+
+    def __init__(
+        self,
+        language_model: Any = None,
+        seed: int = 0,
+        scratch_dir: Path | None = None,
+        state: dict[str, Any] | None = None,
+    ):
         self.model = None
         self.tokenizer = None
         self.seed = seed
         self.scratch_dir = scratch_dir or Path(".")
         self.language_model = language_model if language_model is not None else StubModel()
+        self.state = state if state is not None else {}
         self.saved: list[Path] = []
+
+    def snapshot(self) -> dict[str, Any]:
+        return copy.deepcopy(self.state)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.state.clear()
+        self.state.update(copy.deepcopy(state))
 
     def trainer_callbacks(self, step: str) -> list[Any]:
         return []
@@ -87,8 +114,223 @@ class StubPolicy:
     def save_adapter(self, directory: Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "stub_adapter.json").write_text(json.dumps({"saved": len(self.saved) + 1}))
+        payload = {"saved": len(self.saved) + 1, "state": self.state}
+        (directory / "stub_adapter.json").write_text(json.dumps(payload, default=repr))
         self.saved.append(directory)
+
+
+class StubObjective:
+    """An objective that trains nothing: it calls ``effect(policy, topic)`` and returns ``metrics``.
+
+    ``metrics`` is a mapping or a function of the topic. Each call's topic name is kept in ``calls``.
+    """
+
+    def __init__(
+        self,
+        metrics: Mapping[str, float] | Callable[[Topic], Mapping[str, float]] | None = None,
+        effect: Callable[[Any, Topic], None] | None = None,
+    ):
+        self._metrics = metrics if metrics is not None else {"loss": 0.0}
+        self.effect = effect
+        self.calls: list[str] = []
+
+    def train(self, policy: Any, topic: Topic) -> dict[str, float]:
+        self.calls.append(topic.name)
+        if self.effect is not None:
+            self.effect(policy, topic)
+        return dict(self._metrics(topic) if callable(self._metrics) else self._metrics)
+
+
+class StubEvaluator:
+    """An evaluator returning ``metrics``: a mapping, or a function of ``(model, topic)``."""
+
+    def __init__(self, metrics: Mapping[str, float] | Callable[[Any, Topic], Mapping[str, float]]):
+        self._metrics = metrics
+        self.calls: list[str] = []
+
+    def evaluate(self, model: Any, topic: Topic) -> dict[str, float]:
+        self.calls.append(topic.name)
+        return dict(self._metrics(model, topic) if callable(self._metrics) else self._metrics)
+
+
+def _as_factory(component: Any) -> Callable[..., Any]:
+    """A class or factory stays as it is; a ready-made instance becomes ``lambda: instance``."""
+    if isinstance(component, type) or not any(
+        hasattr(component, method) for method in ("train", "evaluate", "decide")
+    ):
+        return component
+    return lambda: component
+
+
+class StubPlugin:
+    """A plugin object from plain mappings of name → factory (or ready-made component instance).
+
+    ``StubPlugin(objectives={"sft": StubObjective()}, evaluators={"quiz": QuizEvaluator})``
+    """
+
+    def __init__(
+        self,
+        objectives: Mapping[str, Any] | None = None,
+        evaluators: Mapping[str, Any] | None = None,
+        gates: Mapping[str, Any] | None = None,
+    ):
+        self.objectives = dict(objectives or {})
+        self.evaluators = dict(evaluators or {})
+        self.gates = dict(gates or {})
+
+    @hookimpl
+    def register_objectives(self, register: Callable[..., None]) -> None:
+        for name, component in self.objectives.items():
+            register(name, _as_factory(component))
+
+    @hookimpl
+    def register_evaluators(self, register: Callable[..., None]) -> None:
+        for name, component in self.evaluators.items():
+            register(name, _as_factory(component))
+
+    @hookimpl
+    def register_gates(self, register: Callable[..., None]) -> None:
+        for name, component in self.gates.items():
+            register(name, _as_factory(component))
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_protocol` returns: the run's summary, its events and its directory."""
+
+    summary: dict[str, Any]
+    events: list[dict[str, Any]]
+    path: Path
+    policy: Any = None
+
+    def topic(self, topic: str) -> dict[str, Any]:
+        for entry in self.summary["topics"]:
+            if entry["topic"] == topic:
+                return entry
+        raise KeyError(
+            f"no topic {topic!r} in this run (topics: {[t['topic'] for t in self.summary['topics']]})"
+        )
+
+    def step(self, topic: str, step: str) -> dict[str, Any]:
+        """The step's entry in summary.json: ``status``, ``metrics``, ``gate``, ``rollback``."""
+        for entry in self.topic(topic)["steps"]:
+            if entry["step"] == step:
+                return entry
+        raise KeyError(f"no step {step!r} for topic {topic!r}")
+
+    def metrics(self, topic: str, step: str) -> dict[str, float]:
+        return self.step(topic, step)["metrics"]
+
+    def ran(self, topic: str, step: str) -> bool:
+        return self.step(topic, step)["status"] == "ran"
+
+
+@dataclass
+class PluginHarness:
+    """An isolated plugin manager: only the plugins a test registers, built-ins opt-in.
+
+    No entry points are loaded, so what is installed in the environment does not leak in.
+    """
+
+    #: ``True`` for all of align's built-in components, or the ones named: ``["quiz", "threshold"]``.
+    builtins: bool | Sequence[str] = False
+    plugins: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from align.plugins.manager import new_plugin_manager
+
+        self.manager = new_plugin_manager()
+        if self.builtins:
+            self.add_builtins(None if self.builtins is True else self.builtins)
+        for plugin in list(self.plugins):
+            self.register(plugin)
+
+    def register(self, plugin: Any, name: str | None = None) -> Any:
+        """Register a plugin (a module or an object with ``@align.hookimpl`` methods); returns it.
+
+        An object is named after its class (``Broken``, then ``Broken-2``), so errors read well.
+        """
+        if name is None and not isinstance(plugin, ModuleType):
+            base = type(plugin).__name__
+            name, n = base, 1
+            while self.manager.has_plugin(name):
+                n += 1
+                name = f"{base}-{n}"
+        self.manager.register(plugin, name=name)
+        return plugin
+
+    def add_builtins(self, only: Sequence[str] | None = None) -> None:
+        """Register align's built-in components, or ``only`` the named ones (``["threshold"]``)."""
+        from align.plugins.manager import register_builtins
+
+        register_builtins(self.manager, only)
+
+    @property
+    def hook(self) -> Any:
+        return self.manager.hook
+
+    @property
+    def registry(self) -> Any:
+        """The components the registered plugins contribute (misspelt hooks are an error here)."""
+        from align.plugins.manager import build_registry, validate_hooks
+
+        validate_hooks(self.manager)
+        return build_registry(self.manager)
+
+    def run(self, protocol: Sequence[Any] | None = None, topics: Any = None, **kwargs: Any) -> RunResult:
+        """:func:`run_protocol` with these plugins."""
+        return run_protocol(protocol, topics, harness=self, **kwargs)
+
+
+def run_protocol(
+    protocol: Sequence[Any] | None = None,
+    topics: Iterable[Topic] | str | Path | None = None,
+    *,
+    plugins: Iterable[Any] = (),
+    builtins: bool | Sequence[str] = True,
+    config: Mapping[str, Any] | None = None,
+    model: Any = None,
+    state: dict[str, Any] | None = None,
+    output: str | Path | None = None,
+    harness: PluginHarness | None = None,
+) -> RunResult:
+    """Run the real engine's topic loop with a stub model: milliseconds, no torch model.
+
+    :param protocol: the steps, as in a config's ``protocol:`` (default: the seed's protocol, which
+        needs the built-in components or stand-ins named ``sft``, ``dpo``, ``quiz``, ``voice``).
+    :param topics: :class:`Topic` objects (default: one :func:`make_topic`), or a file or directory.
+    :param plugins: plugin objects to register, e.g. ``StubPlugin(objectives={"sft": StubObjective()})``.
+    :param builtins: register align's built-in components too: all (``True``), none, or the ones
+        named (``["quiz", "threshold"]``); ignored when ``harness`` is given.
+    :param config: more config, e.g. ``{"dpo": {"beta": 0.05}}``.
+    :param model: the :class:`align.LanguageModel` evaluators see (default: ``StubModel()``).
+    :param state: the stub policy's ``state`` dict, shared with stub objectives and models.
+    :param output: the run directory (default: a new temporary directory).
+    """
+    from align.core.config import dump_config
+    from align.core.engine import Engine
+    from align.core.plan import resolve_plan
+    from align.core.rundir import RunDir
+
+    if harness is None:
+        harness = PluginHarness(builtins=builtins)
+    for plugin in plugins:
+        harness.register(plugin)
+    data: dict[str, Any] = dict(config or {})
+    if protocol is not None:
+        data["protocol"] = list(protocol)
+    topic_arg = [make_topic()] if topics is None else topics
+    if isinstance(topic_arg, Topic):
+        topic_arg = [topic_arg]
+    plan = resolve_plan(data, "<run_protocol>", harness.registry, topics=topic_arg)
+    path = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="align-run-")) / "run"
+    rundir = RunDir(path)
+    rundir.check_writable()
+    rundir.create(dump_config(plan.config))
+    policy = StubPolicy(model, seed=plan.config["seed"], scratch_dir=rundir.scratch_dir, state=state)
+    summary = Engine(plan, policy, rundir, hooks=harness.manager).run()
+    events = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line]
+    return RunResult(summary=summary, events=events, path=path, policy=policy)
 
 
 _TOPIC_DEFAULTS: dict[str, Any] = {
@@ -176,3 +418,12 @@ def stub_model() -> Callable[..., StubModel]:
 def make_topic_fixture() -> Callable[..., Topic]:
     """Builds a valid :class:`align.Topic` from a partial dict: ``make_topic(name="x")``."""
     return make_topic
+
+
+@pytest.fixture
+def plugin_manager() -> PluginHarness:
+    """An isolated :class:`PluginHarness`: register your plugin, then check ``.registry`` or ``.run(...)``.
+
+    Built-ins are opt-in: ``plugin_manager.add_builtins()``.
+    """
+    return PluginHarness()

@@ -30,12 +30,17 @@ class StepResult:
     metrics: dict[str, float] = field(default_factory=dict)
     gate: dict[str, Any] | None = None
     seconds: float = 0.0
+    #: Set when this step's guard restored the adapter: ``step``, ``reason`` and ``metrics`` (the
+    #: values from before the rolled-back step, which hold again now).
+    rollback: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"step": self.name, "kind": self.kind, "status": self.status}
         if self.gate is not None:
             data["gate"] = self.gate
         data["metrics"] = self.metrics
+        if self.rollback is not None:
+            data["rollback"] = self.rollback
         data["seconds"] = round(self.seconds, 3)
         return data
 
@@ -51,6 +56,8 @@ class TopicResult:
         metrics: dict[str, float] = {}
         for step in self.steps:
             metrics.update(step.metrics)
+            if step.rollback is not None:
+                metrics.update(step.rollback["metrics"])
         return metrics
 
     def ran(self, step_name: str) -> bool:
@@ -68,6 +75,7 @@ class Reporter:
     def step_log(self, step: str, logs: Mapping[str, float]) -> None: ...
     def step_end(self, topic: Topic, result: StepResult) -> None: ...
     def run_end(self, summary: Mapping[str, Any]) -> None: ...
+    def warning(self, message: str) -> None: ...
 
 
 def _now() -> str:
@@ -98,8 +106,11 @@ class Engine:
         reporter: Reporter | None = None,
         clock: Callable[[], float] = time.perf_counter,
         environment: Mapping[str, str] | None = None,
+        hooks: Any = None,
     ):
         self.plan = plan
+        #: The plugin manager whose lifecycle hooks (``on_run_start`` …) watch the run, if any.
+        self.hooks = hooks
         self.policy = policy
         self.rundir = rundir
         self.reporter = reporter or Reporter()
@@ -109,6 +120,10 @@ class Engine:
         self.status = "running"
         self._started = _now()
         self._start_clock = clock()
+        self._current_topic: str | None = None
+        # Training steps a later step may roll back: the adapter and metrics from before each.
+        self._guarded = {step.rollback.step for step in plan.steps if step.rollback is not None}
+        self._snapshots: dict[str, tuple[Any, dict[str, float]]] = {}
 
     # -- events -------------------------------------------------------------------------------
     def _record(self, topic: str, step: str, kind: str, metrics: Mapping[str, float], **extra: Any) -> None:
@@ -129,14 +144,39 @@ class Engine:
 
         return forward
 
+    def notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Call a lifecycle hook's implementations one by one; one that raises is reported, not fatal."""
+        if self.hooks is None:
+            return
+        for impl in reversed(getattr(self.hooks.hook, hook_name).get_hookimpls()):
+            try:
+                impl.function(**{name: kwargs[name] for name in impl.argnames})
+            except Exception as exc:
+                message = f"plugin '{impl.plugin_name}' raised in {hook_name}: {type(exc).__name__}: {exc}"
+                self._record(
+                    self._current_topic or "",
+                    "",
+                    "hook_error",
+                    {},
+                    plugin=impl.plugin_name,
+                    hook=hook_name,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                self.reporter.warning(message)
+
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self.reporter.run_start(self.plan, str(self.rundir.path))
+        self.notify("on_run_start", plan=self.plan, output=str(self.rundir.path))
         try:
             for index, topic in enumerate(self.plan.topics):
+                self._current_topic = topic.name
                 self.reporter.topic_start(index, len(self.plan.topics), topic)
-                self.results.append(self.run_topic(topic))
+                self.notify("on_topic_start", topic=topic, index=index, total=len(self.plan.topics))
+                result = self.run_topic(topic)
+                self.results.append(result)
                 self.rundir.write_summary(self.summary())
+                self.notify("on_topic_end", topic=topic, result=result.as_dict())
             self.status = "completed"
         except KeyboardInterrupt:
             self.status = "interrupted"
@@ -145,8 +185,10 @@ class Engine:
             self.status = "failed"
             raise
         finally:
+            self._current_topic = None
             summary = self.summary()
             self.rundir.write_summary(summary)
+            self.notify("on_run_end", summary=summary)
             self.rundir.close()
         self.reporter.run_end(summary)
         return summary
@@ -155,10 +197,13 @@ class Engine:
         result = TopicResult(topic.name)
         if hasattr(self.policy, "set_log_target"):
             self.policy.set_log_target(self.on_trainer_log(topic.name))
+        self._snapshots.clear()
         for step in self.plan.steps:
             step_result = self.run_step(step, topic, result)
             result.steps.append(step_result)
             self.reporter.step_end(topic, step_result)
+            self.notify("on_step_end", topic=topic, step=step.name, result=step_result.as_dict())
+        self._snapshots.clear()
         adapter_dir = self.rundir.adapter_dir(topic.name)
         self.policy.save_adapter(adapter_dir)
         result.adapter = str(adapter_dir.relative_to(self.rundir.path))
@@ -178,6 +223,8 @@ class Engine:
             if not decision.passed:
                 return StepResult(step.name, kind, "skipped", gate=gate_record)
         started = self.clock()
+        if step.name in self._guarded:
+            self._snapshots[step.name] = (self.policy.snapshot(), so_far.latest())
         metrics: dict[str, float] = {}
         for component in step.components:
             if step.kind == "train":
@@ -188,7 +235,31 @@ class Engine:
                 where = f"evaluator '{component.name}'"
             metrics.update(_prefixed(component.name, raw, where))
         self._record(topic.name, step.name, kind, metrics)
-        return StepResult(step.name, kind, "ran", metrics, gate_record, self.clock() - started)
+        result = StepResult(step.name, kind, "ran", metrics, gate_record, self.clock() - started)
+        if step.rollback is not None:
+            result.rollback = self.check_rollback(step, topic, metrics)
+        return result
+
+    def check_rollback(self, step: Step, topic: Topic, metrics: Mapping[str, float]) -> dict[str, Any] | None:
+        """Restore the adapter from before ``step.rollback.step`` if a guarded metric fell too far."""
+        guard = step.rollback
+        assert guard is not None
+        if guard.step not in self._snapshots:
+            return None  # the guarded step did not run for this topic
+        state, before = self._snapshots[guard.step]
+        falls = []
+        for name, tolerance in guard.max_drop.items():
+            if name in before and name in metrics and before[name] - metrics[name] > tolerance + 1e-9:
+                falls.append(
+                    f"{name} fell {before[name]:.2f} → {metrics[name]:.2f} (more than {tolerance:g})"
+                )
+        if not falls:
+            return None
+        self.policy.restore(state)
+        reason = f"{'; '.join(falls)} after '{guard.step}'; adapter restored to before '{guard.step}'"
+        restored = {name: before[name] for name in metrics if name in before}
+        self._record(topic.name, step.name, "rollback", restored, rolled_back=guard.step, reason=reason)
+        return {"step": guard.step, "reason": reason, "metrics": restored}
 
     def decide(self, step: Step, metrics: Mapping[str, float]) -> GateDecision:
         assert step.gate is not None

@@ -360,6 +360,25 @@ class EnginePolicy:
             "gradient_checkpointing": False,
         }
 
+    def _adapter_parameters(self) -> dict[str, Any]:
+        return {
+            name: param
+            for name, param in self.model.named_parameters()
+            if "lora_" in name and ".default." in name
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of the trained adapter's weights (a few KB at rank 1), for :meth:`restore`."""
+        return {name: param.detach().clone() for name, param in self._adapter_parameters().items()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Put back the adapter weights from :meth:`snapshot`, exactly."""
+        import torch
+
+        with torch.no_grad():
+            for name, param in self._adapter_parameters().items():
+                param.copy_(state[name])
+
     def save_adapter(self, directory: Path) -> None:
         """Save the ``default`` adapter as a PEFT directory (safetensors), written atomically."""
         directory = Path(directory)

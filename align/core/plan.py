@@ -17,7 +17,21 @@ from align.core.topics import Topic, load_topics
 from align.errors import ConfigError, closest
 from align.plugins.manager import Registry
 
-_STEP_KEYS = ("name", "train", "evaluate", "gate", "if_ran")
+_STEP_KEYS = ("name", "train", "evaluate", "gate", "if_ran", "rollback")
+_ROLLBACK_KEYS = ("step", "max_drop")
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """A guard on an evaluation step: if a metric fell by more than its tolerance since before
+    training step ``step``, the engine restores the adapter from before that step."""
+
+    step: str
+    max_drop: dict[str, float]
+
+    def describe(self) -> str:
+        falls = " or ".join(f"{name} falls by more than {tol:g}" for name, tol in self.max_drop.items())
+        return f"roll back '{self.step}' if {falls}"
 
 
 @dataclass
@@ -44,6 +58,7 @@ class Step:
     components: list[Component]
     gate: Component | None = None
     if_ran: str | None = None
+    rollback: Rollback | None = None
 
     def describe(self) -> str:
         what = ", ".join(c.name for c in self.components)
@@ -53,6 +68,8 @@ class Step:
             text += f" if gate '{self.gate.name}' passes (reads {rules})"
         if self.if_ran:
             text += f" if step '{self.if_ran}' ran"
+        if self.rollback:
+            text += f"; {self.rollback.describe()}"
         return text
 
 
@@ -98,9 +115,12 @@ def resolve_plan(
     registry: Registry,
     *,
     base_dir: Path = Path("."),
-    topics: str | Path | None = None,
+    topics: str | Path | Sequence[Topic] | None = None,
 ) -> Plan:
-    """Check a config mapping against the registry and build every component it names."""
+    """Check a config mapping against the registry and build every component it names.
+
+    ``topics`` overrides the config's: a file or directory, or :class:`Topic` objects (tests).
+    """
     component_names = {name for kind in registry.components for name in registry.names(kind)}
     config = with_defaults(data, component_names, source)
     steps = _build_steps(config, source, registry)
@@ -109,8 +129,14 @@ def resolve_plan(
     for step in steps:
         for component in step.components:
             config[component.name] = component.section
+    given: list[Topic] | None = None
+    if topics is not None and not isinstance(topics, (str, Path)):
+        given = list(topics)
+        topics = None
     # Relative paths in a config file are relative to that file; from the command line, to the cwd.
-    if topics is not None:
+    if given is not None:
+        topic_path = Path("<in memory>")
+    elif topics is not None:
         topic_path = Path(topics)
     elif config["topics"] is not None:
         topic_path = _relative_to(config["topics"], base_dir)
@@ -120,7 +146,7 @@ def resolve_plan(
     model_path = Path(config["model"]["path"]).expanduser()
     if not model_path.is_absolute() and (base_dir / model_path).is_dir():
         config["model"]["path"] = str(base_dir / model_path)
-    topic_list = load_topics(topic_path)
+    topic_list = given if given is not None else load_topics(topic_path)
     _check_topics(topic_list, steps)
     return Plan(config=config, source=source, topics=topic_list, steps=steps, metric_names=metric_names)
 
@@ -223,8 +249,61 @@ def _build_steps(config: Mapping[str, Any], source: str, registry: Registry) -> 
                     f"{source}: {where}.if_ran: '{if_ran}' is not an earlier training step"
                     f"{closest(str(if_ran), earlier)} (earlier training steps: {', '.join(earlier) or 'none'})"
                 )
-        steps.append(Step(name=name, kind=kind, components=components, gate=gate, if_ran=if_ran))
+        rollback = None
+        if raw.get("rollback") is not None:
+            if kind != "evaluate":
+                raise ConfigError(
+                    f"{source}: {where}.rollback: only an evaluation step can guard a training step; "
+                    "move it to the step that evaluates after training"
+                )
+            rollback = _rollback(raw["rollback"], f"{where}.rollback", steps, components, source)
+        steps.append(
+            Step(name=name, kind=kind, components=components, gate=gate, if_ran=if_ran, rollback=rollback)
+        )
     return steps
+
+
+def _rollback(
+    raw: Any, where: str, earlier: list[Step], components: list[Component], source: str
+) -> Rollback:
+    """``{step: dpo, max_drop: {quiz.accuracy: 0.05}}`` → :class:`Rollback`, checked."""
+    example = "e.g. {step: dpo, max_drop: {quiz.accuracy: 0.05}}"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: {where}: expected a mapping, {example}")
+    for key in raw:
+        if key not in _ROLLBACK_KEYS:
+            raise ConfigError(
+                f"{source}: {where}: unknown key '{key}'{closest(str(key), _ROLLBACK_KEYS)} "
+                f"(valid: {', '.join(_ROLLBACK_KEYS)})"
+            )
+    trained = [s.name for s in earlier if s.kind == "train"]
+    step = raw.get("step")
+    if step not in trained:
+        raise ConfigError(
+            f"{source}: {where}.step: {step!r} is not an earlier training step{closest(str(step), trained)} "
+            f"(earlier training steps: {', '.join(trained) or 'none'})"
+        )
+    drops = raw.get("max_drop")
+    if not isinstance(drops, Mapping) or not drops:
+        raise ConfigError(f"{source}: {where}.max_drop: expected a mapping of metric to tolerance, {example}")
+    own = {c.name for c in components}
+    max_drop = {}
+    for name, tolerance in drops.items():
+        declared = [m for c in components for m in (_declared_metrics(c) or [])]
+        owner = str(name).split(".")[0]
+        if owner not in own or (declared and name not in declared and owner in _declaring(components)):
+            raise ConfigError(
+                f"{source}: {where}.max_drop: metric '{name}' is not recorded by this step{closest(str(name), declared)} "
+                f"(it records: {', '.join(declared) or ', '.join(sorted(own))})"
+            )
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
+            raise ConfigError(f"{source}: {where}.max_drop.{name}: expected a number >= 0, got {tolerance!r}")
+        max_drop[str(name)] = float(tolerance)
+    return Rollback(step=step, max_drop=max_drop)
+
+
+def _declaring(components: list[Component]) -> set[str]:
+    return {c.name for c in components if _declared_metrics(c) is not None}
 
 
 def _declared_metrics(component: Component) -> list[str] | None:
@@ -280,4 +359,6 @@ def _step_as_data(step: Step) -> dict[str, Any]:
         data["gate"] = {"use": step.gate.name, **step.gate.params}
     if step.if_ran:
         data["if_ran"] = step.if_ran
+    if step.rollback:
+        data["rollback"] = {"step": step.rollback.step, "max_drop": dict(step.rollback.max_drop)}
     return data

@@ -52,3 +52,44 @@ def register_gates(register: Register) -> None:
         metrics recorded so far (latest value per name), and ``metrics_needed() -> list[str]``,
         the names it reads, checked against what earlier steps record before the run starts.
     """
+
+
+# -- lifecycle hooks: for code that watches a run (loggers, trackers, notifiers) -------------------
+# The engine calls every implementation in turn. One that raises is reported with its plugin's name
+# (a ``hook_error`` event in metrics.jsonl and a warning) and the run goes on: watching a run must
+# never cost its results.
+
+
+@hookspec
+def on_run_start(plan: Any, output: str) -> None:
+    """Called once, after the run directory exists and before the first topic.
+
+    :param plan: the resolved :class:`align.core.plan.Plan` (``plan.config`` is what config.yaml holds).
+    :param output: the run directory.
+    """
+
+
+@hookspec
+def on_topic_start(topic: Any, index: int, total: int) -> None:
+    """Called before the first step of each topic (``index`` counts from 0 of ``total``)."""
+
+
+@hookspec
+def on_step_end(topic: Any, step: str, result: dict[str, Any]) -> None:
+    """Called after every protocol step, whether it ran or was skipped.
+
+    :param result: the step as summary.json records it: ``step``, ``kind``, ``status``
+        (``ran``/``skipped``), ``metrics`` (``<component>.<key>`` → number), ``gate`` (``passed``
+        and ``reason``) when the step was gated, and ``rollback`` when its guard restored the adapter.
+    """
+
+
+@hookspec
+def on_topic_end(topic: Any, result: dict[str, Any]) -> None:
+    """Called after each topic's adapter is saved; ``result`` is the topic's entry in summary.json."""
+
+
+@hookspec
+def on_run_end(summary: dict[str, Any]) -> None:
+    """Called once at the end of a run, finished or not; ``summary`` is summary.json's content
+    (``status`` is ``completed``, ``failed`` or ``interrupted``)."""

@@ -101,9 +101,19 @@ def new_plugin_manager() -> pluggy.PluginManager:
     return manager
 
 
-def register_builtins(manager: pluggy.PluginManager) -> None:
+def register_builtins(manager: pluggy.PluginManager, only: Iterable[str] | None = None) -> None:
+    """Register the built-in plugins, or ``only`` those named (``"threshold"`` or its module name)."""
+    wanted = None if only is None else set(only)
+    if wanted is not None:
+        short = {module.rsplit(".", 1)[-1] for module in DEFAULT_PLUGINS}
+        unknown = wanted - short - set(DEFAULT_PLUGINS)
+        if unknown:
+            raise PluginError(
+                f"no built-in plugin named {', '.join(sorted(unknown))} (built-ins: {', '.join(sorted(short))})"
+            )
     for module_name in DEFAULT_PLUGINS:
-        manager.register(importlib.import_module(module_name), name=module_name)
+        if wanted is None or module_name in wanted or module_name.rsplit(".", 1)[-1] in wanted:
+            manager.register(importlib.import_module(module_name), name=module_name)
 
 
 def load_entry_points(
@@ -161,6 +171,15 @@ def build_registry(manager: pluggy.PluginManager) -> Registry:
     return registry
 
 
+def validate_hooks(manager: pluggy.PluginManager) -> None:
+    """A hook implementation whose name matches no hook (a typo) is an error naming its plugin."""
+    try:
+        manager.check_pending()
+    except pluggy.PluginValidationError as exc:
+        name = manager.get_name(exc.plugin) or repr(exc.plugin)
+        raise PluginError(f"plugin '{name}': {exc}") from None
+
+
 def _split_env(value: str | None) -> list[str] | None:
     if value is None:
         return None
@@ -192,11 +211,7 @@ def load_plugins(
         )
     for plugin in extra:
         manager.register(plugin)
-    try:
-        manager.check_pending()
-    except pluggy.PluginValidationError as exc:
-        name = manager.get_name(exc.plugin) or repr(exc.plugin)
-        raise PluginError(f"plugin '{name}': {exc}") from None
+    validate_hooks(manager)
     return Plugins(manager=manager, registry=build_registry(manager), failures=failures)
 
 

@@ -101,3 +101,23 @@ def test_unknown_target_module_lists_the_ones_the_model_has():
     model, _ = tiny_causal_lm()
     with pytest.raises(ModelError, match=r"no module 'c_attn'.*it has: down_proj, gate_proj, k_proj"):
         attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=["c_attn"])
+
+
+def test_dpo_combines_trl_losses_with_weights(policy):
+    metrics = DPOObjective(
+        max_steps=1, per_device_train_batch_size=2, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]
+    ).train(policy, TOPIC)
+    first = next(entry for step, entry in policy.logs if step == "dpo" and "loss" in entry)
+    # With the reference equal to the policy, sigmoid contributes ln 2 and sft the chosen NLL.
+    assert first["loss"] > math.log(2) + 0.1
+    assert metrics["steps"] == 1
+
+
+def test_snapshot_and_restore_put_the_adapter_back_exactly(policy):
+    before = policy.snapshot()
+    assert before and all("lora_" in name for name in before)
+    SFTObjective(epochs=1, learning_rate=5e-2).train(policy, TOPIC)
+    moved = adapter_state(policy.model)
+    assert any(not torch.equal(before[k], v) for k, v in moved.items())
+    policy.restore(before)
+    assert all(torch.equal(before[k], v) for k, v in adapter_state(policy.model).items())

@@ -1,0 +1,214 @@
+"""Lifecycle hooks and rollback guards, run through the real engine with stubs (align.testing)."""
+
+import pytest
+
+from align import hookimpl
+from align.errors import ConfigError
+from align.testing import StubEvaluator, StubObjective, StubPlugin, make_topic, run_protocol
+
+PROTOCOL = [
+    {"name": "before", "evaluate": ["probe"]},
+    {"name": "sft", "train": "sft"},
+    {"name": "after_sft", "evaluate": ["probe"]},
+    {"name": "dpo", "train": "dpo"},
+    {
+        "name": "after_dpo",
+        "evaluate": ["probe"],
+        "rollback": {"step": "dpo", "max_drop": {"probe.know": 0.05}},
+    },
+    {"name": "final", "evaluate": ["probe"]},
+]
+
+
+def knowledge_plugin(dpo_change):
+    """sft adds 0.5 knowledge; dpo changes it by ``dpo_change``; the probe reports it."""
+
+    def sft(policy, topic):
+        policy.state["know"] = policy.state.get("know", 0.0) + 0.5
+
+    def dpo(policy, topic):
+        policy.state["know"] = policy.state.get("know", 0.0) + dpo_change
+        policy.state["voice"] = policy.state.get("voice", 0.0) + 1
+
+    state: dict = {}
+    probe = StubEvaluator(
+        lambda model, topic: {"know": state.get("know", 0.0), "voice": state.get("voice", 0.0)}
+    )
+    plugin = StubPlugin(
+        objectives={"sft": StubObjective(effect=sft), "dpo": StubObjective(effect=dpo)},
+        evaluators={"probe": probe},
+    )
+    return plugin, state
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    @hookimpl
+    def on_run_start(self, plan, output):
+        self.calls.append(("run_start", len(plan.topics)))
+
+    @hookimpl
+    def on_topic_start(self, topic, index, total):
+        self.calls.append(("topic_start", topic.name, index, total))
+
+    @hookimpl
+    def on_step_end(self, topic, step, result):
+        self.calls.append(("step_end", topic.name, step, result["status"]))
+
+    @hookimpl
+    def on_topic_end(self, topic, result):
+        self.calls.append(("topic_end", topic.name, result["adapter"]))
+
+    @hookimpl
+    def on_run_end(self, summary):
+        self.calls.append(("run_end", summary["status"]))
+
+
+def test_lifecycle_hooks_see_every_event_in_order():
+    plugin, state = knowledge_plugin(0.0)
+    recorder = Recorder()
+    topics = [make_topic(name="a"), make_topic(name="b")]
+    run_protocol(PROTOCOL[:3], topics, plugins=[plugin, recorder], builtins=False, state=state)
+    steps = [("step_end", t, s, "ran") for t in "ab" for s in ("before", "sft", "after_sft")]
+    assert recorder.calls == [
+        ("run_start", 2),
+        ("topic_start", "a", 0, 2),
+        *steps[:3],
+        ("topic_end", "a", "adapters/a"),
+        ("topic_start", "b", 1, 2),
+        *steps[3:],
+        ("topic_end", "b", "adapters/b"),
+        ("run_end", "completed"),
+    ]
+
+
+def test_on_step_end_gets_gate_decisions_and_skips():
+    seen = {}
+
+    class Watch:
+        @hookimpl
+        def on_step_end(self, step, result):
+            seen[step] = result
+
+    plugin = StubPlugin(
+        objectives={"dpo": StubObjective()}, evaluators={"probe": StubEvaluator({"know": 0.2})}
+    )
+    protocol = [
+        {"name": "check", "evaluate": ["probe"]},
+        {"name": "dpo", "train": "dpo", "gate": {"use": "threshold", "all": ["probe.know >= 0.7"]}},
+    ]
+    run_protocol(protocol, plugins=[plugin, Watch()], builtins=["threshold"])
+    assert seen["check"]["metrics"] == {"probe.know": 0.2}
+    assert seen["dpo"]["status"] == "skipped"
+    assert seen["dpo"]["gate"]["passed"] is False
+    assert "probe.know 0.20" in seen["dpo"]["gate"]["reason"]
+
+
+def test_a_raising_hook_is_reported_with_its_plugin_and_the_run_finishes():
+    class Broken:
+        @hookimpl
+        def on_step_end(self, step, result):
+            raise RuntimeError(f"tracker offline at {step}")
+
+    recorder = Recorder()
+    plugin, state = knowledge_plugin(0.0)
+    result = run_protocol(PROTOCOL[:3], plugins=[plugin, Broken(), recorder], builtins=False, state=state)
+    assert result.summary["status"] == "completed"
+    assert ("run_end", "completed") in recorder.calls  # other plugins still called
+    errors = [e for e in result.events if e["kind"] == "hook_error"]
+    assert len(errors) == 3
+    assert errors[0]["hook"] == "on_step_end"
+    assert errors[0]["plugin"] == "Broken"
+    assert errors[0]["error"] == "RuntimeError: tracker offline at before"
+    assert (result.path / "adapters" / "topic" / "stub_adapter.json").exists()
+
+
+def test_on_run_end_is_called_with_a_failed_status_when_a_step_raises():
+    recorder = Recorder()
+
+    def boom(policy, topic):
+        raise ValueError("diverged")
+
+    plugin = StubPlugin(objectives={"sft": StubObjective(effect=boom)})
+    with pytest.raises(ValueError):
+        run_protocol([{"name": "sft", "train": "sft"}], plugins=[plugin, recorder], builtins=False)
+    assert recorder.calls[-1] == ("run_end", "failed")
+
+
+def test_rollback_restores_the_adapter_when_the_metric_falls_too_far():
+    plugin, state = knowledge_plugin(-0.25)
+    result = run_protocol(PROTOCOL, plugins=[plugin], builtins=False, state=state)
+    assert result.metrics("topic", "after_sft")["probe.know"] == 0.5
+    assert result.metrics("topic", "after_dpo")["probe.know"] == 0.25  # what DPO did, as measured
+    rollback = result.step("topic", "after_dpo")["rollback"]
+    assert rollback["step"] == "dpo"
+    assert rollback["reason"].startswith("probe.know fell 0.50 → 0.25 (more than 0.05) after 'dpo'")
+    assert rollback["metrics"] == {"probe.know": 0.5, "probe.voice": 0.0}
+    # The adapter (the stub's state) is back to before DPO, so later steps measure that.
+    assert result.metrics("topic", "final") == {"probe.know": 0.5, "probe.voice": 0.0}
+    assert [e["kind"] for e in result.events if e["step"] == "after_dpo"] == ["eval", "rollback"]
+
+
+def test_rollback_keeps_the_step_when_the_drop_is_within_tolerance():
+    plugin, state = knowledge_plugin(-0.05)
+    result = run_protocol(PROTOCOL, plugins=[plugin], builtins=False, state=state)
+    assert "rollback" not in result.step("topic", "after_dpo")
+    assert result.metrics("topic", "final") == {"probe.know": 0.45, "probe.voice": 1.0}
+
+
+def test_rollback_on_each_topic_restores_that_topics_own_state():
+    plugin, state = knowledge_plugin(-0.25)
+    result = run_protocol(
+        PROTOCOL, [make_topic(name="a"), make_topic(name="b")], plugins=[plugin], builtins=False, state=state
+    )
+    assert result.metrics("a", "final")["probe.know"] == 0.5
+    assert result.metrics("b", "after_sft")["probe.know"] == 1.0  # b's SFT builds on a's restored state
+    assert result.metrics("b", "final")["probe.know"] == 1.0
+
+
+def test_a_gate_after_a_rollback_reads_the_restored_metrics():
+    plugin, state = knowledge_plugin(-0.25)
+    plugin.objectives["extra"] = StubObjective()
+    protocol = [
+        *PROTOCOL[:5],
+        {"name": "extra", "train": "extra", "gate": {"use": "threshold", "all": ["probe.know >= 0.5"]}},
+    ]
+    result = run_protocol(protocol, plugins=[plugin], builtins=["threshold"], state=state)
+    assert result.ran("topic", "extra")
+    assert result.step("topic", "extra")["gate"]["reason"] == "probe.know 0.50 >= 0.50"
+
+
+@pytest.mark.parametrize(
+    ("rollback", "message"),
+    [
+        (
+            {"step": "sfx", "max_drop": {"probe.know": 0.1}},
+            "'sfx' is not an earlier training step; did you mean 'sft'?",
+        ),
+        ({"step": "dpo"}, "max_drop: expected a mapping of metric to tolerance"),
+        ({"step": "dpo", "max_drop": {"probe.know": -1}}, "max_drop.probe.know: expected a number >= 0"),
+        (
+            {"step": "dpo", "max_drop": {"quiz.accuracy": 0.1}},
+            "metric 'quiz.accuracy' is not recorded by this step",
+        ),
+        ({"step": "dpo", "max_drop": {"probe.know": 0.1}, "when": 1}, "unknown key 'when'"),
+    ],
+)
+def test_bad_rollback_config_is_a_clear_error(rollback, message):
+    plugin, state = knowledge_plugin(0.0)
+    protocol = [*PROTOCOL[:4], {"name": "after_dpo", "evaluate": ["probe"], "rollback": rollback}]
+    with pytest.raises(ConfigError) as info:
+        run_protocol(protocol, plugins=[plugin], builtins=False, state=state)
+    assert message in str(info.value)
+
+
+def test_rollback_belongs_on_an_evaluation_step():
+    plugin, state = knowledge_plugin(0.0)
+    protocol = [
+        *PROTOCOL[:3],
+        {"name": "dpo", "train": "dpo", "rollback": {"step": "sft", "max_drop": {"probe.know": 0}}},
+    ]
+    with pytest.raises(ConfigError, match="only an evaluation step can guard a training step"):
+        run_protocol(protocol, plugins=[plugin], builtins=False, state=state)
