@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from align import __version__
-from align.errors import AlignError
+from align.errors import AlignError, PluginError
 
 
 def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -35,15 +35,42 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _load_plugins(strict: bool = False) -> Any:
+    """Load every plugin; with ``strict``, a plugin that failed to load is an error."""
     from align.plugins.manager import load_plugins
 
     plugins = load_plugins()
-    for failure in plugins.failures:
-        message = f"plugin '{failure.name}' ({failure.distribution or 'unknown distribution'}) failed to load: {failure.error}"
-        if strict:
-            raise AlignError(message)
-        click.echo(f"Warning: {message}; `align plugins` shows it", err=True)
+    if strict:
+        _check_failures(plugins, strict=True)
     return plugins
+
+
+def _check_failures(plugins: Any, strict: bool) -> None:
+    """Warn once about each plugin that failed to load, or refuse to go on when ``strict``."""
+    for failure in plugins.failures:
+        where = failure.distribution or "unknown distribution"
+        if failure.version:
+            where += f" {failure.version}"
+        message = f"plugin '{failure.name}' ({where}) failed to load: {failure.error}"
+        if strict:
+            raise PluginError(
+                f"{message}; fix or uninstall it, or skip it with ALIGN_DISABLE_PLUGINS={failure.name}"
+            )
+        click.echo(f"Warning: {message}; `align plugins` shows it", err=True)
+
+
+def _plan(plugins: Any, strict_flag: bool, config: Any, **options: Any) -> Any:
+    """Resolve the plan, then apply the config's ``strict_plugins`` (or warn about failed plugins)."""
+    from align.core.plan import make_plan
+
+    try:
+        plan = make_plan(plugins.registry, config, **options)
+    except AlignError:
+        if not strict_flag:
+            _check_failures(plugins, strict=False)  # a failed plugin may be why the config is wrong
+        raise
+    if not strict_flag:
+        _check_failures(plugins, strict=bool(plan.config.get("strict_plugins")))
+    return plan
 
 
 _config_argument = click.argument("config", required=False, type=click.Path(dir_okay=False))
@@ -65,6 +92,11 @@ _plan_options = [
     ),
     click.option(
         "--output", type=click.Path(), help="The run directory (default: runs/<config name>-<time>)."
+    ),
+    click.option(
+        "--strict-plugins",
+        is_flag=True,
+        help="Refuse to run when an installed plugin fails to load (config: strict_plugins: true).",
     ),
     click.option("--debug", is_flag=True, help="Show tracebacks for errors."),
 ]
@@ -93,27 +125,29 @@ def cli() -> None:
 @_with_plan_options
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
 @_handle_errors
-def run(config, topics, model, overrides, output, debug, quiet):
+def run(config, topics, model, overrides, output, strict_plugins, debug, quiet):
     """Run the protocol over every topic. CONFIG defaults to the built-in demo."""
     from align.console import ConsoleReporter
-    from align.core.plan import make_plan
     from align.core.runner import execute
 
-    plugins = _load_plugins()
-    plan = make_plan(plugins.registry, config, overrides=overrides, topics=topics, model=model, output=output)
-    execute(plan, reporter=ConsoleReporter(quiet=quiet))
+    plugins = _load_plugins(strict_plugins)
+    plan = _plan(
+        plugins, strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
+    )
+    execute(plan, reporter=ConsoleReporter(quiet=quiet), hooks=plugins.manager)
 
 
 @cli.command()
 @_with_plan_options
 @_handle_errors
-def validate(config, topics, model, overrides, output, debug):
+def validate(config, topics, model, overrides, output, strict_plugins, debug):
     """Resolve CONFIG and print the plan (config, topics, steps); trains nothing and loads no model."""
     from align.core.config import dump_config
-    from align.core.plan import make_plan
 
-    plugins = _load_plugins()
-    plan = make_plan(plugins.registry, config, overrides=overrides, topics=topics, model=model, output=output)
+    plugins = _load_plugins(strict_plugins)
+    plan = _plan(
+        plugins, strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
+    )
     click.echo(f"# resolved config from {plan.source}")
     click.echo(dump_config(plan.config).rstrip())
     click.echo("\n# topics")

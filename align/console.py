@@ -67,6 +67,15 @@ class ConsoleReporter(Reporter):
         else:
             text = _metrics_text(result.metrics)
         self._say(f"  {result.name:<10} {text}  [{result.seconds:.1f}s]{gate}")
+        if result.rollback is not None:
+            self._say(f"  {'':<10} rolled back: {result.rollback['reason']}")
+
+    def warning(self, message: str) -> None:
+        if self._live_line:
+            self.stream.write("\r\033[K")
+            self._live_line = False
+        sys.stderr.write(f"Warning: {message}\n")
+        sys.stderr.flush()
 
     def run_end(self, summary: Mapping[str, Any]) -> None:
         if self.quiet:
@@ -107,6 +116,8 @@ def summary_table(summary: Mapping[str, Any]) -> str:
             if step.get("gate") and "gate" in step["gate"]:
                 verdict = "ran" if step["gate"]["passed"] else "skipped"
                 lines.append(f"{'':<16}gate {step['step']}: {verdict} ({step['gate']['reason']})")
+            if step.get("rollback"):
+                lines.append(f"{'':<16}rolled back {step['rollback']['step']}: {step['rollback']['reason']}")
     return "\n".join(lines)
 
 

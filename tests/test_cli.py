@@ -134,3 +134,46 @@ def test_run_on_a_tiny_model_end_to_end(runner, tmp_path, tiny_model_dir):
     recorded = yaml.safe_load((out / "config.yaml").read_text())
     assert recorded["model"]["path"] == str(tiny_model_dir)
     assert recorded["sft"]["learning_rate"] == 0.05
+
+
+BROKEN_PLUGIN = "raise ImportError('needs a library that is not installed')\n"
+
+
+def test_a_broken_plugin_is_warned_about_once_and_the_tool_still_works(site, tmp_path):
+    from tests.conftest import make_distribution
+
+    make_distribution(site, "align_broken", BROKEN_PLUGIN)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["--help"]).exit_code == 0
+    listed = runner.invoke(cli, ["plugins"])
+    assert listed.exit_code == 0
+    broken = next(row for row in json.loads(listed.stdout) if row["name"] == "align_broken")
+    assert broken["error"] == "ImportError: needs a library that is not installed"
+    write_topic(tmp_path)
+    result = runner.invoke(cli, ["validate", "--topics", str(tmp_path)])
+    assert result.exit_code == 0
+    warnings = [line for line in result.stderr.splitlines() if "align_broken" in line]
+    assert warnings == [
+        "Warning: plugin 'align_broken' (align-broken 1.2.3) failed to load: "
+        "ImportError: needs a library that is not installed; `align plugins` shows it"
+    ]
+
+
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_strict_plugins_turns_a_load_failure_into_an_error(site, tmp_path, how):
+    from tests.conftest import make_distribution
+
+    make_distribution(site, "align_broken", BROKEN_PLUGIN)
+    write_topic(tmp_path)
+    args = ["run", "--topics", str(tmp_path), "--output", str(tmp_path / "run")]
+    if how == "flag":
+        args.append("--strict-plugins")
+    else:
+        args += ["--set", "strict_plugins=true"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        "Error: plugin 'align_broken' (align-broken 1.2.3) failed to load: ImportError: needs a library "
+        "that is not installed; fix or uninstall it, or skip it with ALIGN_DISABLE_PLUGINS=align_broken"
+    ]
+    assert not (tmp_path / "run").exists()

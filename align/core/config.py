@@ -40,6 +40,8 @@ BASE_DEFAULTS: dict[str, Any] = {
     "output": None,
     "seed": 0,
     "topics": None,
+    #: Refuse to run when an installed plugin fails to load (``--strict-plugins`` does the same).
+    "strict_plugins": False,
     "model": {
         "path": "smollm2",
         "dtype": "float32",
@@ -179,6 +181,8 @@ def _check_base(config: dict[str, Any], source: str) -> None:
     for key in ("name", "output", "topics"):
         if config[key] is not None and not isinstance(config[key], str):
             fail(key, f"expected a string, got {config[key]!r}")
+    if not isinstance(config["strict_plugins"], bool):
+        fail("strict_plugins", f"expected true or false, got {config['strict_plugins']!r}")
     if config["name"] is not None and ("/" in config["name"] or config["name"] in ("", ".", "..")):
         fail("name", f"'{config['name']}' must be a plain directory name (no '/')")
     model = config["model"]

@@ -86,8 +86,12 @@ def load_policy(plan: Plan, scratch_dir: Path) -> Any:
     )
 
 
-def execute(plan: Plan, reporter: Reporter | None = None, policy: Any = None) -> dict[str, Any]:
+def execute(
+    plan: Plan, reporter: Reporter | None = None, policy: Any = None, hooks: Any = None
+) -> dict[str, Any]:
     """Run ``plan``; with no ``policy``, load the configured model and attach the adapter.
+
+    ``hooks`` is the plugin manager whose lifecycle hooks watch the run.
 
     Everything that can fail on bad input (output directory, model, target modules) is checked
     before the run directory is created, so a failed start leaves nothing behind.
@@ -103,7 +107,7 @@ def execute(plan: Plan, reporter: Reporter | None = None, policy: Any = None) ->
     recorded = dict(plan.config)
     recorded["output"] = str(rundir.path)
     rundir.create(dump_config(recorded))
-    engine = Engine(plan, policy, rundir, reporter, environment=library_versions())
+    engine = Engine(plan, policy, rundir, reporter, environment=library_versions(), hooks=hooks)
     try:
         return engine.run()
     finally:

@@ -1,13 +1,11 @@
-import importlib
 import json
-import sys
-import textwrap
 
 import pytest
 
 from align import hookimpl
 from align.errors import PluginError
 from align.plugins.manager import DEFAULT_PLUGINS, describe_plugins, load_plugins
+from tests.conftest import make_distribution
 
 
 def test_builtins_are_registered_through_the_hooks(plugins):
@@ -45,28 +43,6 @@ def test_a_misspelt_hook_is_an_error_naming_the_plugin(monkeypatch):
 
     with pytest.raises(PluginError, match="register_evaluator"):
         load_plugins(extra=[Typo()])
-
-
-def make_distribution(site, name, module_source, entry_point=None):
-    """Install a plugin the way pip leaves it: a module and a dist-info with an `align` entry point."""
-    (site / f"{name}.py").write_text(textwrap.dedent(module_source))
-    info = site / f"{name}-1.2.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: 1.2.3\n")
-    (info / "entry_points.txt").write_text(f"[align]\n{entry_point or name} = {name}\n")
-
-
-@pytest.fixture
-def site(tmp_path, monkeypatch):
-    site = tmp_path / "site"
-    site.mkdir()
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delenv("ALIGN_LOAD_PLUGINS", raising=False)
-    monkeypatch.delenv("ALIGN_DISABLE_PLUGINS", raising=False)
-    importlib.invalidate_caches()
-    yield site
-    for name in ("align_broken", "align_length"):
-        sys.modules.pop(name, None)
 
 
 BROKEN = "raise ImportError('needs a library that is not installed')\n"
