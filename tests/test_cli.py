@@ -177,3 +177,11 @@ def test_strict_plugins_turns_a_load_failure_into_an_error(site, tmp_path, how):
         "that is not installed; fix or uninstall it, or skip it with ALIGN_DISABLE_PLUGINS=align_broken"
     ]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(runner, tmp_path, config):
+    write_topic(tmp_path)
+    result = runner.invoke(cli, ["validate", str(config), "--topics", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "# protocol, for each topic" in result.output

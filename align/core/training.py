@@ -2,9 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+#: The adapter name under which TRL's preference trainers copy the policy to use as reference.
+REFERENCE_ADAPTER = "ref"
+
+
+@contextlib.contextmanager
+def reference_from_policy(model: Any) -> Iterator[None]:
+    """Let a TRL preference trainer use the policy as it stands as its reference, then clean up.
+
+    Handed a PEFT model and no ``ref_model``, TRL's DPO and KTO trainers copy the trained adapter
+    under the name ``ref``: a reference equal to the policy at the start of the step, for the
+    price of a rank-1 adapter instead of a second model. The copy is removed afterwards (also
+    after a failure), so the next step starts from its own reference, and ``default`` is active.
+    """
+    if REFERENCE_ADAPTER in model.peft_config:  # left over from an interrupted step
+        model.delete_adapter(REFERENCE_ADAPTER)
+    try:
+        yield
+    finally:
+        if REFERENCE_ADAPTER in model.peft_config:
+            model.delete_adapter(REFERENCE_ADAPTER)
+        model.set_adapter("default")
+
+
+def conversation(prompt: str, answer: str, chat: bool) -> dict[str, Any]:
+    """A prompt and an answer in TRL's format: conversational when the model has a chat template."""
+    if chat:
+        return {
+            "prompt": [{"role": "user", "content": prompt}],
+            "completion": [{"role": "assistant", "content": answer}],
+        }
+    return {"prompt": prompt, "completion": answer}
 
 
 def quiet_trainer(trainer: Any) -> Any:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from align import Policy, Topic, hookimpl, require
-from align.core.training import train_and_summarise
+from align.core.training import conversation, reference_from_policy, train_and_summarise
 
 #: The loss types TRL's DPOTrainer implements.
 LOSS_TYPES = (
@@ -33,7 +33,6 @@ LOSS_TYPES = (
     "sigmoid_norm",
     "sft",
 )
-REFERENCE_ADAPTER = "ref"
 
 
 @dataclass
@@ -100,29 +99,27 @@ class DPOObjective:
         from trl import DPOConfig, DPOTrainer
 
         model = policy.model
-        if REFERENCE_ADAPTER in model.peft_config:  # left over from an interrupted step
-            model.delete_adapter(REFERENCE_ADAPTER)
-        args = DPOConfig(
-            beta=self.beta,
-            learning_rate=self.learning_rate,
-            max_steps=self.max_steps,
-            per_device_train_batch_size=self.per_device_train_batch_size,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            loss_type=self.loss_types,
-            loss_weights=self.loss_weights,
-            max_length=self.max_length,
-            lr_scheduler_type=self.lr_scheduler_type,
-            precompute_ref_log_probs=self.precompute_ref_log_probs,
-            **policy.trainer_args(),
-        )
-        trainer = DPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=preference_dataset(topic, chat=bool(policy.tokenizer.chat_template)),
-            processing_class=policy.tokenizer,
-            callbacks=policy.trainer_callbacks("dpo"),
-        )
-        try:
+        with reference_from_policy(model):
+            args = DPOConfig(
+                beta=self.beta,
+                learning_rate=self.learning_rate,
+                max_steps=self.max_steps,
+                per_device_train_batch_size=self.per_device_train_batch_size,
+                gradient_accumulation_steps=self.gradient_accumulation_steps,
+                loss_type=self.loss_types,
+                loss_weights=self.loss_weights,
+                max_length=self.max_length,
+                lr_scheduler_type=self.lr_scheduler_type,
+                precompute_ref_log_probs=self.precompute_ref_log_probs,
+                **policy.trainer_args(),
+            )
+            trainer = DPOTrainer(
+                model=model,
+                args=args,
+                train_dataset=preference_dataset(topic, chat=bool(policy.tokenizer.chat_template)),
+                processing_class=policy.tokenizer,
+                callbacks=policy.trainer_callbacks("dpo"),
+            )
             return train_and_summarise(
                 trainer,
                 {
@@ -132,29 +129,19 @@ class DPOObjective:
                     "reward_rejected": "rewards/rejected",
                 },
             )
-        finally:
-            if REFERENCE_ADAPTER in model.peft_config:
-                model.delete_adapter(REFERENCE_ADAPTER)
-            model.set_adapter("default")
 
 
 def preference_dataset(topic: Topic, chat: bool) -> Any:
     """The topic's preference pairs in TRL's format: conversational when the model has a chat template."""
     from datasets import Dataset
 
-    if chat:
-        rows = [
-            {
-                "prompt": [{"role": "user", "content": pair.prompt}],
-                "chosen": [{"role": "assistant", "content": pair.chosen}],
-                "rejected": [{"role": "assistant", "content": pair.rejected}],
-            }
-            for pair in topic.preference_pairs
-        ]
-    else:
-        rows = [
-            {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in topic.preference_pairs
-        ]
+    rows = []
+    for pair in topic.preference_pairs:
+        chosen = conversation(pair.prompt, pair.chosen, chat)
+        rejected = conversation(pair.prompt, pair.rejected, chat)
+        rows.append(
+            {"prompt": chosen["prompt"], "chosen": chosen["completion"], "rejected": rejected["completion"]}
+        )
     return Dataset.from_list(rows)
 
 

@@ -25,6 +25,7 @@ ENTRY_POINT_GROUP = "align"
 DEFAULT_PLUGINS = (
     "align.objectives.sft",
     "align.objectives.dpo",
+    "align.objectives.kto",
     "align.evaluators.quiz",
     "align.evaluators.voice",
     "align.gates.threshold",

@@ -121,3 +121,16 @@ def test_snapshot_and_restore_put_the_adapter_back_exactly(policy):
     assert any(not torch.equal(before[k], v) for k, v in moved.items())
     policy.restore(before)
     assert all(torch.equal(before[k], v) for k, v in adapter_state(policy.model).items())
+
+
+def test_kto_trains_the_same_adapter_from_unpacked_pairs(policy):
+    from align.objectives.kto import KTOObjective, unpaired_dataset
+
+    rows = unpaired_dataset(TOPIC, chat=True)
+    assert [row["label"] for row in rows] == [True, False, True, False]
+    assert rows[0]["completion"][0]["content"] == TOPIC.preference_pairs[0].chosen
+    before = adapter_state(policy.model)
+    metrics = KTOObjective(max_steps=2, per_device_train_batch_size=2).train(policy, TOPIC)
+    assert metrics["steps"] == 2
+    assert list(policy.model.peft_config) == ["default"]
+    assert any(not torch.equal(before[k], v) for k, v in adapter_state(policy.model).items())
