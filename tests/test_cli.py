@@ -185,3 +185,32 @@ def test_every_shipped_config_validates(runner, tmp_path, config):
     result = runner.invoke(cli, ["validate", str(config), "--topics", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "# protocol, for each topic" in result.output
+
+
+def test_the_example_plugin_is_used_from_a_config_in_align_run(tmp_path, tiny_model_dir, monkeypatch):
+    """examples/align-recall, installed like any third-party package (CI installs it), in a real run."""
+    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "recall")
+    (tmp_path / "topics").mkdir()
+    write_topic(tmp_path / "topics")
+    config = tmp_path / "recall.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "recall": {"max_new_tokens": 4},
+                "protocol": [
+                    {"name": "check", "evaluate": ["quiz", "recall"]},
+                    {"name": "sft", "train": {"use": "sft", "epochs": 1}},
+                    {"name": "again", "evaluate": ["recall"]},
+                ],
+            }
+        )
+    )
+    out = tmp_path / "run"
+    args = ["run", str(config), "--model", str(tiny_model_dir), "--topics", str(tmp_path / "topics")]
+    result = CliRunner().invoke(cli, [*args, "--output", str(out), "--strict-plugins"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    check, _, again = summary["topics"][0]["steps"]
+    assert set(check["metrics"]) == {"quiz.accuracy", "recall.accuracy", "recall.confusion", "recall.coverage"}
+    assert set(again["metrics"]) == {"recall.accuracy", "recall.confusion", "recall.coverage"}
+    assert "recall.accuracy" in result.output
