@@ -118,6 +118,7 @@ def cli() -> None:
     align run configs/dpo.yaml --topics my_topics/
     align validate my.yaml         resolve and print the plan; trains nothing
     align plugins                  every plugin as JSON
+    align new-plugin NAME          a plugin package with tests, ready to pip install
     """
 
 
@@ -169,6 +170,39 @@ def plugins(debug: bool = False):
     from align.plugins.manager import describe_plugins, load_plugins
 
     click.echo(json.dumps(describe_plugins(load_plugins()), indent=2))
+
+
+@cli.command("new-plugin")
+@click.argument("name")
+@click.option(
+    "--kind",
+    type=click.Choice(["evaluator", "objective", "gate"]),
+    default="evaluator",
+    show_default=True,
+    help="The kind of component the plugin contributes.",
+)
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False),
+    default=".",
+    show_default=True,
+    help="Where to create align-NAME/.",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@_handle_errors
+def new_plugin(name, kind, directory, debug):
+    """Write a plugin package align-NAME with one working component, tests and a README.
+
+    \b
+    align new-plugin keyword-coverage --kind evaluator
+    cd align-keyword-coverage && pip install -e . && python -m pytest
+    """
+    from align.scaffold import new_plugin as scaffold
+
+    path = scaffold(name, kind, directory)
+    click.echo(f"Created {path} ({kind} '{name.replace('-', '_')}')")
+    click.echo(f"Next: cd {path} && pip install -e . && python -m pytest")
 
 
 def main() -> None:

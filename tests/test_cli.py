@@ -211,6 +211,11 @@ def test_the_example_plugin_is_used_from_a_config_in_align_run(tmp_path, tiny_mo
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     check, _, again = summary["topics"][0]["steps"]
-    assert set(check["metrics"]) == {"quiz.accuracy", "recall.accuracy", "recall.confusion", "recall.coverage"}
+    assert set(check["metrics"]) == {
+        "quiz.accuracy",
+        "recall.accuracy",
+        "recall.confusion",
+        "recall.coverage",
+    }
     assert set(again["metrics"]) == {"recall.accuracy", "recall.confusion", "recall.coverage"}
     assert "recall.accuracy" in result.output
