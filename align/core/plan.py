@@ -208,12 +208,7 @@ def _build_steps(config: Mapping[str, Any], source: str, registry: Registry) -> 
         where = f"protocol[{index}]"
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: {where}: a step is a mapping such as {{name: sft, train: sft}}")
-        for key in raw:
-            if key not in _STEP_KEYS:
-                raise ConfigError(
-                    f"{source}: {where}: unknown key '{key}'{closest(str(key), _STEP_KEYS)} "
-                    f"(valid: {', '.join(_STEP_KEYS)})"
-                )
+        _check_keys(raw, _STEP_KEYS, where, source)
         if ("train" in raw) == ("evaluate" in raw):
             raise ConfigError(
                 f"{source}: {where}: a step has exactly one of 'train: <objective>' or 'evaluate: [...]'"
@@ -243,12 +238,7 @@ def _build_steps(config: Mapping[str, Any], source: str, registry: Registry) -> 
             gate = _build("gate", raw["gate"], f"{where}.gate", config, source, registry)
         if_ran = raw.get("if_ran")
         if if_ran is not None:
-            earlier = [s.name for s in steps if s.kind == "train"]
-            if if_ran not in earlier:
-                raise ConfigError(
-                    f"{source}: {where}.if_ran: '{if_ran}' is not an earlier training step"
-                    f"{closest(str(if_ran), earlier)} (earlier training steps: {', '.join(earlier) or 'none'})"
-                )
+            _earlier_training_step(if_ran, steps, f"{where}.if_ran", source)
         rollback = None
         if raw.get("rollback") is not None:
             if kind != "evaluate":
@@ -263,6 +253,24 @@ def _build_steps(config: Mapping[str, Any], source: str, registry: Registry) -> 
     return steps
 
 
+def _check_keys(raw: Mapping[str, Any], valid: Sequence[str], where: str, source: str) -> None:
+    for key in raw:
+        if key not in valid:
+            raise ConfigError(
+                f"{source}: {where}: unknown key '{key}'{closest(str(key), valid)} (valid: {', '.join(valid)})"
+            )
+
+
+def _earlier_training_step(name: Any, earlier: list[Step], where: str, source: str) -> str:
+    trained = [s.name for s in earlier if s.kind == "train"]
+    if name not in trained:
+        raise ConfigError(
+            f"{source}: {where}: {name!r} is not an earlier training step{closest(str(name), trained)} "
+            f"(earlier training steps: {', '.join(trained) or 'none'})"
+        )
+    return name
+
+
 def _rollback(
     raw: Any, where: str, earlier: list[Step], components: list[Component], source: str
 ) -> Rollback:
@@ -270,19 +278,8 @@ def _rollback(
     example = "e.g. {step: dpo, max_drop: {quiz.accuracy: 0.05}}"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: {where}: expected a mapping, {example}")
-    for key in raw:
-        if key not in _ROLLBACK_KEYS:
-            raise ConfigError(
-                f"{source}: {where}: unknown key '{key}'{closest(str(key), _ROLLBACK_KEYS)} "
-                f"(valid: {', '.join(_ROLLBACK_KEYS)})"
-            )
-    trained = [s.name for s in earlier if s.kind == "train"]
-    step = raw.get("step")
-    if step not in trained:
-        raise ConfigError(
-            f"{source}: {where}.step: {step!r} is not an earlier training step{closest(str(step), trained)} "
-            f"(earlier training steps: {', '.join(trained) or 'none'})"
-        )
+    _check_keys(raw, _ROLLBACK_KEYS, where, source)
+    step = _earlier_training_step(raw.get("step"), earlier, f"{where}.step", source)
     drops = raw.get("max_drop")
     if not isinstance(drops, Mapping) or not drops:
         raise ConfigError(f"{source}: {where}.max_drop: expected a mapping of metric to tolerance, {example}")
