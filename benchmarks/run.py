@@ -1,0 +1,352 @@
+"""align's benchmark suite: the same work done align's way and the alternatives' ways, in one run.
+
+    python benchmarks/run.py            # full: 8 DPO steps per variant, the whole demo
+    python benchmarks/run.py --quick    # a few minutes on 2 CPU cores (CI-sized)
+
+Sections (each variant runs in its own subprocess so its peak memory is its own; the model,
+data, steps and seed are the same for all):
+
+* ``dpo``: DPO with the rank-1 adapter four ways, each timed from building its trainer (and,
+  for the seed's design, copying the model) to the end of training: the seed's design (a frozen deep copy of the
+  model as ``ref_model``), plain TRL with ``peft_config`` and ``ref_model=None``, the same with
+  ``precompute_ref_log_probs=True`` (TRL's fastest configuration), and align's ``dpo`` objective.
+  Pairs/s, tokens/s, peak RSS and the loss curve of each; align's ratios to each.
+* ``eval``: quiz and voice scoring as align does it (batched) against one prompt at a time:
+  wall time, speed-up, and whether the scores are identical.
+* ``startup``: ``align --help`` wall time; time from ``align run`` to its first training step.
+* ``demo`` (not with ``--quick``): the whole demo's wall time split by phase.
+
+Writes ``benchmarks/results/latest.json`` and prints a table. Runs offline (``HF_HUB_OFFLINE=1``)
+on the packaged SmolLM2 (converted once and cached by align).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TARGETS = ["o_proj", "v_proj", "up_proj", "down_proj"]
+DPO_VARIANTS = ("seed", "trl", "trl_precompute", "align")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# -- workers: run in a subprocess each -------------------------------------------------------------
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _topic() -> Any:
+    from align.core.topics import load_topic_file
+
+    return load_topic_file(REPO / "align" / "demo" / "topics" / "01_early_life.yaml")
+
+
+def _dataset(topic: Any, tokenizer: Any) -> Any:
+    from align.objectives.dpo import preference_dataset
+
+    return preference_dataset(topic, chat=bool(tokenizer.chat_template))
+
+
+def worker_dpo(variant: str, steps: int, batch: int) -> dict[str, Any]:
+    """One DPO variant: train ``steps`` optimizer steps of ``batch`` pairs; time the training."""
+    os.environ.update(ENV)
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    from align.core.model import resolve_model_path
+    from align.core.runner import quiet_libraries
+
+    quiet_libraries()
+    set_seed(0)
+    path = resolve_model_path("smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    topic = _topic()
+    lora = LoraConfig(r=1, lora_alpha=1.0, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    scratch = tempfile.mkdtemp(prefix="align-bench-")
+    logs: list[dict[str, float]] = []
+
+    common = {
+        "beta": 0.1,
+        "learning_rate": 5e-3,
+        "max_steps": steps,
+        "per_device_train_batch_size": batch,
+        "max_length": 256,
+        "output_dir": scratch,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "seed": 0,
+        "use_cpu": not torch.cuda.is_available(),
+    }
+    dataset = _dataset(topic, tokenizer)
+    if variant == "align":
+        from align.core.model import EnginePolicy, attach_adapter
+        from align.objectives.dpo import DPOObjective
+
+        model = attach_adapter(base, rank=1, alpha=1.0, dropout=0.0, target_modules=TARGETS)
+        policy = EnginePolicy(model, tokenizer, seed=0, scratch_dir=Path(scratch))
+        policy.set_log_target(lambda step, entry: logs.append(entry) if "loss" in entry else None)
+        objective = DPOObjective(max_steps=steps, per_device_train_batch_size=batch)
+        started = time.perf_counter()  # includes building the trainer, as for the others
+        objective.train(policy, topic)
+        seconds = time.perf_counter() - started
+    else:
+        started = time.perf_counter()
+        if variant == "seed":
+            # The seed's design with today's TRL: a frozen full copy of the model, taken before
+            # get_peft_model, as the reference.
+            reference = copy.deepcopy(base).eval()
+            model = get_peft_model(base, lora)
+            trainer = DPOTrainer(
+                model=model,
+                ref_model=reference,
+                args=DPOConfig(**common),
+                train_dataset=dataset,
+                processing_class=tokenizer,
+            )
+        else:
+            trainer = DPOTrainer(
+                model=base,
+                ref_model=None,
+                peft_config=lora,
+                args=DPOConfig(**common, precompute_ref_log_probs=variant == "trl_precompute"),
+                train_dataset=dataset,
+                processing_class=tokenizer,
+            )
+        from align.core.training import quiet_trainer
+
+        quiet_trainer(trainer)
+        trainer.train()
+        seconds = time.perf_counter() - started
+        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    tokens = None
+    token_counts = [entry.get("num_tokens") for entry in logs if entry.get("num_tokens") is not None]
+    if token_counts:
+        tokens = float(token_counts[-1])
+    pairs = steps * batch
+    return {
+        "variant": variant,
+        "seconds": round(seconds, 3),
+        "pairs_per_s": round(pairs / seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1) if tokens else None,
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "losses": [round(float(entry["loss"]), 4) for entry in logs],
+    }
+
+
+def worker_eval() -> dict[str, Any]:
+    """Quiz and voice scoring batched (align) against one prompt at a time, same model and scores."""
+    os.environ.update(ENV)
+    from align.core.model import HFLanguageModel, load_model
+    from align.core.runner import quiet_libraries
+    from align.core.topics import load_topics
+    from align.evaluators.quiz import QuizEvaluator
+    from align.evaluators.voice import VoiceEvaluator
+
+    quiet_libraries()
+    model, tokenizer = load_model("smollm2")
+    topics = load_topics(REPO / "align" / "demo" / "topics")
+    batched = HFLanguageModel(model, tokenizer, batch_size=16)
+
+    class OneAtATime:
+        def loglikelihood(self, prompts: list[str], completions: list[str]) -> list[float]:
+            return [batched.loglikelihood([p], [c])[0] for p, c in zip(prompts, completions)]
+
+    evaluators = [QuizEvaluator(), VoiceEvaluator()]
+
+    def score(lm: Any) -> tuple[float, list[dict[str, float]]]:
+        started = time.perf_counter()
+        scores = [e.evaluate(lm, t) for t in topics for e in evaluators]
+        return time.perf_counter() - started, scores
+
+    score(batched)  # warm-up: first-call costs (kernels, caches) are not what is compared
+    fast, fast_scores = score(batched)
+    slow, slow_scores = score(OneAtATime())
+    identical = all(
+        abs(a[k] - b[k]) < 1e-4 if k.endswith("margin") else a[k] == b[k]
+        for a, b in zip(fast_scores, slow_scores)
+        for k in a
+    )
+    return {
+        "batched_s": round(fast, 3),
+        "one_at_a_time_s": round(slow, 3),
+        "speedup": round(slow / fast, 2),
+        "identical_scores": identical,
+        "scores": fast_scores,
+    }
+
+
+# -- the driver --------------------------------------------------------------------------------------
+def _in_subprocess(*args: str, timeout: int = 1800) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__)), "--worker", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=timeout,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_startup() -> dict[str, Any]:
+    align = str(Path(sys.executable).with_name("align"))
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        subprocess.run([align, "--help"], capture_output=True, check=True, env=ENV)
+        times.append(time.perf_counter() - started)
+    first_step = _time_to_first_step(align)
+    return {"help_s": round(min(times), 3), "first_training_step_s": first_step}
+
+
+def _time_to_first_step(align: str) -> float | None:
+    """Seconds from starting ``align run`` (model cached) to its first logged training step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            [align, "run", "--quiet", "--output", str(out), "--set", "protocol=[{train: sft}]"],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            while process.poll() is None and time.perf_counter() - started < 600:
+                events = out / "metrics.jsonl"
+                if events.exists() and '"kind": "log"' in events.read_text():
+                    return round(time.perf_counter() - started, 2)
+                time.sleep(0.05)
+        finally:
+            process.kill()
+            process.wait()
+    return None
+
+
+def bench_demo() -> dict[str, Any]:
+    align = str(Path(sys.executable).with_name("align"))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "demo"
+        started = time.perf_counter()
+        subprocess.run([align, "run", "--quiet", "--output", str(out)], check=True, env=ENV)
+        total = time.perf_counter() - started
+        summary = json.loads((out / "summary.json").read_text())
+    phases = {"sft": 0.0, "evaluation": 0.0, "dpo": 0.0}
+    for topic in summary["topics"]:
+        for step in topic["steps"]:
+            if step["status"] != "ran":
+                continue
+            key = (
+                "evaluation" if step["kind"] == "eval" else step["step"] if step["step"] in phases else "dpo"
+            )
+            phases[key] += step["seconds"]
+    run_seconds = summary["seconds"]
+    phases["saving and bookkeeping"] = run_seconds - sum(phases.values())
+    phases["start-up and model load"] = total - run_seconds
+    return {"total_s": round(total, 1), "phases_s": {k: round(v, 1) for k, v in phases.items()}}
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    from align.core.runner import library_versions
+
+    return {
+        "date": _dt.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
+        "platform": platform.platform(),
+        "versions": library_versions(),
+    }
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = []
+    dpo = results.get("dpo")
+    if dpo:
+        lines.append(f"DPO, {dpo['steps']} steps x {dpo['batch']} pairs (rank-1 LoRA, SmolLM2-135M, fp32)")
+        lines.append(f"{'variant':<16}{'pairs/s':>9}{'tokens/s':>10}{'peak MB':>9}  first → last loss")
+        for row in dpo["variants"].values():
+            tokens = f"{row['tokens_per_s']:>10.1f}" if row["tokens_per_s"] else f"{'-':>10}"
+            losses = f"{row['losses'][0]:.3f} → {row['losses'][-1]:.3f}" if row["losses"] else "-"
+            lines.append(
+                f"{row['variant']:<16}{row['pairs_per_s']:>9.2f}{tokens}{row['peak_rss_mb']:>9.0f}  {losses}"
+            )
+        for name, value in dpo["ratios"].items():
+            lines.append(f"  {name}: {value}")
+    if "eval" in results:
+        e = results["eval"]
+        lines.append(
+            f"Evaluation (quiz + voice, 3 topics): batched {e['batched_s']}s, one at a time {e['one_at_a_time_s']}s, "
+            f"speed-up {e['speedup']}x, identical scores: {e['identical_scores']}"
+        )
+    if "startup" in results:
+        s = results["startup"]
+        lines.append(
+            f"align --help {s['help_s']}s; align run to first training step {s['first_training_step_s']}s"
+        )
+    if "demo" in results:
+        d = results["demo"]
+        phases = ", ".join(f"{k} {v}s" for k, v in d["phases_s"].items())
+        lines.append(f"Demo {d['total_s']}s: {phases}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
+    parser.add_argument("--only", choices=["dpo", "eval", "startup", "demo"], action="append")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, *rest = args.worker
+        result = worker_eval() if kind == "eval" else worker_dpo(rest[0], int(rest[1]), int(rest[2]))
+        print(json.dumps(result))
+        return
+    sections = args.only or (["dpo", "eval", "startup"] + ([] if args.quick else ["demo"]))
+    steps, batch = (4, 2) if args.quick else (8, 2)
+    results: dict[str, Any] = {"quick": args.quick, **environment()}
+    if "dpo" in sections:
+        variants = {v: _in_subprocess("dpo", v, str(steps), str(batch)) for v in DPO_VARIANTS}
+        ours = variants["align"]
+        ratios = {
+            f"align / {v} pairs/s": round(ours["pairs_per_s"] / variants[v]["pairs_per_s"], 2)
+            for v in DPO_VARIANTS
+            if v != "align"
+        }
+        ratios["align / seed peak memory"] = round(ours["peak_rss_mb"] / variants["seed"]["peak_rss_mb"], 2)
+        results["dpo"] = {"steps": steps, "batch": batch, "variants": variants, "ratios": ratios}
+    if "eval" in sections:
+        results["eval"] = _in_subprocess("eval")
+    if "startup" in sections:
+        results["startup"] = bench_startup()
+    if "demo" in sections:
+        results["demo"] = bench_demo()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, args.out)
+    print(table(results))
+    print(f"\nwritten: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
