@@ -319,6 +319,11 @@ def $hook(register: Any) -> None:
 
 _TEST_INSTALLED = '''
 
+def test_registers_through_the_hook(plugin_manager):
+    plugin_manager.register($module)
+    assert plugin_manager.registry.get("$kind", "$component").factory is $cls
+
+
 def test_installed_as_an_align_plugin():
     """`pip install` put the entry point in place and align loads it without errors."""
     from align.plugins.manager import load_plugins
@@ -356,11 +361,6 @@ def test_rejects_bad_params():
 
     with pytest.raises(ParamError):
         $cls(max_new_tokens=0)
-
-
-def test_registers_through_the_hook(plugin_manager):
-    plugin_manager.register($module)
-    assert plugin_manager.registry.get("evaluator", "$component").factory is $cls
 
 
 def test_metrics_reach_a_gate_inside_the_topic_loop(plugin_manager, stub_model):
@@ -421,11 +421,6 @@ def test_rejects_bad_params():
 
     with pytest.raises(ParamError):
         $cls(steps=0)
-
-
-def test_registers_through_the_hook(plugin_manager):
-    plugin_manager.register($module)
-    assert plugin_manager.registry.get("objective", "$component").factory is $cls
 '''
     + _TEST_INSTALLED,
     "gate": '''\
