@@ -283,24 +283,21 @@ def _rollback(
     drops = raw.get("max_drop")
     if not isinstance(drops, Mapping) or not drops:
         raise ConfigError(f"{source}: {where}.max_drop: expected a mapping of metric to tolerance, {example}")
-    own = {c.name for c in components}
+    # What this step records: a component's declared metrics, or any "<name>." for one that declares none.
+    recorded = {c.name: _declared_metrics(c) for c in components}
+    described = [m for names in recorded.values() for m in (names or [])] or sorted(recorded)
     max_drop = {}
     for name, tolerance in drops.items():
-        declared = [m for c in components for m in (_declared_metrics(c) or [])]
         owner = str(name).split(".")[0]
-        if owner not in own or (declared and name not in declared and owner in _declaring(components)):
+        if owner not in recorded or (recorded[owner] is not None and name not in recorded[owner]):
             raise ConfigError(
-                f"{source}: {where}.max_drop: metric '{name}' is not recorded by this step{closest(str(name), declared)} "
-                f"(it records: {', '.join(declared) or ', '.join(sorted(own))})"
+                f"{source}: {where}.max_drop: metric '{name}' is not recorded by this step"
+                f"{closest(str(name), described)} (it records: {', '.join(described)})"
             )
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
             raise ConfigError(f"{source}: {where}.max_drop.{name}: expected a number >= 0, got {tolerance!r}")
         max_drop[str(name)] = float(tolerance)
     return Rollback(step=step, max_drop=max_drop)
-
-
-def _declaring(components: list[Component]) -> set[str]:
-    return {c.name for c in components if _declared_metrics(c) is not None}
 
 
 def _declared_metrics(component: Component) -> list[str] | None:

@@ -212,3 +212,16 @@ def test_rollback_belongs_on_an_evaluation_step():
     ]
     with pytest.raises(ConfigError, match="only an evaluation step can guard a training step"):
         run_protocol(protocol, plugins=[plugin], builtins=False, state=state)
+
+
+def test_a_rollback_metric_is_checked_against_what_the_evaluators_declare():
+    protocol = [
+        {"name": "t", "train": "t"},
+        {"name": "e", "evaluate": ["quiz"], "rollback": {"step": "t", "max_drop": {"quiz.acc": 0.1}}},
+    ]
+    with pytest.raises(ConfigError) as info:
+        run_protocol(protocol, plugins=[StubPlugin(objectives={"t": StubObjective()})], builtins=["quiz"])
+    assert str(info.value).endswith(
+        "rollback.max_drop: metric 'quiz.acc' is not recorded by this step; did you mean 'quiz.accuracy'? "
+        "(it records: quiz.accuracy)"
+    )
