@@ -34,16 +34,6 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _load_plugins(strict: bool = False) -> Any:
-    """Load every plugin; with ``strict``, a plugin that failed to load is an error."""
-    from align.plugins.manager import load_plugins
-
-    plugins = load_plugins()
-    if strict:
-        _check_failures(plugins, strict=True)
-    return plugins
-
-
 def _check_failures(plugins: Any, strict: bool) -> None:
     """Warn once about each plugin that failed to load, or refuse to go on when ``strict``."""
     for failure in plugins.failures:
@@ -58,19 +48,23 @@ def _check_failures(plugins: Any, strict: bool) -> None:
         click.echo(f"Warning: {message}; `align plugins` shows it", err=True)
 
 
-def _plan(plugins: Any, strict_flag: bool, config: Any, **options: Any) -> Any:
-    """Resolve the plan, then apply the config's ``strict_plugins`` (or warn about failed plugins)."""
+def _load_plan(strict_flag: bool, config: Any, **options: Any) -> tuple[Any, Any]:
+    """Load the plugins and resolve the plan; a failed plugin is an error with ``--strict-plugins``
+    or the config's ``strict_plugins: true``, else one warning (also when the config then fails,
+    since a missing plugin is often why)."""
     from align.core.plan import make_plan
+    from align.plugins.manager import load_plugins
 
+    plugins = load_plugins()
+    if strict_flag:
+        _check_failures(plugins, strict=True)  # before the config, which may name the broken plugin
     try:
         plan = make_plan(plugins.registry, config, **options)
     except AlignError:
-        if not strict_flag:
-            _check_failures(plugins, strict=False)  # a failed plugin may be why the config is wrong
+        _check_failures(plugins, strict=False)
         raise
-    if not strict_flag:
-        _check_failures(plugins, strict=bool(plan.config.get("strict_plugins")))
-    return plan
+    _check_failures(plugins, strict=bool(plan.config.get("strict_plugins")))
+    return plugins, plan
 
 
 _config_argument = click.argument("config", required=False, type=click.Path(dir_okay=False))
@@ -131,9 +125,8 @@ def run(config, topics, model, overrides, output, strict_plugins, debug, quiet):
     from align.console import ConsoleReporter
     from align.core.runner import execute
 
-    plugins = _load_plugins(strict_plugins)
-    plan = _plan(
-        plugins, strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
+    plugins, plan = _load_plan(
+        strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
     )
     execute(plan, reporter=ConsoleReporter(quiet=quiet), hooks=plugins.manager)
 
@@ -145,9 +138,8 @@ def validate(config, topics, model, overrides, output, strict_plugins, debug):
     """Resolve CONFIG and print the plan (config, topics, steps); trains nothing and loads no model."""
     from align.core.config import dump_config
 
-    plugins = _load_plugins(strict_plugins)
-    plan = _plan(
-        plugins, strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
+    _, plan = _load_plan(
+        strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
     )
     click.echo(f"# resolved config from {plan.source}")
     click.echo(dump_config(plan.config).rstrip())
