@@ -5,11 +5,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from align import hookimpl
 from align.core.plan import resolve_plan
 from align.core.runner import execute
 from align.plugins.manager import load_plugins
-from align.testing import StubPolicy
+from align.testing import StubPlugin, StubPolicy
 from tests.conftest import write_topic
 
 
@@ -37,16 +36,6 @@ class LevelEvaluator:
         return {"level": getattr(model, "level", 0.0)}
 
 
-class StubPlugin:
-    @hookimpl
-    def register_objectives(self, register):
-        register("bump", CountingObjective)
-
-    @hookimpl
-    def register_evaluators(self, register):
-        register("level", LevelEvaluator)
-
-
 PROTOCOL = [
     {"name": "before", "evaluate": ["level"]},
     {"name": "train", "train": "bump"},
@@ -59,7 +48,9 @@ PROTOCOL = [
 @pytest.fixture
 def stub_plugins(monkeypatch):
     monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
-    return load_plugins(extra=[StubPlugin()])
+    return load_plugins(
+        extra=[StubPlugin(objectives={"bump": CountingObjective}, evaluators={"level": LevelEvaluator})]
+    )
 
 
 def run(stub_plugins, tmp_path, protocol=PROTOCOL, topics=("t1", "t2"), **config):
@@ -145,12 +136,7 @@ def test_a_failing_objective_leaves_a_summary_of_what_finished(stub_plugins, tmp
                 raise RuntimeError("boom")
             return {"loss": 0.1}
 
-    class BoomPlugin:
-        @hookimpl
-        def register_objectives(self, register):
-            register("boom", Boom)
-
-    plugins = load_plugins(extra=[BoomPlugin()], entry_points=False)
+    plugins = load_plugins(extra=[StubPlugin(objectives={"boom": Boom})], entry_points=False)
     with pytest.raises(RuntimeError, match="boom"):
         run(plugins, tmp_path, protocol=[{"name": "b", "train": "boom"}])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -163,11 +149,6 @@ def test_an_evaluator_returning_a_non_number_is_reported(stub_plugins, tmp_path)
         def evaluate(self, model, topic):
             return {"x": "high"}
 
-    class BadPlugin:
-        @hookimpl
-        def register_evaluators(self, register):
-            register("bad", Bad)
-
-    plugins = load_plugins(extra=[BadPlugin()], entry_points=False)
+    plugins = load_plugins(extra=[StubPlugin(evaluators={"bad": Bad})], entry_points=False)
     with pytest.raises(TypeError, match="evaluator 'bad' returned x='high'"):
         run(plugins, tmp_path, protocol=[{"evaluate": ["bad"]}])
