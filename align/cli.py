@@ -28,7 +28,11 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("\nInterrupted: results so far are in the run directory.", err=True)
+            click.echo(
+                "\nInterrupted: results so far are in the run directory; `align run --resume RUN_DIR` "
+                "goes on from the last finished step.",
+                err=True,
+            )
             sys.exit(130)
 
     return wrapper
@@ -118,17 +122,49 @@ def cli() -> None:
 
 @cli.command()
 @_with_plan_options
+@click.option(
+    "--resume",
+    type=click.Path(file_okay=False),
+    metavar="RUN_DIR",
+    help="Continue the run in RUN_DIR from its last finished step (after a crash, Ctrl-C or a failed step).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
 @_handle_errors
-def run(config, topics, model, overrides, output, strict_plugins, debug, quiet):
-    """Run the protocol over every topic. CONFIG defaults to the built-in demo."""
-    from align.console import ConsoleReporter
-    from align.core.runner import execute
+def run(config, topics, model, overrides, output, strict_plugins, debug, resume, quiet):
+    """Run the protocol over every topic. CONFIG defaults to the built-in demo.
 
-    plugins, plan = _load_plan(
-        strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
-    )
-    execute(plan, reporter=ConsoleReporter(quiet=quiet), hooks=plugins.manager)
+    \b
+    align run --resume runs/demo-20261125-101500   continue a killed or stopped run
+    """
+    from align.console import ConsoleReporter
+    from align.core.runner import execute, resume_plan_options, run_status
+
+    if resume:
+        given = [flag for flag, value in _resume_conflicts(config, topics, model, overrides, output) if value]
+        if given:
+            raise AlignError(
+                f"--resume continues {resume} with the config and topics it started with; "
+                f"leave out {', '.join(given)}"
+            )
+        if run_status(resume) == "completed":
+            click.echo(f"{resume}: the run completed; nothing to resume")
+            return
+        plugins, plan = _load_plan(strict_plugins, **resume_plan_options(resume))
+    else:
+        plugins, plan = _load_plan(
+            strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
+        )
+    execute(plan, reporter=ConsoleReporter(quiet=quiet), hooks=plugins.manager, resume=bool(resume))
+
+
+def _resume_conflicts(config, topics, model, overrides, output) -> list[tuple[str, Any]]:
+    return [
+        ("CONFIG", config),
+        ("--topics", topics),
+        ("--model", model),
+        ("--set", overrides),
+        ("--output", output),
+    ]
 
 
 @cli.command()

@@ -48,6 +48,10 @@ class ConsoleReporter(Reporter):
         self._live_line = True
 
     def step_end(self, topic: Topic, result: StepResult) -> None:
+        if result.status == "failed":
+            reason = result.error["reason"] if result.error else ""
+            self._say(f"  {result.name:<10} failed: {reason}")
+            return
         if result.status == "skipped":
             reason = result.gate["reason"] if result.gate else ""
             self._say(f"  {result.name:<10} skipped: {reason}")
@@ -76,6 +80,9 @@ class ConsoleReporter(Reporter):
             self._live_line = False
         sys.stderr.write(f"Warning: {message}\n")
         sys.stderr.flush()
+
+    def note(self, message: str) -> None:
+        self._say(message)
 
     def run_end(self, summary: Mapping[str, Any]) -> None:
         if self.quiet:
@@ -108,7 +115,7 @@ def summary_table(summary: Mapping[str, Any]) -> str:
             for step_name in eval_steps:
                 step = _step(topic, step_name, "eval")
                 if step is None or step["status"] != "ran":
-                    cells.append(f"{'skipped':>11}")
+                    cells.append(f"{step['status'] if step else 'skipped':>11}")
                 else:
                     cells.append(f"{_fmt(step['metrics'].get(name)):>11}")
             lines.append(f"{(topic['topic'] if row == 0 else ''):<16}{name:<18}" + "".join(cells))

@@ -36,6 +36,22 @@ class ModelError(AlignError):
     """The model could not be found, loaded or fitted with the adapter."""
 
 
+class RunStopped(AlignError):
+    """A step failed (a plugin raised, or training went non-finite) and the config says ``on_error: stop``.
+
+    Everything up to the failed step is kept in the run directory, which ``align run --resume``
+    continues from the failed step.
+    """
+
+
+class NonFiniteTraining(ArithmeticError):
+    """Training produced a NaN or infinite loss, gradient norm or adapter weight.
+
+    Raised from inside a trainer (by the callback :meth:`EnginePolicy.trainer_callbacks` adds) so
+    training stops at the step where it happened; the engine restores the adapter.
+    """
+
+
 def closest(word: str, candidates: Iterable[str]) -> str:
     """Return ``"; did you mean 'x'?"`` for the closest candidate, or ``""`` when none is close."""
     match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)

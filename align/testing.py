@@ -19,7 +19,6 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -104,6 +103,17 @@ class StubPolicy:
     def restore(self, state: dict[str, Any]) -> None:
         self.state.clear()
         self.state.update(copy.deepcopy(state))
+
+    def save_snapshot(self, state: dict[str, Any], path: Path) -> Path:
+        """Write a :meth:`snapshot` for the engine's checkpoints (JSON here; safetensors for a real model)."""
+        from align.core.rundir import atomic_write_text
+
+        target = Path(path).with_suffix(".json")
+        atomic_write_text(target, json.dumps(state))
+        return target
+
+    def load_snapshot(self, path: Path) -> dict[str, Any]:
+        return json.loads(Path(path).read_text())
 
     def trainer_callbacks(self, step: str) -> list[Any]:
         return []
@@ -250,13 +260,9 @@ class PluginHarness:
 
         An object is named after its class (``Broken``, then ``Broken-2``), so errors read well.
         """
-        if name is None and not isinstance(plugin, ModuleType):
-            base = type(plugin).__name__
-            name, n = base, 1
-            while self.manager.has_plugin(name):
-                n += 1
-                name = f"{base}-{n}"
-        self.manager.register(plugin, name=name)
+        from align.plugins.manager import register_plugin
+
+        register_plugin(self.manager, plugin, name)
         return plugin
 
     def add_builtins(self, only: Sequence[str] | None = None) -> None:

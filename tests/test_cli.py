@@ -115,7 +115,15 @@ def test_run_on_a_tiny_model_end_to_end(runner, tmp_path, tiny_model_dir):
     )
     assert result.exit_code == 0, result.output
     assert "gate dpo: ran (quiz.accuracy" in result.output
-    assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "summary.json", "adapters"}
+    assert {p.name for p in out.iterdir()} == {
+        "config.yaml",
+        "topics.json",
+        "metrics.jsonl",
+        "summary.json",
+        "adapters",
+        "checkpoint",
+        ".lock",
+    }
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     kinds = [(e["topic"], e["step"], e["kind"]) for e in events if e["kind"] != "log"]
     assert kinds[:4] == [

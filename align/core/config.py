@@ -35,6 +35,9 @@ DEFAULT_PROTOCOL: list[dict[str, Any]] = [
     {"name": "after_dpo", "evaluate": ["quiz", "voice"], "if_ran": "dpo"},
 ]
 
+#: The values of ``on_error``.
+ON_ERROR = ("stop", "skip")
+
 BASE_DEFAULTS: dict[str, Any] = {
     "name": None,
     "output": None,
@@ -42,6 +45,9 @@ BASE_DEFAULTS: dict[str, Any] = {
     "topics": None,
     #: Refuse to run when an installed plugin fails to load (``--strict-plugins`` does the same).
     "strict_plugins": False,
+    #: What a failed step does to the run: ``stop`` it (results so far kept, ``--resume`` retries
+    #: the step) or ``skip`` it (recorded as failed, the run goes on).
+    "on_error": "stop",
     "model": {
         "path": "smollm2",
         "dtype": "float32",
@@ -183,6 +189,8 @@ def _check_base(config: dict[str, Any], source: str) -> None:
             fail(key, f"expected a string, got {config[key]!r}")
     if not isinstance(config["strict_plugins"], bool):
         fail("strict_plugins", f"expected true or false, got {config['strict_plugins']!r}")
+    if config["on_error"] not in ON_ERROR:
+        fail("on_error", f"expected one of {', '.join(ON_ERROR)}, got {config['on_error']!r}")
     if config["name"] is not None and ("/" in config["name"] or config["name"] in ("", ".", "..")):
         fail("name", f"'{config['name']}' must be a plain directory name (no '/')")
     model = config["model"]

@@ -2,8 +2,13 @@
 
 The engine knows no objective, evaluator or gate by name; everything it runs came from the
 registry through the plan. Each event is appended to ``metrics.jsonl`` as it happens, the
-summary is rewritten after every topic, and the adapter is saved after every topic, so a crash
-loses at most the topic in progress.
+summary is rewritten after every topic, the adapter is saved after every topic, and after every
+step a checkpoint records where the run stands, so a crash loses at most the step in progress
+and ``align run --resume`` goes on from there.
+
+A step that fails (a plugin raises, or training goes non-finite) has the adapter put back as it
+was before the step and is recorded with the plugin, topic, step and reason; then the run stops
+(``on_error: stop``, the default) or goes on (``on_error: skip``).
 """
 
 from __future__ import annotations
@@ -15,24 +20,27 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from align.core.checkpoint import Checkpoint, Checkpoints, topics_digest
 from align.core.components import GateDecision
-from align.core.plan import Plan, Step
+from align.core.plan import Component, Plan, Step
 from align.core.rundir import RunDir
 from align.core.topics import Topic
-from align.errors import AlignError
+from align.errors import AlignError, NonFiniteTraining, RunStopped
 
 
 @dataclass
 class StepResult:
     name: str
     kind: str
-    status: str  # "ran" or "skipped"
+    status: str  # "ran", "skipped" or "failed"
     metrics: dict[str, float] = field(default_factory=dict)
     gate: dict[str, Any] | None = None
     seconds: float = 0.0
     #: Set when this step's guard restored the adapter: ``step``, ``reason`` and ``metrics`` (the
     #: values from before the rolled-back step, which hold again now).
     rollback: dict[str, Any] | None = None
+    #: Set when the step failed: ``plugin``, ``component``, ``reason``.
+    error: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"step": self.name, "kind": self.kind, "status": self.status}
@@ -41,8 +49,24 @@ class StepResult:
         data["metrics"] = self.metrics
         if self.rollback is not None:
             data["rollback"] = self.rollback
+        if self.error is not None:
+            data["error"] = self.error
         data["seconds"] = round(self.seconds, 3)
         return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StepResult:
+        """The inverse of :meth:`as_dict` (a checkpoint stores results this way)."""
+        return cls(
+            name=data["step"],
+            kind=data["kind"],
+            status=data["status"],
+            metrics=dict(data.get("metrics", {})),
+            gate=data.get("gate"),
+            seconds=float(data.get("seconds", 0.0)),
+            rollback=data.get("rollback"),
+            error=data.get("error"),
+        )
 
 
 @dataclass
@@ -66,6 +90,10 @@ class TopicResult:
     def as_dict(self) -> dict[str, Any]:
         return {"topic": self.name, "adapter": self.adapter, "steps": [s.as_dict() for s in self.steps]}
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TopicResult:
+        return cls(data["topic"], [StepResult.from_dict(s) for s in data["steps"]], data.get("adapter"))
+
 
 class Reporter:
     """Where the engine says what it is doing. The base class says nothing."""
@@ -76,6 +104,7 @@ class Reporter:
     def step_end(self, topic: Topic, result: StepResult) -> None: ...
     def run_end(self, summary: Mapping[str, Any]) -> None: ...
     def warning(self, message: str) -> None: ...
+    def note(self, message: str) -> None: ...
 
 
 def _now() -> str:
@@ -96,7 +125,13 @@ def _prefixed(name: str, metrics: Mapping[str, Any], where: str) -> dict[str, fl
 
 
 class Engine:
-    """Runs ``plan`` with ``policy`` (the model and its adapter), writing into ``rundir``."""
+    """Runs ``plan`` with ``policy`` (the model and its adapter), writing into ``rundir``.
+
+    :param resume: a checkpoint to go on from (``align run --resume``); the policy's adapter is
+        put back as it was and finished topics and steps are not run again.
+    :param seed_step: called with a step's ordinal before the step runs, so each step starts from
+        the same random state in a resumed run as in an uninterrupted one.
+    """
 
     def __init__(
         self,
@@ -107,6 +142,8 @@ class Engine:
         clock: Callable[[], float] = time.perf_counter,
         environment: Mapping[str, str] | None = None,
         hooks: Any = None,
+        resume: Checkpoint | None = None,
+        seed_step: Callable[[int], None] | None = None,
     ):
         self.plan = plan
         #: The plugin manager whose lifecycle hooks (``on_run_start`` …) watch the run, if any.
@@ -116,14 +153,46 @@ class Engine:
         self.reporter = reporter or Reporter()
         self.clock = clock
         self.environment = dict(environment or {})
+        self.seed_step = seed_step
+        self.on_error = plan.config.get("on_error", "stop")
         self.results: list[TopicResult] = []
         self.status = "running"
+        self.error: str | None = None
         self._started = _now()
         self._start_clock = clock()
+        self._seconds_before = 0.0  # time spent in earlier sessions of a resumed run
         self._current_topic: str | None = None
+        self._current_step: str | None = None
+        self._in_progress: TopicResult | None = None
         # Training steps a later step may roll back: the adapter and metrics from before each.
         self._guarded = {step.rollback.step for step in plan.steps if step.rollback is not None}
         self._snapshots: dict[str, tuple[Any, dict[str, float]]] = {}
+        self._digest = topics_digest(plan.topics)
+        self._checkpoints = (
+            Checkpoints(rundir.checkpoint_dir, policy) if hasattr(policy, "save_snapshot") else None
+        )
+        self._resume = resume
+        self._start_at = (0, 0)
+        if resume is not None:
+            self._restore(resume)
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        state = checkpoint.state
+        if state["topics"] != self._digest:
+            raise AlignError(
+                f"{self.rundir.path}: the topics differ from those the run started with; "
+                "a resumed run must train on the same topics (start a new run instead)"
+            )
+        if self._checkpoints is not None:
+            self._checkpoints.sequence = int(state["sequence"])
+        self.policy.restore(checkpoint.adapter)
+        self.results = [TopicResult.from_dict(r) for r in state["results"]]
+        if state["current"] is not None:
+            self._in_progress = TopicResult.from_dict(state["current"])
+        self._snapshots = dict(checkpoint.snapshots)
+        self._started = state["started"]
+        self._seconds_before = float(state["seconds"])
+        self._start_at = (int(state["topic_index"]), int(state["step_index"]))
 
     # -- events -------------------------------------------------------------------------------
     def _record(self, topic: str, step: str, kind: str, metrics: Mapping[str, float], **extra: Any) -> None:
@@ -145,17 +214,26 @@ class Engine:
         return forward
 
     def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call a lifecycle hook's implementations one by one; one that raises is reported, not fatal."""
+        """Call a lifecycle hook's implementations one by one. One that raises is recorded and
+        reported, never fatal: a hook watches the run, and a broken notifier must not cost hours
+        of training."""
         if self.hooks is None:
             return
         for impl in reversed(getattr(self.hooks.hook, hook_name).get_hookimpls()):
             try:
                 impl.function(**{name: kwargs[name] for name in impl.argnames})
             except Exception as exc:
-                message = f"plugin '{impl.plugin_name}' raised in {hook_name}: {type(exc).__name__}: {exc}"
+                where = "".join(
+                    f" ({label} '{value}')"
+                    for label, value in (("topic", self._current_topic), ("step", self._current_step))
+                    if value
+                )
+                message = (
+                    f"plugin '{impl.plugin_name}' raised in {hook_name}{where}: {type(exc).__name__}: {exc}"
+                )
                 self._record(
                     self._current_topic or "",
-                    "",
+                    self._current_step or "",
                     "hook_error",
                     {},
                     plugin=impl.plugin_name,
@@ -164,45 +242,117 @@ class Engine:
                 )
                 self.reporter.warning(message)
 
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _checkpoint(self, topic_index: int, step_index: int) -> None:
+        """Record that the run stands before step ``step_index`` of topic ``topic_index``."""
+        if self._checkpoints is None:
+            return
+        state = {
+            "status": self.status,
+            "topic_index": topic_index,
+            "step_index": step_index,
+            "next": self._describe_position(topic_index, step_index),
+            "topics": self._digest,
+            "results": [r.as_dict() for r in self.results],
+            "current": self._in_progress.as_dict() if self._in_progress is not None else None,
+            "metrics_offset": self.rundir.metrics_offset(),
+            "started": self._started,
+            "seconds": round(self._elapsed(), 3),
+            "environment": self.environment,
+        }
+        self._checkpoints.save(state, self.policy.snapshot(), self._snapshots)
+
+    def _describe_position(self, topic_index: int, step_index: int) -> str:
+        if topic_index >= len(self.plan.topics):
+            return "done"
+        topic = self.plan.topics[topic_index].name
+        if step_index >= len(self.plan.steps):
+            return f"topic '{topic}': saving its adapter"
+        return f"topic '{topic}', step '{self.plan.steps[step_index].name}'"
+
+    def _elapsed(self) -> float:
+        return self._seconds_before + self.clock() - self._start_clock
+
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self.reporter.run_start(self.plan, str(self.rundir.path))
+        first_topic, first_step = self._start_at
+        if self._resume is not None:
+            where = self._describe_position(first_topic, first_step)
+            self._record("", "", "resume", {}, at=where, topic_index=first_topic, step_index=first_step)
+            self.reporter.note(f"resuming at {where}")
+        else:
+            self._checkpoint(0, 0)  # the adapter as the run starts
         self.notify("on_run_start", plan=self.plan, output=str(self.rundir.path))
         try:
-            for index, topic in enumerate(self.plan.topics):
+            for index in range(first_topic, len(self.plan.topics)):
+                topic = self.plan.topics[index]
                 self._current_topic = topic.name
                 self.reporter.topic_start(index, len(self.plan.topics), topic)
                 self.notify("on_topic_start", topic=topic, index=index, total=len(self.plan.topics))
-                result = self.run_topic(topic)
+                result = self.run_topic(topic, index, first_step if index == first_topic else 0)
                 self.results.append(result)
+                self._in_progress = None
                 self.rundir.write_summary(self.summary())
+                self._checkpoint(index + 1, 0)
                 self.notify("on_topic_end", topic=topic, result=result.as_dict())
             self.status = "completed"
         except KeyboardInterrupt:
             self.status = "interrupted"
             raise
-        except BaseException:
+        except RunStopped as exc:
             self.status = "failed"
+            self.error = str(exc)
+            raise
+        except BaseException as exc:
+            self.status = "failed"
+            self.error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            self._current_topic = None
+            self._current_topic = self._current_step = None
             summary = self.summary()
             self.rundir.write_summary(summary)
+            if self.status == "completed":
+                self._checkpoint(len(self.plan.topics), 0)
             self.notify("on_run_end", summary=summary)
             self.rundir.close()
         self.reporter.run_end(summary)
         return summary
 
-    def run_topic(self, topic: Topic) -> TopicResult:
-        result = TopicResult(topic.name)
+    def run_topic(self, topic: Topic, index: int = 0, first_step: int = 0) -> TopicResult:
+        """Run the protocol's steps for ``topic``, from ``first_step`` when resuming it."""
+        if first_step and self._in_progress is not None and self._in_progress.name == topic.name:
+            result = self._in_progress
+        else:
+            result = TopicResult(topic.name)
+            self._snapshots.clear()
+        self._in_progress = result
         if hasattr(self.policy, "set_log_target"):
             self.policy.set_log_target(self.on_trainer_log(topic.name))
-        self._snapshots.clear()
-        for step in self.plan.steps:
+        for step_index in range(first_step, len(self.plan.steps)):
+            step = self.plan.steps[step_index]
+            self._current_step = step.name
+            if self.seed_step is not None:
+                self.seed_step(index * len(self.plan.steps) + step_index)
             step_result = self.run_step(step, topic, result)
             result.steps.append(step_result)
+            if step_result.status == "failed" and self.on_error == "stop":
+                result.steps.pop()  # a resumed run runs this step again
+                self._checkpoint(index, step_index)  # keeps the error event in metrics.jsonl
+                result.steps.append(step_result)
+                self.reporter.step_end(topic, step_result)
+                self.notify("on_step_end", topic=topic, step=step.name, result=step_result.as_dict())
+                fix = "fix the cause"
+                if step_result.error["exception"] == NonFiniteTraining.__name__:
+                    fix = f"lower {step_result.error['component']}.learning_rate in {self.rundir.path / 'config.yaml'}"
+                raise RunStopped(
+                    f"topic '{topic.name}', step '{step.name}': {step_result.error['reason']}; results so far "
+                    f"are kept: {fix} and `align run --resume {self.rundir.path}`, or set on_error: skip"
+                )
+            self._checkpoint(index, step_index + 1)
             self.reporter.step_end(topic, step_result)
             self.notify("on_step_end", topic=topic, step=step.name, result=step_result.as_dict())
+        self._current_step = None
         self._snapshots.clear()
         adapter_dir = self.rundir.adapter_dir(topic.name)
         self.policy.save_adapter(adapter_dir)
@@ -216,29 +366,76 @@ class Engine:
             self._record(topic.name, step.name, "skip", {}, reason=reason)
             return StepResult(step.name, kind, "skipped", gate={"passed": False, "reason": reason})
         gate_record = None
-        if step.gate is not None:
-            decision = self.decide(step, so_far.latest())
-            gate_record = {"gate": step.gate.name, "passed": decision.passed, "reason": decision.reason}
-            self._record(topic.name, step.name, "gate", {}, passed=decision.passed, reason=decision.reason)
-            if not decision.passed:
-                return StepResult(step.name, kind, "skipped", gate=gate_record)
         started = self.clock()
-        if step.name in self._guarded:
-            self._snapshots[step.name] = (self.policy.snapshot(), so_far.latest())
-        metrics: dict[str, float] = {}
-        for component in step.components:
+        before = self.policy.snapshot() if step.kind == "train" else None
+        component = step.gate
+        try:
+            if step.gate is not None:
+                decision = self.decide(step, so_far.latest())
+                gate_record = {"gate": step.gate.name, "passed": decision.passed, "reason": decision.reason}
+                self._record(
+                    topic.name, step.name, "gate", {}, passed=decision.passed, reason=decision.reason
+                )
+                if not decision.passed:
+                    return StepResult(step.name, kind, "skipped", gate=gate_record)
+            if step.name in self._guarded:
+                self._snapshots[step.name] = (before, so_far.latest())
+            metrics: dict[str, float] = {}
+            for component in step.components:
+                if step.kind == "train":
+                    raw = component.instance.train(self.policy, topic)
+                    where = f"objective '{component.name}'"
+                else:
+                    raw = component.instance.evaluate(self.policy.language_model, topic)
+                    where = f"evaluator '{component.name}'"
+                metrics.update(_prefixed(component.name, raw, where))
             if step.kind == "train":
-                raw = component.instance.train(self.policy, topic)
-                where = f"objective '{component.name}'"
-            else:
-                raw = component.instance.evaluate(self.policy.language_model, topic)
-                where = f"evaluator '{component.name}'"
-            metrics.update(_prefixed(component.name, raw, where))
+                _check_finite(metrics)
+        except Exception as exc:
+            return self._failed(step, topic, component, exc, before, gate_record, self.clock() - started)
         self._record(topic.name, step.name, kind, metrics)
         result = StepResult(step.name, kind, "ran", metrics, gate_record, self.clock() - started)
         if step.rollback is not None:
             result.rollback = self.check_rollback(step, topic, metrics)
         return result
+
+    def _failed(
+        self,
+        step: Step,
+        topic: Topic,
+        component: Component | None,
+        exc: Exception,
+        before: Any,
+        gate: dict[str, Any] | None,
+        seconds: float,
+    ) -> StepResult:
+        """Put the adapter back as it was before ``step``, and record why the step failed."""
+        if before is not None:
+            self.policy.restore(before)
+        self._snapshots.pop(step.name, None)
+        if isinstance(exc, NonFiniteTraining):
+            what = f"training became non-finite: {exc}"
+        elif isinstance(exc, AlignError):
+            what = str(exc)
+        else:
+            what = f"{type(exc).__name__}: {exc}"
+        who = f"{component.kind} '{component.name}'" if component is not None else f"step '{step.name}'"
+        if component is not None and component.plugin:
+            who += f" (plugin '{component.plugin}')"
+        reason = f"{who} failed: {what}"
+        if before is not None:
+            reason += "; adapter restored to before the step"
+        error = {
+            "plugin": component.plugin if component is not None else "",
+            "component": component.name if component is not None else "",
+            "exception": type(exc).__name__,
+            "reason": reason,
+        }
+        self._record(topic.name, step.name, "error", {}, **error)
+        kind = "train" if step.kind == "train" else "eval"
+        if self.on_error == "skip":
+            self.reporter.warning(f"topic '{topic.name}', step '{step.name}': {reason} (on_error: skip)")
+        return StepResult(step.name, kind, "failed", gate=gate, seconds=seconds, error=error)
 
     def check_rollback(self, step: Step, topic: Topic, metrics: Mapping[str, float]) -> dict[str, Any] | None:
         """Restore the adapter from before ``step.rollback.step`` if a guarded metric fell too far."""
@@ -275,13 +472,28 @@ class Engine:
         return decision
 
     def summary(self) -> dict[str, Any]:
-        return {
+        """What ``summary.json`` holds; a topic cut short by a failure or Ctrl-C is listed with
+        ``"complete": false``."""
+        topics = [result.as_dict() for result in self.results]
+        if self._in_progress is not None and self.status != "running":
+            topics.append({**self._in_progress.as_dict(), "complete": False})
+        summary = {
             "status": self.status,
             "started": self._started,
-            "seconds": round(self.clock() - self._start_clock, 3),
+            "seconds": round(self._elapsed(), 3),
             "output": str(self.rundir.path),
             "seed": self.plan.config.get("seed"),
             "environment": self.environment,
             "steps": [step.name for step in self.plan.steps],
-            "topics": [result.as_dict() for result in self.results],
+            "topics": topics,
         }
+        if self.error is not None:
+            summary["error"] = self.error
+        return summary
+
+
+def _check_finite(metrics: Mapping[str, float]) -> None:
+    """A training step whose reported loss (or any metric) is NaN or infinite failed."""
+    bad = {name: value for name, value in metrics.items() if not math.isfinite(value)}
+    if bad:
+        raise NonFiniteTraining(", ".join(f"{name} is {value}" for name, value in bad.items()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from align.errors import ModelError, closest
+from align.errors import ModelError, NonFiniteTraining, closest
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +339,26 @@ class EnginePolicy:
                     numbers["max_steps"] = float(state.max_steps)
                     policy._on_log(step, numbers)
 
-        return [ForwardLogs()]
+        class StopWhenNonFinite(TrainerCallback):
+            """Stop training at the optimizer step where the loss, the gradient norm or an adapter
+            weight stops being finite; the engine then restores the adapter from before the step."""
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                for key in ("loss", "grad_norm"):
+                    value = (logs or {}).get(key)
+                    if isinstance(value, (int, float)) and not math.isfinite(value):
+                        raise NonFiniteTraining(f"{key} became {value} at optimizer step {state.global_step}")
+
+            def on_step_end(self, args, state, control, **kwargs):
+                import torch
+
+                for name, param in policy._adapter_parameters().items():
+                    if not bool(torch.isfinite(param).all()):
+                        raise NonFiniteTraining(
+                            f"adapter weight {name} became non-finite at optimizer step {state.global_step}"
+                        )
+
+        return [ForwardLogs(), StopWhenNonFinite()]
 
     def trainer_args(self) -> dict[str, Any]:
         """Training arguments every objective shares: no checkpoints, no trackers, the run's seed."""
@@ -349,6 +369,8 @@ class EnginePolicy:
             "report_to": "none",
             "save_strategy": "no",
             "logging_steps": 1,
+            # The trainer would log a NaN loss as the mean of its finite neighbours; the NaN guard must see it.
+            "logging_nan_inf_filter": False,
             "disable_tqdm": True,
             "seed": self.seed,
             "data_seed": self.seed,
@@ -378,6 +400,36 @@ class EnginePolicy:
         with torch.no_grad():
             for name, param in self._adapter_parameters().items():
                 param.copy_(state[name])
+
+    def save_snapshot(self, state: dict[str, Any], path: Path) -> Path:
+        """Write a :meth:`snapshot` as ``<path>.safetensors`` (for checkpoints), atomically."""
+        from safetensors.torch import save_file
+
+        target = Path(path).with_suffix(".safetensors")
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
+        os.close(fd)
+        try:
+            save_file({name: tensor.contiguous() for name, tensor in state.items()}, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    def load_snapshot(self, path: Path) -> dict[str, Any]:
+        from safetensors.torch import load_file
+
+        device = next(self.model.parameters()).device
+        return load_file(str(path), device=str(device))
+
+    def reseed(self, offset: int) -> None:
+        """Seed every generator with ``seed + offset``: the engine does this before each step, so a
+        step draws the same random numbers whether or not the run was resumed before it."""
+        from transformers import set_seed
+
+        set_seed(self.seed + offset)
 
     def save_adapter(self, directory: Path) -> None:
         """Save the ``default`` adapter as a PEFT directory (safetensors), written atomically."""

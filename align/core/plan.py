@@ -47,6 +47,8 @@ class Component:
     section: dict[str, Any] = field(default_factory=dict)
     #: Params given in the step itself (``{use: dpo, beta: 0.05}``).
     inline: dict[str, Any] = field(default_factory=dict)
+    #: The plugin that registered it, named in errors (``align.objectives.dpo``, ``align_recall``).
+    plugin: str = ""
 
 
 @dataclass
@@ -199,6 +201,7 @@ def _build(
         params=copy.deepcopy({**defaults, **params}),
         section=copy.deepcopy({**defaults, **section, **converted_section}),
         inline={key: params.get(key, value) for key, value in inline.items()},
+        plugin=registration.plugin,
     )
 
 

@@ -1,12 +1,15 @@
 """The run directory: what a run leaves, written so that nothing is ever half-written.
 
-``config.yaml`` and ``summary.json`` are written to a temporary name and renamed into place;
-``metrics.jsonl`` gets one line per event, flushed as it happens; adapters are saved into a
-staging directory and renamed.
+``config.yaml``, ``topics.json`` and ``summary.json`` are written to a temporary name and renamed
+into place; ``metrics.jsonl`` gets one line per event, flushed as it happens; adapters are saved
+into a staging directory and renamed; ``checkpoint/`` (see :mod:`align.core.checkpoint`) says
+where the run stands. While a run writes into the directory it holds a lock on ``.lock``, which
+the operating system releases when the process ends, however it ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -32,10 +35,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 class RunDir:
-    """``runs/<name>/``: config.yaml, metrics.jsonl, summary.json, adapters/<topic>/."""
+    """``runs/<name>/``: config.yaml, topics.json, metrics.jsonl, summary.json, adapters/<topic>/,
+    checkpoint/."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock: Any = None
 
     @property
     def metrics_path(self) -> Path:
@@ -47,6 +52,37 @@ class RunDir:
     @property
     def scratch_dir(self) -> Path:
         return self.path / ".scratch"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoint"
+
+    @property
+    def topics_path(self) -> Path:
+        return self.path / "topics.json"
+
+    def lock(self) -> None:
+        """Hold ``.lock`` until :meth:`close`; refuse when another align run holds it."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks, so no guard
+            return
+        handle = open(self.path / ".lock", "a+", encoding="utf-8")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise AlignError(
+                f"{self.path}: another align run (pid {holder}) is writing to this run directory; "
+                "wait for it to finish or stop it, or choose another --output"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock = handle
 
     def check_writable(self) -> None:
         """Refuse a directory that already holds a run, or one that cannot be created."""
@@ -65,11 +101,27 @@ class RunDir:
                 f"{self.path}: output directory is not writable (no write permission on {probe})"
             )
 
-    def create(self, config_yaml: str) -> None:
+    def create(self, config_yaml: str, topics: list[dict[str, Any]] | None = None) -> None:
+        """Start a new run: the recorded config and (for ``--resume``) the topics it trains on."""
         self.check_writable()
         self.path.mkdir(parents=True, exist_ok=True)
+        self.lock()
         atomic_write_text(self.path / "config.yaml", config_yaml)
+        if topics is not None:
+            atomic_write_text(self.topics_path, json.dumps(topics, indent=1, ensure_ascii=False) + "\n")
         self._metrics = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def reopen(self, metrics_offset: int) -> None:
+        """Continue a run: lock it, and cut ``metrics.jsonl`` back to what the checkpoint accounts
+        for (events of a step that did not finish, or a line torn by a crash)."""
+        self.lock()
+        with open(self.metrics_path, "a+b") as handle:
+            handle.truncate(min(metrics_offset, handle.seek(0, os.SEEK_END)))
+        self._metrics = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def metrics_offset(self) -> int:
+        """How many bytes of ``metrics.jsonl`` are written (and flushed) so far."""
+        return self._metrics.tell()
 
     def record(self, event: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(event, sort_keys=False) + "\n")
@@ -83,3 +135,7 @@ class RunDir:
         if metrics is not None and not metrics.closed:
             os.fsync(metrics.fileno())
             metrics.close()
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                self._lock.close()  # closing the file releases the lock
+            self._lock = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
+import json
 import logging
 import os
 import platform
@@ -12,10 +13,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from align.core.checkpoint import Checkpoints
 from align.core.config import dump_config
 from align.core.engine import Engine, Reporter
 from align.core.plan import Plan
 from align.core.rundir import RunDir
+from align.core.topics import Topic
+from align.errors import AlignError
 
 LIBRARIES = ("mindprint-align", "torch", "transformers", "peft", "trl", "datasets", "evaluate", "pluggy")
 
@@ -87,28 +91,85 @@ def load_policy(plan: Plan, scratch_dir: Path) -> Any:
 
 
 def execute(
-    plan: Plan, reporter: Reporter | None = None, policy: Any = None, hooks: Any = None
+    plan: Plan,
+    reporter: Reporter | None = None,
+    policy: Any = None,
+    hooks: Any = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run ``plan``; with no ``policy``, load the configured model and attach the adapter.
 
-    ``hooks`` is the plugin manager whose lifecycle hooks watch the run.
+    ``hooks`` is the plugin manager whose lifecycle hooks watch the run. With ``resume``, the run
+    directory already holds a run of this plan, which goes on from its last checkpoint.
 
     Everything that can fail on bad input (output directory, model, target modules) is checked
     before the run directory is created, so a failed start leaves nothing behind.
     """
     rundir = RunDir(output_dir(plan))
-    rundir.check_writable()
+    checkpoints = Checkpoints(rundir.checkpoint_dir, policy)
+    state = checkpoints.read_state() if resume else None
+    if not resume:
+        rundir.check_writable()
     if policy is None:
+        quiet_libraries()
         from transformers import set_seed
 
-        quiet_libraries()
         set_seed(plan.config["seed"])
         policy = load_policy(plan, rundir.scratch_dir)
-    recorded = dict(plan.config)
-    recorded["output"] = str(rundir.path)
-    rundir.create(dump_config(recorded))
-    engine = Engine(plan, policy, rundir, reporter, environment=library_versions(), hooks=hooks)
+        checkpoints.policy = policy
+    if resume:
+        rundir.reopen(state["metrics_offset"] if state is not None else 0)
+    else:
+        recorded = dict(plan.config)
+        recorded["output"] = str(rundir.path)
+        rundir.create(_config_header() + dump_config(recorded), topics=[t.to_dict() for t in plan.topics])
+    checkpoint = checkpoints.load(state) if state is not None else None
+    engine = Engine(
+        plan,
+        policy,
+        rundir,
+        reporter,
+        environment=library_versions(),
+        hooks=hooks,
+        resume=checkpoint,
+        seed_step=getattr(policy, "reseed", None),
+    )
     try:
         return engine.run()
     finally:
         shutil.rmtree(rundir.scratch_dir, ignore_errors=True)
+
+
+def _config_header() -> str:
+    """Comment lines atop the recorded ``config.yaml``: what produced the run."""
+    versions = ", ".join(f"{name} {version}" for name, version in library_versions().items())
+    return f"# recorded by align at the start of the run; versions: {versions}\n"
+
+
+def resume_plan_options(path: str | Path) -> dict[str, Any]:
+    """What ``align run --resume PATH`` plans from: the run's recorded config and topics.
+
+    Raises :class:`AlignError` when ``path`` is not a run directory that can be resumed.
+    """
+    rundir = RunDir(path)
+    config = rundir.path / "config.yaml"
+    if not config.is_file():
+        raise AlignError(
+            f"{rundir.path}: not a run directory (no config.yaml); give the directory `align run` wrote"
+        )
+    if not rundir.topics_path.is_file():
+        raise AlignError(
+            f"{rundir.path}: no topics.json, so the run cannot be resumed (it was started by an older align)"
+        )
+    try:
+        data = json.loads(rundir.topics_path.read_text(encoding="utf-8"))
+        topics = [Topic.from_dict(item, f"{rundir.topics_path}[{i}]") for i, item in enumerate(data)]
+    except ValueError as exc:
+        raise AlignError(f"{rundir.topics_path}: unreadable ({exc}); the run cannot be resumed") from exc
+    return {"config": config, "topics": topics, "output": str(rundir.path)}
+
+
+def run_status(path: str | Path) -> str | None:
+    """The status of the run in ``path`` as its last checkpoint says (``completed``, …), if any."""
+    state = Checkpoints(RunDir(path).checkpoint_dir, None).read_state()
+    return None if state is None else state["status"]

@@ -211,9 +211,25 @@ def load_plugins(
             skip=_split_env(environ.get("ALIGN_DISABLE_PLUGINS")) or (),
         )
     for plugin in extra:
-        manager.register(plugin)
+        register_plugin(manager, plugin)
     validate_hooks(manager)
     return Plugins(manager=manager, registry=build_registry(manager), failures=failures)
+
+
+def register_plugin(manager: pluggy.PluginManager, plugin: Any, name: str | None = None) -> str:
+    """Register ``plugin`` under ``name``, by default its module's name or its class's (``Broken``,
+    then ``Broken-2``), so that errors and ``align plugins`` name it readably; returns the name."""
+    if name is None:
+        if isinstance(plugin, ModuleType):
+            name = plugin.__name__
+        else:
+            base = type(plugin).__name__
+            name, n = base, 1
+            while manager.has_plugin(name):
+                n += 1
+                name = f"{base}-{n}"
+    manager.register(plugin, name=name)
+    return name
 
 
 def describe_plugins(plugins: Plugins) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ import pytest
 
 from align.core.plan import resolve_plan
 from align.core.runner import execute
+from align.errors import RunStopped
 from align.plugins.manager import load_plugins
 from align.testing import StubPlugin, StubPolicy
 from tests.conftest import write_topic
@@ -137,11 +138,19 @@ def test_a_failing_objective_leaves_a_summary_of_what_finished(stub_plugins, tmp
             return {"loss": 0.1}
 
     plugins = load_plugins(extra=[StubPlugin(objectives={"boom": Boom})], entry_points=False)
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(
+        RunStopped,
+        match=r"topic 't2', step 'b': objective 'boom' \(plugin 'StubPlugin'\) failed: RuntimeError: boom",
+    ):
         run(plugins, tmp_path, protocol=[{"name": "b", "train": "boom"}])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed"
-    assert [t["topic"] for t in summary["topics"]] == ["t1"]
+    assert "RuntimeError: boom" in summary["error"]
+    first, cut_short = summary["topics"]
+    assert (first["topic"], first.get("complete", True), first["steps"][0]["status"]) == ("t1", True, "ran")
+    assert (cut_short["topic"], cut_short["complete"]) == ("t2", False)
+    assert cut_short["steps"][0]["status"] == "failed"
+    assert cut_short["steps"][0]["error"]["plugin"] == "StubPlugin"
 
 
 def test_an_evaluator_returning_a_non_number_is_reported(stub_plugins, tmp_path):
@@ -150,5 +159,5 @@ def test_an_evaluator_returning_a_non_number_is_reported(stub_plugins, tmp_path)
             return {"x": "high"}
 
     plugins = load_plugins(extra=[StubPlugin(evaluators={"bad": Bad})], entry_points=False)
-    with pytest.raises(TypeError, match="evaluator 'bad' returned x='high'"):
+    with pytest.raises(RunStopped, match="evaluator 'bad' returned x='high'"):
         run(plugins, tmp_path, protocol=[{"evaluate": ["bad"]}])

@@ -3,7 +3,7 @@
 import pytest
 
 from align import hookimpl
-from align.errors import ConfigError
+from align.errors import ConfigError, RunStopped
 from align.testing import StubEvaluator, StubObjective, StubPlugin, make_topic, run_protocol
 
 PROTOCOL = [
@@ -132,7 +132,7 @@ def test_on_run_end_is_called_with_a_failed_status_when_a_step_raises():
         raise ValueError("diverged")
 
     plugin = StubPlugin(objectives={"sft": StubObjective(effect=boom)})
-    with pytest.raises(ValueError):
+    with pytest.raises(RunStopped, match="ValueError: diverged"):
         run_protocol([{"name": "sft", "train": "sft"}], plugins=[plugin, recorder], builtins=False)
     assert recorder.calls[-1] == ("run_end", "failed")
 

@@ -134,3 +134,23 @@ def test_kto_trains_the_same_adapter_from_unpacked_pairs(policy):
     assert metrics["steps"] == 2
     assert list(policy.model.peft_config) == ["default"]
     assert any(not torch.equal(before[k], v) for k, v in adapter_state(policy.model).items())
+
+
+def test_training_that_goes_non_finite_stops_at_that_step(policy):
+    from align.errors import NonFiniteTraining
+
+    sft = SFTObjective(epochs=3, learning_rate=1e30, per_device_train_batch_size=1)
+    with pytest.raises(NonFiniteTraining, match=r"at optimizer step [1-6]$"):
+        sft.train(policy, TOPIC)
+    # It stopped where the loss, a gradient or a weight stopped being finite, not after 6 steps.
+    steps = [entry["step"] for step, entry in policy.logs if "loss" in entry]
+    assert len(steps) < 6
+
+
+def test_snapshots_round_trip_through_safetensors(policy, tmp_path):
+    SFTObjective(epochs=1, learning_rate=5e-2, per_device_train_batch_size=1).train(policy, TOPIC)
+    path = policy.save_snapshot(policy.snapshot(), tmp_path / "adapter-000001")
+    assert path.name == "adapter-000001.safetensors"
+    loaded = policy.load_snapshot(path)
+    assert loaded.keys() == policy.snapshot().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in policy.snapshot().items())

@@ -1,0 +1,112 @@
+"""Checkpoints: where a run stands after its last finished step, so ``align run --resume`` can go on.
+
+After every step the engine writes ``checkpoint/``: the adapter's weights, the adapters that a
+rollback guard may still restore, and ``state.json`` with the results so far and how many bytes of
+``metrics.jsonl`` they account for. The weights are written first, each to a new file name, and
+``state.json`` last, by a rename; so whatever moment a run is killed at, ``state.json`` names
+complete files, and files it no longer names are removed only after it is in place.
+
+The policy decides how its weights are stored (``save_snapshot`` / ``load_snapshot``): the real
+model writes safetensors, the stub policy of :mod:`align.testing` writes JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from align.core.rundir import atomic_write_text
+from align.core.topics import Topic
+from align.errors import AlignError
+
+#: Bumped when ``state.json`` changes in a way an older align could not read.
+FORMAT = 1
+STATE_FILE = "state.json"
+
+
+def topics_digest(topics: Sequence[Topic]) -> str:
+    """A fingerprint of the topics' content: a resumed run must train on what the run started with."""
+    text = json.dumps([topic.to_dict() for topic in topics], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the engine's state, the adapter, and the rollback snapshots."""
+
+    state: dict[str, Any]
+    adapter: Any
+    #: Guarded training step name → (adapter before it, metrics before it).
+    snapshots: dict[str, tuple[Any, dict[str, float]]]
+
+
+class Checkpoints:
+    """The ``checkpoint/`` directory of a run, written through ``policy``."""
+
+    def __init__(self, directory: str | Path, policy: Any):
+        self.directory = Path(directory)
+        self.policy = policy
+        self.sequence = 0
+
+    @property
+    def state_path(self) -> Path:
+        return self.directory / STATE_FILE
+
+    def save(
+        self,
+        state: Mapping[str, Any],
+        adapter: Any,
+        snapshots: Mapping[str, tuple[Any, Mapping[str, float]]],
+    ) -> None:
+        """Write the adapter, the snapshots, then ``state.json``; then drop files it no longer names."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.sequence += 1
+        tag = f"{self.sequence:06d}"
+        adapter_file = self.policy.save_snapshot(adapter, self.directory / f"adapter-{tag}").name
+        snapshot_entries = {}
+        for index, (step, (weights, before)) in enumerate(snapshots.items()):
+            path = self.policy.save_snapshot(weights, self.directory / f"before-{index}-{tag}")
+            snapshot_entries[step] = {"file": path.name, "metrics": dict(before)}
+        record = {
+            **state,
+            "format": FORMAT,
+            "sequence": self.sequence,
+            "adapter": adapter_file,
+            "snapshots": snapshot_entries,
+        }
+        atomic_write_text(self.state_path, json.dumps(record, indent=1) + "\n")
+        keep = {STATE_FILE, adapter_file, *(entry["file"] for entry in snapshot_entries.values())}
+        for path in self.directory.iterdir():
+            if path.name not in keep and not path.name.startswith("."):
+                path.unlink(missing_ok=True)
+
+    def read_state(self) -> dict[str, Any] | None:
+        """``state.json``, or ``None`` when the run was killed before its first checkpoint."""
+        if not self.state_path.is_file():
+            return None
+        try:
+            state = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise AlignError(
+                f"{self.state_path}: unreadable checkpoint ({exc}); the run cannot be resumed"
+            ) from exc
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise AlignError(
+                f"{self.state_path}: checkpoint format {state.get('format') if isinstance(state, dict) else '?'} "
+                f"is not {FORMAT}; resume it with the align version that started it"
+            )
+        self.sequence = int(state["sequence"])
+        return state
+
+    def load(self, state: Mapping[str, Any]) -> Checkpoint:
+        """The weights ``state`` names, read back through the policy."""
+        adapter = self.policy.load_snapshot(self.directory / state["adapter"])
+        snapshots = {
+            step: (self.policy.load_snapshot(self.directory / entry["file"]), dict(entry["metrics"]))
+            for step, entry in state["snapshots"].items()
+        }
+        return Checkpoint(state=dict(state), adapter=adapter, snapshots=snapshots)

@@ -1,0 +1,216 @@
+"""Failed steps, non-finite training, checkpoints, resume and the run-directory lock, with stubs."""
+
+import json
+
+import pytest
+
+from align import hookimpl
+from align.core.plan import resolve_plan
+from align.core.rundir import RunDir
+from align.core.runner import execute
+from align.errors import AlignError, RunStopped
+from align.testing import PluginHarness, StubEvaluator, StubObjective, StubPlugin, StubPolicy, make_topic
+
+PROTOCOL = [
+    {"name": "before", "evaluate": ["probe"]},
+    {"name": "sft", "train": "sft"},
+    {"name": "after_sft", "evaluate": ["probe"]},
+    {"name": "dpo", "train": "dpo"},
+    {"name": "after_dpo", "evaluate": ["probe"], "rollback": {"step": "dpo", "max_drop": {"probe.w": 100}}},
+]
+TOPICS = [make_topic(name=name) for name in ("t1", "t2", "t3")]
+
+
+class Crash(BaseException):
+    """Stands in for the process dying: not an Exception, so no step handles it."""
+
+
+class CrashAfter:
+    """A lifecycle hook that 'kills the process' once ``step`` of ``topic`` has ended."""
+
+    def __init__(self, where):
+        self.where = where
+
+    @hookimpl
+    def on_step_end(self, topic, step, result):
+        if (topic.name, step) == self.where:
+            raise Crash()
+
+
+def harness_for(state, fail=None, crash_at=None, nan_at=None, crash_after=None):
+    """sft doubles ``w`` and adds 1, dpo adds 0.5. ``fail``/``crash_at``/``nan_at`` name a
+    training ``(topic, step)`` that raises, crashes the process midway, or reports a NaN loss;
+    ``crash_after`` any step after which the process dies."""
+
+    def effect(step, change):
+        def apply(policy, topic):
+            policy.state["w"] = change(policy.state.get("w", 0.0))  # changed before failing
+            if (topic.name, step) == fail:
+                raise RuntimeError("out of cheese")
+            if (topic.name, step) == crash_at:
+                raise Crash()
+
+        return apply
+
+    def loss(step, value):
+        return lambda topic: {"loss": float("nan") if (topic.name, step) == nan_at else value}
+
+    harness = PluginHarness(builtins=False)
+    harness.register(
+        StubPlugin(
+            objectives={
+                "sft": StubObjective(metrics=loss("sft", 0.5), effect=effect("sft", lambda w: 2 * w + 1)),
+                "dpo": StubObjective(metrics=loss("dpo", 0.25), effect=effect("dpo", lambda w: w + 0.5)),
+            },
+            evaluators={"probe": StubEvaluator(lambda model, topic: {"w": state.get("w", 0.0)})},
+        )
+    )
+    if crash_after is not None:
+        harness.register(CrashAfter(crash_after))
+    return harness
+
+
+def run(tmp_path, state=None, resume=False, name="run", on_error="stop", **failures):
+    state = {} if state is None else state
+    harness = harness_for(state, **failures)
+    config = {"protocol": PROTOCOL, "output": str(tmp_path / name), "on_error": on_error}
+    plan = resolve_plan(config, "<test>", harness.registry, topics=TOPICS)
+    policy = StubPolicy(state=state, scratch_dir=tmp_path / "scratch")
+    return execute(plan, policy=policy, hooks=harness.manager, resume=resume), state
+
+
+def events(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def metrics_by_step(summary):
+    return [(t["topic"], s["step"], s["status"], s["metrics"]) for t in summary["topics"] for s in t["steps"]]
+
+
+def test_a_failed_step_stops_the_run_with_the_adapter_restored_and_the_failure_recorded(tmp_path):
+    with pytest.raises(RunStopped) as caught:
+        run(tmp_path, on_error="stop", fail=("t2", "dpo"))
+    message = str(caught.value)
+    assert "topic 't2', step 'dpo': objective 'dpo' (plugin 'StubPlugin') failed" in message
+    assert "RuntimeError: out of cheese; adapter restored to before the step" in message
+    assert f"align run --resume {tmp_path / 'run'}" in message
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["topics"][1]["complete"] is False
+    assert [s["status"] for s in summary["topics"][1]["steps"]] == ["ran", "ran", "ran", "failed"]
+    error = [e for e in events(tmp_path / "run") if e["kind"] == "error"]
+    assert [(e["topic"], e["step"], e["plugin"], e["component"], e["exception"]) for e in error] == [
+        ("t2", "dpo", "StubPlugin", "dpo", "RuntimeError")
+    ]
+    # The adapter as after t2's SFT: t1 left w = 1.5, sft made it 4.0, the failed dpo's 4.5 undone.
+    checkpoint = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    adapter = json.loads((tmp_path / "run" / "checkpoint" / checkpoint["adapter"]).read_text())
+    assert adapter == {"w": 4.0}
+    assert checkpoint["next"] == "topic 't2', step 'dpo'"
+
+
+def test_on_error_skip_records_the_failure_and_goes_on(tmp_path):
+    summary, state = run(tmp_path, on_error="skip", fail=("t2", "dpo"))
+    assert summary["status"] == "completed"
+    t2 = summary["topics"][1]
+    assert [s["status"] for s in t2["steps"]] == ["ran", "ran", "ran", "failed", "ran"]
+    assert "out of cheese" in t2["steps"][3]["error"]["reason"]
+    assert t2["steps"][4]["metrics"] == {"probe.w": 4.0}  # evaluated with dpo undone
+    assert state["w"] == 2 * 4.0 + 1 + 0.5  # t3 builds on the restored adapter
+
+
+def test_a_non_finite_loss_fails_the_step_and_restores_the_adapter(tmp_path):
+    summary, _ = run(tmp_path, on_error="skip", nan_at=("t1", "sft"))
+    step = summary["topics"][0]["steps"][1]
+    assert step["status"] == "failed"
+    assert "training became non-finite: sft.loss is nan" in step["error"]["reason"]
+    assert summary["topics"][0]["steps"][2]["metrics"] == {"probe.w": 0.0}
+
+
+def test_a_non_finite_loss_stops_the_run_by_default(tmp_path):
+    with pytest.raises(RunStopped, match=r"training became non-finite: sft\.loss is nan"):
+        run(tmp_path, on_error="stop", nan_at=("t1", "sft"))
+
+
+@pytest.mark.parametrize(
+    "crash",
+    [
+        {"crash_at": ("t1", "sft")},
+        {"crash_at": ("t2", "dpo")},
+        {"crash_at": ("t3", "sft")},
+        {"crash_after": ("t1", "before")},
+        {"crash_after": ("t2", "dpo")},  # between the guarded step and its guard
+        {"crash_after": ("t2", "after_dpo")},  # before the topic's adapter is saved
+        {"crash_after": ("t3", "after_dpo")},
+    ],
+    ids=lambda crash: "-".join([next(iter(crash)), *next(iter(crash.values()))]),
+)
+def test_a_resumed_run_ends_as_an_uninterrupted_one(tmp_path, crash):
+    expected, expected_state = run(tmp_path, name="whole")
+    with pytest.raises(Crash):
+        run(tmp_path, **crash)
+    resumed, state = run(tmp_path, resume=True)  # a fresh policy: state comes from the checkpoint
+    assert resumed["status"] == "completed"
+    assert metrics_by_step(resumed) == metrics_by_step(expected)
+    assert state == expected_state
+    for topic in ("t1", "t2", "t3"):
+        saved = json.loads((tmp_path / "run" / "adapters" / topic / "stub_adapter.json").read_text())
+        whole = json.loads((tmp_path / "whole" / "adapters" / topic / "stub_adapter.json").read_text())
+        assert saved["state"] == whole["state"]
+    strip = lambda evs: [{k: v for k, v in e.items() if k != "time"} for e in evs if e["kind"] != "resume"]  # noqa: E731
+    assert strip(events(tmp_path / "run")) == strip(events(tmp_path / "whole"))
+    assert len([e for e in events(tmp_path / "run") if e["kind"] == "resume"]) == 1
+
+
+def test_resume_retries_the_step_that_stopped_the_run(tmp_path):
+    expected, _ = run(tmp_path, name="whole")
+    with pytest.raises(RunStopped):
+        run(tmp_path, fail=("t2", "sft"))
+    resumed, _ = run(tmp_path, resume=True)  # the cause is fixed: no failure this time
+    assert metrics_by_step(resumed) == metrics_by_step(expected)
+    kinds = [e["kind"] for e in events(tmp_path / "run")]
+    assert kinds.count("error") == 1 and kinds.index("error") < kinds.index("resume")
+
+
+def test_a_torn_last_line_and_events_after_the_checkpoint_are_cut_on_resume(tmp_path):
+    with pytest.raises(Crash):
+        run(tmp_path, crash_at=("t2", "sft"))
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as handle:
+        handle.write('{"kind": "log", "metr')  # what a kill in the middle of a write leaves
+    run(tmp_path, resume=True)
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)
+
+
+def test_checkpoints_keep_only_the_files_the_state_names(tmp_path):
+    run(tmp_path)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["status"] == "completed"
+    assert state["next"] == "done"
+    assert {p.name for p in checkpoint.iterdir()} == {"state.json", state["adapter"]}
+
+
+def test_resume_refuses_changed_topics(tmp_path):
+    with pytest.raises(Crash):
+        run(tmp_path, crash_at=("t1", "sft"))
+    harness = harness_for({})
+    config = {"protocol": PROTOCOL, "output": str(tmp_path / "run")}
+    plan = resolve_plan(config, "<test>", harness.registry, topics=[make_topic(name="other")])
+    with pytest.raises(AlignError, match="the topics differ from those the run started with"):
+        execute(plan, policy=StubPolicy(), hooks=harness.manager, resume=True)
+
+
+def test_a_run_directory_in_use_is_refused(tmp_path):
+    first = RunDir(tmp_path / "run")
+    first.create("seed: 0\n")
+    try:
+        with pytest.raises(
+            AlignError, match=r"another align run \(pid \d+\) is writing to this run directory"
+        ):
+            RunDir(tmp_path / "run").reopen(0)
+    finally:
+        first.close()
+    second = RunDir(tmp_path / "run")  # released on close
+    second.reopen(0)
+    second.close()

@@ -1,0 +1,163 @@
+"""A real run, killed with SIGKILL at several points and resumed, ends as an uninterrupted one.
+
+Each run is a separate ``align run`` process on a tiny model. The killer watches
+``metrics.jsonl`` and kills the process as soon as a chosen event is written, so the kill lands
+wherever the run happens to be a few milliseconds later: inside a trainer, while saving, or
+between steps.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from align.cli import cli
+from tests.conftest import write_topic
+
+PROTOCOL = [
+    {"name": "before", "evaluate": ["quiz", "voice"]},
+    {"name": "sft", "train": "sft"},
+    {"name": "after_sft", "evaluate": ["quiz", "voice"]},
+    {"name": "dpo", "train": "dpo", "gate": {"use": "threshold", "all": ["quiz.accuracy >= 0"]}},
+    {
+        "name": "after_dpo",
+        "evaluate": ["quiz", "voice"],
+        "rollback": {"step": "dpo", "max_drop": {"quiz.accuracy": 0.5}},
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("resume")
+    topics = root / "topics"
+    topics.mkdir()
+    write_topic(topics, "first")
+    write_topic(topics, "second")
+    config = root / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "sft": {"epochs": 2, "learning_rate": 0.05},
+                "dpo": {"max_steps": 3, "learning_rate": 0.05},
+                "protocol": PROTOCOL,
+            }
+        )
+    )
+    args = [str(config), "--model", str(tiny_model_dir), "--topics", str(topics)]
+    whole = root / "whole"
+    completed = subprocess.run(align("run", *args, "--output", str(whole)), capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    return root, args, whole
+
+
+def align(*args):
+    return [sys.executable, "-m", "align", *args]
+
+
+def events(run_dir):
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [json.loads(line) for line in lines[:-1]]  # the last line may still be being written
+
+
+def kill_when(command, run_dir, predicate, timeout=120):
+    """Start ``command`` and SIGKILL it as soon as an event matching ``predicate`` is written."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"run ended before the kill point: {process.stderr.read().decode()}")
+        if any(predicate(event) for event in events(run_dir)):
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            return
+        time.sleep(0.01)
+    process.kill()
+    raise AssertionError("the kill point was never reached")
+
+
+def step_metrics(run_dir):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return summary, {
+        (topic["topic"], step["step"]): (step["status"], step["metrics"])
+        for topic in summary["topics"]
+        for step in topic["steps"]
+    }
+
+
+KILL_POINTS = {
+    # inside the second topic's SFT, after its first optimizer step
+    "mid-sft": lambda e: e["topic"] == "second" and e["step"] == "sft" and e["kind"] == "log",
+    # as the first topic's DPO starts (building its trainer, precomputing the reference)
+    "dpo-start": lambda e: e["topic"] == "first" and e["kind"] == "gate",
+    # after the first topic's last evaluation: its adapter is being saved
+    "topic-end": lambda e: e["topic"] == "first" and e["step"] == "after_dpo" and e["kind"] == "eval",
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_a_killed_run_resumes_to_the_same_results(setup, point):
+    root, args, whole = setup
+    run_dir = root / f"killed-{point}"
+    kill_when(align("run", *args, "--output", str(run_dir)), run_dir, KILL_POINTS[point])
+    assert (
+        not (run_dir / "summary.json").exists()
+        or json.loads((run_dir / "summary.json").read_text())["status"] == "running"
+    )
+
+    busy = subprocess.Popen(
+        align("run", "--resume", str(run_dir)), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = busy.communicate(timeout=300)
+    assert busy.returncode == 0, err.decode()
+    assert b"resuming at" in out
+
+    _, expected = step_metrics(whole)
+    summary, resumed = step_metrics(run_dir)
+    assert summary["status"] == "completed"
+    assert resumed.keys() == expected.keys()
+    for key, (status, metrics) in expected.items():
+        assert resumed[key][0] == status, key
+        assert resumed[key][1] == pytest.approx(metrics, abs=1e-5), key
+    for topic in ("first", "second"):
+        ours = load_file(run_dir / "adapters" / topic / "adapter_model.safetensors")
+        theirs = load_file(whole / "adapters" / topic / "adapter_model.safetensors")
+        assert ours.keys() == theirs.keys()
+        for name in theirs:
+            assert (ours[name] - theirs[name]).abs().max().item() <= 1e-5, (topic, name)
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)  # no torn line survives
+
+
+def test_resume_of_a_completed_run_does_nothing(setup):
+    _, _, whole = setup
+    before = (whole / "metrics.jsonl").read_text()
+    result = CliRunner().invoke(cli, ["run", "--resume", str(whole)])
+    assert result.exit_code == 0
+    assert "the run completed; nothing to resume" in result.output
+    assert (whole / "metrics.jsonl").read_text() == before
+
+
+def test_resume_refuses_a_config_beside_it(setup):
+    _, args, whole = setup
+    result = CliRunner().invoke(cli, ["run", args[0], "--set", "seed=1", "--resume", str(whole)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: --resume continues {whole} with the config and topics it started with; leave out CONFIG, --set"
+    ]
+
+
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
+    result = CliRunner().invoke(cli, ["run", "--resume", str(tmp_path)])
+    assert result.exit_code == 1
+    assert f"Error: {tmp_path}: not a run directory (no config.yaml)" in result.output
