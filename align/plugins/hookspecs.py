@@ -76,11 +76,12 @@ def on_topic_start(topic: Any, index: int, total: int) -> None:
 
 @hookspec
 def on_step_end(topic: Any, step: str, result: dict[str, Any]) -> None:
-    """Called after every protocol step, whether it ran or was skipped.
+    """Called after every protocol step, whether it ran, was skipped or failed.
 
     :param result: the step as summary.json records it: ``step``, ``kind``, ``status``
-        (``ran``/``skipped``), ``metrics`` (``<component>.<key>`` → number), ``gate`` (``passed``
-        and ``reason``) when the step was gated, and ``rollback`` when its guard restored the adapter.
+        (``ran``/``skipped``/``failed``), ``metrics`` (``<component>.<key>`` → number), ``gate``
+        (``passed`` and ``reason``) when the step was gated, ``rollback`` when its guard restored
+        the adapter, and ``error`` (``plugin``, ``component``, ``exception``, ``reason``) when it failed.
     """
 
 
