@@ -11,8 +11,9 @@ data, steps and seed are the same for all):
   model as ``ref_model``), plain TRL with ``peft_config`` and ``ref_model=None``, the same with
   ``precompute_ref_log_probs=True`` (TRL's fastest configuration), and align's ``dpo`` objective.
   Pairs/s, tokens/s, peak RSS and the loss curve of each; align's ratios to each.
-* ``eval``: quiz and voice scoring as align does it (batched) against one prompt at a time:
-  wall time, speed-up, and whether the scores are identical.
+* ``eval``: quiz and voice scoring as align does it (batched, each prompt run once for all its
+  completions) against one plain forward pass per prompt and completion: wall time, speed-up,
+  and whether the scores are identical.
 * ``startup``: ``align --help`` wall time; time from ``align run`` to its first training step.
 * ``demo`` (not with ``--quick``): the whole demo's wall time split by phase.
 
@@ -165,9 +166,25 @@ def worker_eval() -> dict[str, Any]:
     topics = load_topics(REPO / "align" / "demo" / "topics")
     batched = HFLanguageModel(model, tokenizer, batch_size=16)
 
+    import torch
+
     class OneAtATime:
+        """The plain way: one forward pass over prompt + completion per pair, same tokens."""
+
         def loglikelihood(self, prompts: list[str], completions: list[str]) -> list[float]:
-            return [batched.loglikelihood([p], [c])[0] for p, c in zip(prompts, completions)]
+            scores = []
+            model.eval()
+            with torch.inference_mode():
+                for prompt, completion in zip(prompts, completions):
+                    prompt_ids, completion_ids = (
+                        batched.prompt_ids(prompt),
+                        batched.completion_ids(completion),
+                    )
+                    ids = torch.tensor([prompt_ids + completion_ids])
+                    logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+                    positions = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1)
+                    scores.append(float(logprobs[positions, torch.tensor(completion_ids)].sum()))
+            return scores
 
     evaluators = [QuizEvaluator(), VoiceEvaluator()]
 

@@ -222,36 +222,80 @@ class HFLanguageModel:
         return self.tokenizer(completion, add_special_tokens=False)["input_ids"]
 
     def loglikelihood(self, prompts: list[str], completions: list[str]) -> list[float]:
-        import torch
+        """The summed log-probability of each completion after its prompt.
 
+        A prompt is run once however many completions it has (a quiz question's choices, a voice
+        pair's two answers): a batch of prompts goes through the model with its KV cache kept,
+        then every completion continues from its prompt's cache. The tokens scored are those of
+        ``prompt_ids(prompt) + completion_ids(completion)``, as in one plain forward pass.
+        """
         if len(prompts) != len(completions):
             raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
         rows = [(self.prompt_ids(p), self.completion_ids(c)) for p, c in zip(prompts, completions)]
         results = [0.0] * len(rows)
-        # Longest first, so batches hold sequences of similar length and padding stays small.
-        order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
+        by_prompt: dict[tuple[int, ...], list[int]] = {}
+        for i, (prompt, completion) in enumerate(rows):
+            if completion:  # an empty completion has log-probability 0
+                by_prompt.setdefault(tuple(prompt), []).append(i)
+        # Longest first, so batches hold prompts of similar length and padding stays small.
+        unique = sorted(by_prompt, key=len, reverse=True)
         with self._scoring():
-            for start in range(0, len(order), self.batch_size):
-                batch = [i for i in order[start : start + self.batch_size] if rows[i][1]]
-                if not batch:
-                    continue
-                sequences = [rows[i][0] + rows[i][1] for i in batch]
-                input_ids, attention_mask, position_ids = self._left_pad(sequences)
-                keep = max(len(rows[i][1]) for i in batch) + 1
-                logits = self.model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    logits_to_keep=keep,
-                    use_cache=False,
-                ).logits
-                logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-                targets = input_ids[:, -(keep - 1) :]
-                token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                for row, i in enumerate(batch):
-                    n = len(rows[i][1])
-                    results[i] = float(token_logprobs[row, -n:].sum())
+            for start in range(0, len(unique), self.batch_size):
+                chunk = unique[start : start + self.batch_size]
+                members = [(row, i) for row, prompt in enumerate(chunk) for i in by_prompt[prompt]]
+                self._score_chunk([list(p) for p in chunk], members, rows, results)
         return results
+
+    def _score_chunk(
+        self,
+        prompts: list[list[int]],
+        members: list[tuple[int, int]],
+        rows: list[tuple[list[int], list[int]]],
+        results: list[float],
+    ) -> None:
+        """Score the completions ``members`` (prompt row, result index) of a batch of prompts."""
+        import torch
+
+        input_ids, prompt_mask, position_ids = self._left_pad(prompts)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=prompt_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # each completion's first token
+        cache = out.past_key_values
+        lengths = prompt_mask.sum(-1)
+        device = input_ids.device
+        # Completions with similar lengths together, in batches of at most batch_size.
+        members = sorted(members, key=lambda member: -len(rows[member[1]][1]))
+        for begin in range(0, len(members), self.batch_size):
+            batch = members[begin : begin + self.batch_size]
+            index = torch.tensor([row for row, _ in batch], device=device)
+            completions = [rows[i][1] for _, i in batch]
+            width = max(len(c) for c in completions)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for n, completion in enumerate(completions):
+                ids[n, : len(completion)] = torch.tensor(completion, dtype=torch.long)
+                mask[n, : len(completion)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logprobs = first.index_select(0, index).gather(-1, ids[:, :1]).squeeze(-1)
+            if width > 1:
+                logits = self.model(
+                    input_ids=ids[:, :-1],
+                    attention_mask=torch.cat([prompt_mask.index_select(0, index), mask[:, :-1]], dim=-1),
+                    position_ids=lengths.index_select(0, index)[:, None]
+                    + torch.arange(width - 1, device=device),
+                    past_key_values=_select_rows(cache, index, self.model.config),
+                    use_cache=True,
+                ).logits
+                rest = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+                logprobs = logprobs + (rest * mask[:, 1:]).sum(-1)
+            for n, (_, i) in enumerate(batch):
+                results[i] = float(logprobs[n])
 
     def generate(self, prompts: list[str], max_new_tokens: int = 64) -> list[str]:
         outputs: list[str] = []
@@ -296,6 +340,18 @@ class HFLanguageModel:
         finally:
             if was_training:
                 self.model.train()
+
+
+def _select_rows(cache: Any, index: Any, config: Any) -> Any:
+    """A new KV cache holding rows ``index`` (repeats allowed) of ``cache``, which stays as it is."""
+    from transformers import DynamicCache
+
+    return DynamicCache(
+        ddp_cache_data=[
+            (layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers
+        ],
+        config=config,
+    )
 
 
 class EnginePolicy:

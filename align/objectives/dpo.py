@@ -2,9 +2,12 @@
 
 The reference is the policy as it stands when DPO starts (after this topic's SFT), not the raw
 base model, and it costs no second copy of the model: TRL copies the rank-1 adapter under the
-name ``ref`` when it is handed a PEFT model without a ``ref_model``, and with
-``precompute_ref_log_probs`` the reference log-probs are computed once, before the first step.
-The copy is deleted afterwards, so the next topic's DPO starts from its own reference.
+name ``ref`` when it is handed a PEFT model without a ``ref_model``. With
+``precompute_ref_log_probs`` the reference log-probs are computed once, before the first step,
+by :func:`add_reference_logps` rather than by TRL's own precompute: TRL's hashes every weight of
+the model (to name a dataset cache file) and writes that file, work that buys nothing for a
+reference used once. The adapter copy is deleted afterwards, so the next topic's DPO starts
+from its own reference.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ class DPOObjective:
                 loss_weights=self.loss_weights,
                 max_length=self.max_length,
                 lr_scheduler_type=self.lr_scheduler_type,
-                precompute_ref_log_probs=self.precompute_ref_log_probs,
+                precompute_ref_log_probs=False,  # done below, once the trainer has tokenized the pairs
                 **policy.trainer_args(),
             )
             trainer = DPOTrainer(
@@ -120,6 +123,8 @@ class DPOObjective:
                 processing_class=policy.tokenizer,
                 callbacks=policy.trainer_callbacks("dpo"),
             )
+            if self.precompute_ref_log_probs:
+                add_reference_logps(trainer, batch_size=max(8, self.per_device_train_batch_size))
             return train_and_summarise(
                 trainer,
                 {
@@ -129,6 +134,34 @@ class DPOObjective:
                     "reward_rejected": "rewards/rejected",
                 },
             )
+
+
+def add_reference_logps(trainer: Any, batch_size: int) -> None:
+    """Give ``trainer`` the reference log-probs of its training pairs, computed now, once.
+
+    Before the first optimizer step the policy is the reference, so TRL's own per-batch reference
+    pass (``compute_ref_log_probs``, through the ``ref`` adapter copy) computes them; the trainer
+    then reads them from the dataset's ``ref_chosen_logps``/``ref_rejected_logps`` columns, as
+    with ``precompute_ref_log_probs=True``.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    dataset = trainer.train_dataset
+    device = trainer.accelerator.device
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=trainer.data_collator, shuffle=False)
+    chosen: list[float] = []
+    rejected: list[float] = []
+    for batch in loader:
+        batch = {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}
+        with torch.no_grad():
+            batch_chosen, batch_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+        chosen += batch_chosen.float().cpu().tolist()
+        rejected += batch_rejected.float().cpu().tolist()
+    trainer.train_dataset = dataset.add_column("ref_chosen_logps", chosen).add_column(
+        "ref_rejected_logps", rejected
+    )
+    trainer.precompute_ref_logps = True
 
 
 def preference_dataset(topic: Topic, chat: bool) -> Any:

@@ -82,9 +82,15 @@ def test_saved_adapter_loads_with_peft(policy, tmp_path):
         assert torch.allclose(loaded(ids).logits, policy.model(ids).logits, atol=1e-5)
 
 
-def test_loglikelihood_matches_a_plain_forward_pass(policy):
+@pytest.mark.parametrize("batch_size", [16, 2])
+def test_loglikelihood_matches_a_plain_forward_pass(policy, batch_size):
+    # Prompts shared by several completions (scored from one cached prompt pass), prompts of
+    # different lengths, a one-token and an empty completion, and more rows than one batch.
+    SFTObjective(epochs=1, learning_rate=5e-2, per_device_train_batch_size=1).train(policy, TOPIC)
     lm = policy.language_model
-    prompts, completions = ["Hello there", "Hi"], ["friend", "a much longer completion"]
+    lm.batch_size = batch_size
+    prompts = ["Hello there", "Hi", "Hello there", "What is the donkey called?", "Hi", "Hello there", "Hi"]
+    completions = ["friend", "a much longer completion", "stranger", "Tallow", "x", "", "a"]
     batched = lm.loglikelihood(prompts, completions)
     for prompt, completion, value in zip(prompts, completions, batched):
         prompt_ids, completion_ids = lm.prompt_ids(prompt), lm.completion_ids(completion)
@@ -92,7 +98,7 @@ def test_loglikelihood_matches_a_plain_forward_pass(policy):
         with torch.no_grad():
             logprobs = torch.log_softmax(policy.model(ids).logits[0, :-1].float(), -1)
         expected = sum(float(logprobs[len(prompt_ids) - 1 + i, t]) for i, t in enumerate(completion_ids))
-        assert value == pytest.approx(expected, abs=1e-4)
+        assert value == pytest.approx(expected, abs=1e-4), (prompt, completion)
 
 
 def test_unknown_target_module_lists_the_ones_the_model_has():
@@ -154,3 +160,25 @@ def test_snapshots_round_trip_through_safetensors(policy, tmp_path):
     loaded = policy.load_snapshot(path)
     assert loaded.keys() == policy.snapshot().keys()
     assert all(torch.equal(loaded[k], v) for k, v in policy.snapshot().items())
+
+
+def test_precomputed_reference_gives_the_loss_curve_of_a_per_step_reference(policy):
+    SFTObjective(epochs=1, learning_rate=5e-2, per_device_train_batch_size=1).train(policy, TOPIC)
+    start = policy.snapshot()
+
+    def losses(precompute):
+        policy.restore(start)
+        policy.logs.clear()
+        DPOObjective(
+            max_steps=3,
+            learning_rate=5e-2,
+            per_device_train_batch_size=2,
+            precompute_ref_log_probs=precompute,
+        ).train(policy, TOPIC)
+        return [entry["loss"] for step, entry in policy.logs if "loss" in entry]
+
+    per_step = losses(False)
+    precomputed = losses(True)
+    assert len(precomputed) == 3
+    assert precomputed == pytest.approx(per_step, abs=1e-5)
+    assert precomputed[-1] != pytest.approx(precomputed[0], abs=1e-3)  # it trained
