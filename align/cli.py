@@ -71,7 +71,7 @@ def _load_plan(strict_flag: bool, config: Any, **options: Any) -> tuple[Any, Any
     return plugins, plan
 
 
-_config_argument = click.argument("config", required=False, type=click.Path(dir_okay=False))
+_config_argument = click.argument("config", required=False, type=click.Path())
 _plan_options = [
     click.option(
         "--topics",

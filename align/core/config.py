@@ -53,6 +53,9 @@ BASE_DEFAULTS: dict[str, Any] = {
         "dtype": "float32",
         "trust_remote_code": False,
         "eval_batch_size": 16,
+        #: Prompts as user turns of the tokenizer's chat template: ``auto`` (when it has one),
+        #: ``true`` (required: a tokenizer without one is an error) or ``false`` (plain text).
+        "chat_template": "auto",
     },
     "lora": {
         "rank": 1,
@@ -199,7 +202,9 @@ def _check_base(config: dict[str, Any], source: str) -> None:
     if model["dtype"] not in DTYPES:
         fail("model.dtype", f"'{model['dtype']}' is not one of {', '.join(DTYPES)}")
     if not isinstance(model["trust_remote_code"], bool):
-        fail("model.trust_remote_code", "expected true or false")
+        fail("model.trust_remote_code", f"expected true or false, got {model['trust_remote_code']!r}")
+    if model["chat_template"] not in ("auto", True, False):
+        fail("model.chat_template", f"expected auto, true or false, got {model['chat_template']!r}")
     model["eval_batch_size"] = number("model.eval_batch_size", model["eval_batch_size"], integer=True)
     if model["eval_batch_size"] < 1:
         fail("model.eval_batch_size", "must be >= 1")

@@ -311,11 +311,13 @@ class Engine:
         finally:
             self._current_topic = self._current_step = None
             summary = self.summary()
-            self.rundir.write_summary(summary)
-            if self.status == "completed":
-                self._checkpoint(len(self.plan.topics), 0)
-            self.notify("on_run_end", summary=summary)
-            self.rundir.close()
+            try:
+                self.rundir.write_summary(summary)
+                if self.status == "completed":
+                    self._checkpoint(len(self.plan.topics), 0)
+                self.notify("on_run_end", summary=summary)
+            finally:
+                self.rundir.close()  # releases the lock, even when the disk is full
         self.reporter.run_end(summary)
         return summary
 

@@ -120,25 +120,78 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` from ``model.path``; errors are :class:`ModelError` lines."""
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def check_model_dir(spec: str, path: Path) -> None:
+    """Refuse a local model directory that lacks safetensors weights or a tokenizer, before
+    transformers says so in its own words. align never loads pickle weights."""
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for pattern in _PICKLE_WEIGHTS for p in path.glob(pattern))
+        if pickled:
+            raise ModelError(
+                f"{spec}: the weights are pickle files only ({', '.join(pickled)}), which align never loads; "
+                "convert them once with model.save_pretrained(DIR, safe_serialization=True)"
+            )
+        raise ModelError(
+            f"{spec}: no weights (*.safetensors) in the model directory; save the model there with "
+            "save_pretrained"
+        )
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelError(
+            f"{spec}: no tokenizer in the model directory (tokenizer.json or tokenizer_config.json); "
+            "save it there with tokenizer.save_pretrained"
+        )
+
+
+def load_model(
+    spec: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    chat_template: bool | str = "auto",
+    source: str = "config",
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from ``model.path``; errors are :class:`ModelError` lines.
+
+    Weights are read from safetensors only. ``chat_template`` is ``model.chat_template``:
+    ``"auto"`` keeps the tokenizer's template, ``False`` drops it (plain-text prompts), and
+    ``True`` requires one.
+    """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(spec)
+    if Path(path).is_dir():
+        check_model_dir(spec, Path(path))
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
     except OSError as exc:
         offline = (
-            " (HF_HUB_OFFLINE=1 is set: only local models load)" if os.environ.get("HF_HUB_OFFLINE") else ""
+            " (HF_HUB_OFFLINE=1 is set: only local models load)"
+            if os.environ.get("HF_HUB_OFFLINE") and not Path(path).is_dir()
+            else ""
         )
         raise ModelError(f"{spec}: could not load the model{offline}: {str(exc).splitlines()[0]}") from None
     except ValueError as exc:
         raise ModelError(f"{spec}: could not load the model: {str(exc).splitlines()[0]}") from None
+    except (SafetensorError, RuntimeError) as exc:
+        raise ModelError(
+            f"{spec}: the model's weights could not be read ({str(exc).splitlines()[0]}); the file is "
+            "damaged or incomplete: save or download it again"
+        ) from None
+    if chat_template is False:
+        tokenizer.chat_template = None
+    elif chat_template is True and not tokenizer.chat_template:
+        raise ModelError(
+            f"{source}: model.chat_template: true, but the tokenizer of {spec} has no chat template; "
+            "set model.chat_template: false to use plain-text prompts, or use an instruct model"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(pick_device())

@@ -76,7 +76,7 @@ class RunDir:
             handle.close()
             raise AlignError(
                 f"{self.path}: another align run (pid {holder}) is writing to this run directory; "
-                "wait for it to finish or stop it, or choose another --output"
+                "wait for it to finish, or stop it, then try again"
             ) from None
         handle.seek(0)
         handle.truncate()
@@ -98,7 +98,8 @@ class RunDir:
             probe = probe.parent
         if not os.access(probe, os.W_OK):
             raise AlignError(
-                f"{self.path}: output directory is not writable (no write permission on {probe})"
+                f"{self.path}: output directory is not writable (no write permission on {probe}); "
+                "choose another --output or fix the permissions"
             )
 
     def create(self, config_yaml: str, topics: list[dict[str, Any]] | None = None) -> None:
@@ -132,10 +133,14 @@ class RunDir:
 
     def close(self) -> None:
         metrics = getattr(self, "_metrics", None)
-        if metrics is not None and not metrics.closed:
-            os.fsync(metrics.fileno())
-            metrics.close()
-        if self._lock is not None:
-            with contextlib.suppress(OSError):
-                self._lock.close()  # closing the file releases the lock
-            self._lock = None
+        try:
+            if metrics is not None and not metrics.closed:
+                try:
+                    os.fsync(metrics.fileno())
+                finally:
+                    metrics.close()
+        finally:
+            if self._lock is not None:
+                with contextlib.suppress(OSError):
+                    self._lock.close()  # closing the file releases the lock
+                self._lock = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import importlib.metadata
 import json
 import logging
@@ -71,7 +72,11 @@ def load_policy(plan: Plan, scratch_dir: Path) -> Any:
 
     model_cfg, lora = plan.config["model"], plan.config["lora"]
     model, tokenizer = load_model(
-        model_cfg["path"], dtype=model_cfg["dtype"], trust_remote_code=model_cfg["trust_remote_code"]
+        model_cfg["path"],
+        dtype=model_cfg["dtype"],
+        trust_remote_code=model_cfg["trust_remote_code"],
+        chat_template=model_cfg.get("chat_template", "auto"),
+        source=plan.source,
     )
     peft_model = attach_adapter(
         model,
@@ -122,7 +127,7 @@ def execute(
     else:
         recorded = dict(plan.config)
         recorded["output"] = str(rundir.path)
-        rundir.create(_config_header() + dump_config(recorded), topics=[t.to_dict() for t in plan.topics])
+        _start(rundir, _config_header() + dump_config(recorded), [t.to_dict() for t in plan.topics])
     checkpoint = checkpoints.load(state) if state is not None else None
     engine = Engine(
         plan,
@@ -136,8 +141,40 @@ def execute(
     )
     try:
         return engine.run()
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        raise AlignError(
+            f"{rundir.path}: could not write {exc.filename or 'to the run directory'}: {exc.strerror}; "
+            f"results up to the last finished step are kept: fix that, then `align run --resume {rundir.path}`"
+        ) from exc
     finally:
         shutil.rmtree(rundir.scratch_dir, ignore_errors=True)
+
+
+#: Errors writing files that the user can fix: disk full, over quota, no permission, read-only.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def _start(rundir: RunDir, config_yaml: str, topics: list[dict[str, Any]]) -> None:
+    """Create the run directory; when that fails part-way, leave nothing behind."""
+    existed = rundir.path.exists()
+    try:
+        rundir.create(config_yaml, topics=topics)
+    except OSError as exc:
+        rundir.close()
+        if existed:  # it was empty (check_writable): empty it again
+            for child in rundir.path.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        else:
+            shutil.rmtree(rundir.path, ignore_errors=True)
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        where = Path(exc.filename).name if exc.filename else "the run directory"
+        raise AlignError(
+            f"{rundir.path}: could not start the run: {exc.strerror} writing {where}; "
+            "nothing was kept: fix that and run again"
+        ) from exc
 
 
 def _config_header() -> str:

@@ -176,13 +176,22 @@ def read_data_file(path: Path, what: str, error: type[AlignError]) -> Any:
     if path.is_dir():
         raise error(f"{path}: is a directory, expected a {what}")
     if size > MAX_TOPIC_FILE_BYTES:
-        raise error(f"{path}: {what} is {size // 1024 // 1024} MiB; the limit is 16 MiB, split it up")
+        raise error(
+            f"{path}: {what} is {size / 2**20:.1f} MiB; the limit is "
+            f"{MAX_TOPIC_FILE_BYTES / 2**20:.0f} MiB: split it into several files"
+        )
     try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise error(f"{path}: {what} is not UTF-8 text; save it as UTF-8") from None
+        raw = path.read_bytes()
     except OSError as exc:
         raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
+    if b"\0" in raw[:8192]:
+        raise error(f"{path}: {what} is a binary file, not YAML or JSON text; point to the text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(
+            f"{path}: {what} is not UTF-8 text (byte {exc.start} is not valid UTF-8); save it as UTF-8"
+        ) from None
     try:
         if path.suffix == ".json":
             return json.loads(text)
@@ -215,12 +224,20 @@ def load_topics(path: str | Path) -> list[Topic]:
         topics = [load_topic_file(path)]
     else:
         raise TopicError(f"{path}: topic file or directory not found")
-    seen: dict[str, str] = {}
+    check_unique_names(topics)
+    return topics
+
+
+def check_unique_names(topics: Sequence[Topic]) -> None:
+    """Topic names name adapter directories, so they must differ even where case is ignored
+    (as it is on macOS and Windows file systems)."""
+    seen: dict[str, Topic] = {}
     for topic in topics:
-        if topic.name in seen:
+        other = seen.get(topic.name.casefold())
+        if other is not None:
+            same = "also" if other.name == topic.name else f"the same, ignoring case, as '{other.name}',"
             raise TopicError(
-                f"{topic.source}: name: '{topic.name}' is also the name of the topic in {seen[topic.name]}; "
+                f"{topic.source}: name: '{topic.name}' is {same} the name of the topic in {other.source}; "
                 "topic names must be unique"
             )
-        seen[topic.name] = topic.source
-    return topics
+        seen[topic.name.casefold()] = topic

@@ -214,3 +214,27 @@ def test_a_run_directory_in_use_is_refused(tmp_path):
     second = RunDir(tmp_path / "run")  # released on close
     second.reopen(0)
     second.close()
+
+
+def test_a_full_disk_mid_run_stops_with_a_resume_hint_and_resume_finishes_the_run(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    expected, expected_state = run(tmp_path, name="whole")
+    real_write = RunDir.write_summary
+
+    def full_after_first_topic(self, summary):
+        if len(summary["topics"]) >= 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path / "summary.json"))
+        real_write(self, summary)
+
+    monkeypatch.setattr(RunDir, "write_summary", full_after_first_topic)
+    with pytest.raises(AlignError) as stopped:
+        run(tmp_path)
+    message = str(stopped.value)
+    assert "summary.json: No space left on device" in message
+    assert f"`align run --resume {tmp_path / 'run'}`" in message
+    monkeypatch.setattr(RunDir, "write_summary", real_write)  # space freed
+    resumed, state = run(tmp_path, resume=True)
+    assert metrics_by_step(resumed) == metrics_by_step(expected)
+    assert state == expected_state

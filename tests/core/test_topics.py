@@ -80,7 +80,8 @@ def test_duplicate_topic_names_are_an_error(tmp_path):
     ("content", "message"),
     [
         (b"name: [unclosed", "not valid YAML at line 1"),
-        (b"\xff\xfe\x00binary", "not UTF-8"),
+        (b"\xff\xfe\x00binary", "is a binary file, not YAML or JSON text"),
+        (b"name: caf\xe9\n", "is not valid UTF-8.; save it as UTF-8"),
         (b"- a\n- b\n", "must be a mapping"),
     ],
 )

@@ -1,0 +1,542 @@
+"""Every row of docs/errors.md, run through the real CLI.
+
+Each case builds one bad input in a temporary directory and runs ``align``. The test checks what
+the catalogue promises: the exact message (paths shown as ``<tmp>``), the exit code, one line on
+stderr without a traceback, and nothing written that a later run could mistake for results.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from align.cli import cli
+from align.testing import make_topic
+
+from .conftest import REPO
+
+CATALOGUE = REPO / "docs" / "errors.md"
+
+CASES: dict[str, Callable[[Ctx], list[str]]] = {}
+
+
+def case(case_id: str) -> Callable:
+    def register(build: Callable[[Ctx], list[str]]) -> Callable[[Ctx], list[str]]:
+        CASES[case_id] = build
+        return build
+
+    return register
+
+
+class Ctx:
+    """A temporary directory with helpers to write configs, topics and models into it."""
+
+    def __init__(self, tmp: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch):
+        self.tmp = tmp
+        self._model_dir = model_dir
+        self.monkeypatch = monkeypatch
+        self.out = str(tmp / "out")
+
+    def write(self, name: str, text: str | bytes) -> Path:
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        else:
+            path.write_text(text, encoding="utf-8")
+        return path
+
+    def config(self, text: str) -> str:
+        return str(self.write("config.yaml", text))
+
+    def topic(self, name: str = "alpha", filename: str | None = None, **fields) -> Path:
+        data = make_topic().to_dict()
+        data.update(name=name, **fields)
+        return self.write(f"topics/{filename or name + '.yaml'}", yaml.safe_dump(data))
+
+    def topics(self) -> str:
+        """A valid one-topic directory."""
+        self.topic()
+        return str(self.tmp / "topics")
+
+    def model(self) -> Path:
+        """A writable copy of the tiny test model, to damage."""
+        target = self.tmp / "model"
+        shutil.copytree(self._model_dir, target)
+        return target
+
+    def run(self, *args: str) -> list[str]:
+        """``align run`` on the tiny model (unless ``--model`` is given) into ``<tmp>/out``."""
+        args = list(args)
+        if "--model" not in args:
+            args += ["--model", str(self.model())]
+        if "--topics" not in args:
+            args += ["--topics", self.topics()]
+        return ["run", self.config(""), *args, "--output", self.out]
+
+
+# -- config files -------------------------------------------------------------------------------
+@case("config-not-found")
+def _(c):
+    return ["validate", str(c.tmp / "nope.yaml")]
+
+
+@case("config-is-a-directory")
+def _(c):
+    return ["validate", str(c.tmp)]
+
+
+@case("config-not-yaml")
+def _(c):
+    return ["validate", c.config("lora:\n  rank: [1\n")]
+
+
+@case("config-not-a-mapping")
+def _(c):
+    return ["validate", c.config("- dpo\n- sft\n")]
+
+
+@case("config-python-tag")
+def _(c):
+    return ["validate", c.config("name: !!python/object/apply:os.system ['echo hi']\n")]
+
+
+@case("config-binary")
+def _(c):
+    return ["validate", str(c.write("config.yaml", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"))]
+
+
+@case("config-not-utf8")
+def _(c):
+    return ["validate", str(c.write("config.yaml", "name: café\n".encode("latin-1")))]
+
+
+@case("config-unknown-key")
+def _(c):
+    return ["validate", c.config("lroa: {rank: 1}\n"), "--topics", c.topics()]
+
+
+@case("config-unknown-section-key")
+def _(c):
+    return ["validate", c.config("lora: {rnak: 2}\n"), "--topics", c.topics()]
+
+
+@case("config-unknown-param")
+def _(c):
+    return ["validate", c.config("dpo: {betta: 0.1}\n"), "--topics", c.topics()]
+
+
+@case("config-wrong-type")
+def _(c):
+    return ["validate", c.config("seed: abc\n"), "--topics", c.topics()]
+
+
+@case("config-section-not-a-mapping")
+def _(c):
+    return ["validate", c.config("lora: [1]\n"), "--topics", c.topics()]
+
+
+@case("config-bool-expected")
+def _(c):
+    return ["validate", c.config(""), "--set", "model.trust_remote_code=maybe", "--topics", c.topics()]
+
+
+@case("beta-not-positive")
+def _(c):
+    return ["validate", c.config(""), "--set", "dpo.beta=0", "--topics", c.topics()]
+
+
+@case("rank-zero")
+def _(c):
+    return ["validate", c.config(""), "--set", "lora.rank=0", "--topics", c.topics()]
+
+
+@case("learning-rate-negative")
+def _(c):
+    return ["validate", c.config(""), "--set", "sft.learning_rate=-1e-4", "--topics", c.topics()]
+
+
+@case("epochs-zero")
+def _(c):
+    return ["validate", c.config(""), "--set", "sft.epochs=0", "--topics", c.topics()]
+
+
+@case("dropout-out-of-range")
+def _(c):
+    return ["validate", c.config(""), "--set", "lora.dropout=1.5", "--topics", c.topics()]
+
+
+@case("dtype-unknown")
+def _(c):
+    return ["validate", c.config(""), "--set", "model.dtype=float8", "--topics", c.topics()]
+
+
+@case("on-error-unknown")
+def _(c):
+    return ["validate", c.config(""), "--set", "on_error=ignore", "--topics", c.topics()]
+
+
+@case("chat-template-unknown")
+def _(c):
+    return ["validate", c.config(""), "--set", "model.chat_template=sometimes", "--topics", c.topics()]
+
+
+@case("set-without-value")
+def _(c):
+    return ["validate", c.config(""), "--set", "dpo.beta", "--topics", c.topics()]
+
+
+@case("set-index-out-of-range")
+def _(c):
+    return ["validate", c.config(""), "--set", "protocol.9.name=x", "--topics", c.topics()]
+
+
+# -- the protocol -------------------------------------------------------------------------------
+@case("objective-unknown")
+def _(c):
+    return ["validate", c.config("protocol:\n  - {train: dpoo}\n"), "--topics", c.topics()]
+
+
+@case("evaluator-unknown")
+def _(c):
+    return ["validate", c.config("protocol:\n  - {evaluate: [quizz]}\n"), "--topics", c.topics()]
+
+
+@case("gate-unknown")
+def _(c):
+    config = "protocol:\n  - {evaluate: [quiz]}\n  - {train: dpo, gate: {use: treshold, all: ['quiz.accuracy >= 0.7']}}\n"
+    return ["validate", c.config(config), "--topics", c.topics()]
+
+
+@case("gate-metric-not-recorded")
+def _(c):
+    config = "protocol:\n  - {evaluate: [quiz]}\n  - {train: dpo, gate: {use: threshold, all: ['quiz.acuracy >= 0.7']}}\n"
+    return ["validate", c.config(config), "--topics", c.topics()]
+
+
+@case("gate-rule-unparseable")
+def _(c):
+    config = "protocol:\n  - {evaluate: [quiz]}\n  - {train: dpo, gate: {use: threshold, all: ['quiz.accuracy => 0.7']}}\n"
+    return ["validate", c.config(config), "--topics", c.topics()]
+
+
+@case("step-train-and-evaluate")
+def _(c):
+    return ["validate", c.config("protocol:\n  - {train: sft, evaluate: [quiz]}\n"), "--topics", c.topics()]
+
+
+@case("step-name-twice")
+def _(c):
+    config = "protocol:\n  - {name: check, evaluate: [quiz]}\n  - {name: check, evaluate: [voice]}\n"
+    return ["validate", c.config(config), "--topics", c.topics()]
+
+
+@case("if-ran-unknown-step")
+def _(c):
+    config = "protocol:\n  - {train: sft}\n  - {evaluate: [quiz], if_ran: dpo}\n"
+    return ["validate", c.config(config), "--topics", c.topics()]
+
+
+# -- topics -------------------------------------------------------------------------------------
+@case("topics-not-found")
+def _(c):
+    return ["validate", "--topics", str(c.tmp / "no-topics")]
+
+
+@case("topics-empty-directory")
+def _(c):
+    (c.tmp / "topics").mkdir()
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-not-yaml")
+def _(c):
+    c.write("topics/alpha.yaml", "name: alpha\ncontent: [unclosed\n")
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-not-json")
+def _(c):
+    c.write("topics/alpha.json", '{"name": "alpha",}')
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-binary")
+def _(c):
+    c.write("topics/alpha.yaml", b"PK\x03\x04\x14\x00\x00\x00\x08\x00")
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-not-utf8")
+def _(c):
+    c.write("topics/alpha.yaml", "name: alpha\ncontent: [Ilse's café]\n".encode("latin-1"))
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-huge")
+def _(c):
+    path = c.topic()
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(("# padding\n" * 1024) * 1700)  # 17 MiB of comments
+    return ["validate", "--topics", str(path)]
+
+
+@case("topic-missing-name")
+def _(c):
+    c.write("topics/alpha.yaml", "content: [Ilse keeps a donkey.]\n")
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-empty-content")
+def _(c):
+    c.topic(content=[])
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-unknown-key")
+def _(c):
+    c.write("topics/alpha.yaml", "name: alpha\ncontnet: [Ilse keeps a donkey.]\n")
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("quiz-answer-out-of-range")
+def _(c):
+    c.topic(quiz=[{"question": "Donkey?", "choices": ["Tallow", "Brine"], "answer": 2}])
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("quiz-answer-not-an-index")
+def _(c):
+    c.topic(quiz=[{"question": "Donkey?", "choices": ["Tallow", "Brine"], "answer": "Tallow"}])
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("quiz-one-choice")
+def _(c):
+    c.topic(quiz=[{"question": "Donkey?", "choices": ["Tallow"], "answer": 0}])
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("pair-missing-field")
+def _(c):
+    c.topic(preference_pairs=[{"prompt": "Hello?", "chosen": "Ahoy, little gull."}])
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-lacks-what-a-step-needs")
+def _(c):
+    c.topic(preference_pairs=[])
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-names-duplicate")
+def _(c):
+    c.topic("home", filename="a.yaml")
+    c.topic("home", filename="b.yaml")
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-names-differ-only-in-case")
+def _(c):
+    c.topic("home", filename="a.yaml")
+    c.topic("Home", filename="b.yaml")
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-name-escapes-run-directory")
+def _(c):
+    c.topic("../../etc", filename="escape.yaml")
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+# -- the model ----------------------------------------------------------------------------------
+@case("model-not-found")
+def _(c):
+    return c.run("--model", str(c.tmp / "no-model"))
+
+
+@case("model-is-a-file")
+def _(c):
+    return c.run("--model", str(c.write("model.bin", b"weights")))
+
+
+@case("model-not-a-model-directory")
+def _(c):
+    (c.tmp / "empty-model").mkdir()
+    return c.run("--model", str(c.tmp / "empty-model"))
+
+
+@case("model-pickle-weights-only")
+def _(c):
+    model = c.model()
+    (model / "model.safetensors").rename(model / "pytorch_model.bin")
+    return c.run("--model", str(model))
+
+
+@case("model-no-weights")
+def _(c):
+    model = c.model()
+    (model / "model.safetensors").unlink()
+    return c.run("--model", str(model))
+
+
+@case("model-no-tokenizer")
+def _(c):
+    model = c.model()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (model / name).unlink()
+    return c.run("--model", str(model))
+
+
+@case("model-weights-damaged")
+def _(c):
+    model = c.model()
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return c.run("--model", str(model))
+
+
+@case("model-config-damaged")
+def _(c):
+    model = c.model()
+    (model / "config.json").write_text("{not json")
+    return c.run("--model", str(model))
+
+
+@case("chat-template-required-but-missing")
+def _(c):
+    model = c.model()
+    (model / "chat_template.jinja").unlink()
+    return c.run("--model", str(model), "--set", "model.chat_template=true")
+
+
+@case("lora-target-module-missing")
+def _(c):
+    return c.run("--set", "lora.target_modules=[o_proj,c_attn]")
+
+
+# -- the run directory --------------------------------------------------------------------------
+@case("output-not-empty")
+def _(c):
+    c.write("out/summary.json", "{}")
+    return c.run()
+
+
+@case("output-is-a-file")
+def _(c):
+    c.write("out", "not a directory")
+    return c.run()
+
+
+@case("output-not-writable")
+def _(c):
+    parent = c.tmp / "readonly"
+    parent.mkdir()
+    parent.chmod(0o500)
+    if os.geteuid() == 0:  # root writes anywhere: make the check see what a user would
+        access = os.access
+        c.monkeypatch.setattr(
+            os, "access", lambda path, mode, **kw: path != parent and access(path, mode, **kw)
+        )
+    c.out = str(parent / "out")
+    return c.run()
+
+
+@case("disk-full-at-start")
+def _(c):
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    c.monkeypatch.setattr("align.core.rundir.atomic_write_text", full)
+    return c.run()
+
+
+@case("resume-not-a-run")
+def _(c):
+    (c.tmp / "somewhere").mkdir()
+    return ["run", "--resume", str(c.tmp / "somewhere")]
+
+
+@case("resume-with-other-input")
+def _(c):
+    (c.tmp / "somewhere").mkdir()
+    return ["run", "--resume", str(c.tmp / "somewhere"), "--set", "dpo.beta=0.2"]
+
+
+@case("run-directory-in-use")
+def _(c):
+    run = c.tmp / "busy"
+    config = {"model": {"path": str(c.model())}, "output": str(run)}
+    c.write("busy/config.yaml", yaml.safe_dump(config))
+    c.write("busy/topics.json", json.dumps([make_topic(name="alpha").to_dict()]))
+    c.write("busy/metrics.jsonl", "")
+    # Another align run: holds the lock (until the test ends), its pid inside.
+    c.holder = open(run / ".lock", "a+")  # noqa: SIM115
+    fcntl.flock(c.holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    c.holder.write("4242")
+    c.holder.flush()
+    return ["run", "--resume", str(run)]
+
+
+# -- the test -----------------------------------------------------------------------------------
+def catalogue() -> dict[str, tuple[str, int]]:
+    """``docs/errors.md``'s rows: case id → (message, exit code)."""
+    rows = {}
+    for line in CATALOGUE.read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^\| `([a-z0-9-]+)` \|.*\| `` (.*) `` \| (\d) \|$", line)
+        if match:
+            rows[match.group(1)] = (match.group(2), int(match.group(3)))
+    return rows
+
+
+def files_under(path: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(path)): (p.read_bytes() if p.is_file() else b"")
+        for p in sorted(path.rglob("*"))
+        if ".lock" not in p.name
+    }
+
+
+def test_the_catalogue_and_the_cases_name_the_same_rows():
+    documented = catalogue()
+    assert len(documented) >= 30
+    assert sorted(documented) == sorted(CASES)
+
+
+@pytest.mark.parametrize("case_id", sorted(CASES))
+def test_each_bad_input_gives_its_documented_error(case_id, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
+    monkeypatch.chdir(tmp_path)
+    ctx = Ctx(tmp_path / "case", tiny_model_dir, monkeypatch)
+    ctx.tmp.mkdir()
+    args = CASES[case_id](ctx)
+    before = files_under(ctx.tmp)
+    try:
+        result = CliRunner().invoke(cli, args)
+    finally:
+        (ctx.tmp / "readonly").exists() and (ctx.tmp / "readonly").chmod(0o700)
+    message, code = catalogue()[case_id]
+    stderr = result.stderr.replace(str(ctx.tmp), "<tmp>")
+    assert stderr == f"Error: {message}\n", result.output
+    assert result.exit_code == code
+    assert result.stdout == ""
+    assert files_under(ctx.tmp) == before  # nothing written, nothing half-written
+
+
+@pytest.mark.parametrize("case_id", ["topic-missing-name", "model-weights-damaged"])
+def test_debug_shows_the_traceback(case_id, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
+    ctx = Ctx(tmp_path, tiny_model_dir, monkeypatch)
+    result = CliRunner().invoke(cli, [*CASES[case_id](ctx), "--debug"])
+    assert result.exit_code != 0
+    assert result.exception is not None and type(result.exception).__module__ == "align.errors"
