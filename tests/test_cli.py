@@ -139,6 +139,9 @@ def test_run_on_a_tiny_model_end_to_end(runner, tmp_path, tiny_model_dir):
     assert [t["adapter"] for t in summary["topics"]] == ["adapters/first", "adapters/second"]
     for topic in ("first", "second"):
         assert (out / "adapters" / topic / "adapter_model.safetensors").is_file()
+    # Weights only as safetensors: no pickle (.bin, .pt) anywhere in what a run leaves.
+    suffixes = {p.suffix for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert suffixes <= {".yaml", ".json", ".jsonl", ".safetensors", ".md"}, suffixes
     recorded = yaml.safe_load((out / "config.yaml").read_text())
     assert recorded["model"]["path"] == str(tiny_model_dir)
     assert recorded["sft"]["learning_rate"] == 0.05
