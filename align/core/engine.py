@@ -214,20 +214,26 @@ class Engine:
         return forward
 
     def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call a lifecycle hook's implementations one by one. One that raises is recorded and
-        reported, never fatal: a hook watches the run, and a broken notifier must not cost hours
-        of training."""
+        """Call a lifecycle hook's implementations one by one.
+
+        One that raises is recorded (a ``hook_error`` event) and reported with its plugin, topic
+        and step; the other implementations are still called. Then ``on_error`` decides, as for
+        any plugin: ``skip`` goes on, ``stop`` stops the run with everything so far saved (a hook
+        runs after the checkpoint of what it watches, so ``--resume`` does not redo it).
+        """
         if self.hooks is None:
             return
+        failures = []
         for impl in reversed(getattr(self.hooks.hook, hook_name).get_hookimpls()):
             try:
                 impl.function(**{name: kwargs[name] for name in impl.argnames})
             except Exception as exc:
-                where = "".join(
-                    f" ({label} '{value}')"
+                labels = [
+                    f"{label} '{value}'"
                     for label, value in (("topic", self._current_topic), ("step", self._current_step))
                     if value
-                )
+                ]
+                where = f" ({', '.join(labels)})" if labels else ""
                 message = (
                     f"plugin '{impl.plugin_name}' raised in {hook_name}{where}: {type(exc).__name__}: {exc}"
                 )
@@ -240,7 +246,22 @@ class Engine:
                     hook=hook_name,
                     error=f"{type(exc).__name__}: {exc}",
                 )
-                self.reporter.warning(message)
+                failures.append((impl.plugin_name, message))
+        if not failures:
+            return
+        if self.on_error == "stop" and self.status in ("running", "completed"):
+            plugin, message = failures[0]
+            kept = (
+                "the run completed and its results are saved"
+                if self.status == "completed"
+                else (
+                    f"results so far are kept: fix the plugin, or disable it with ALIGN_DISABLE_PLUGINS={plugin}, "
+                    f"and `align run --resume {self.rundir.path}`"
+                )
+            )
+            raise RunStopped(f"{message}; {kept}, or set on_error: skip")
+        for _, message in failures:  # on_error: skip, or the run is already stopping
+            self.reporter.warning(message)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _checkpoint(self, topic_index: int, step_index: int) -> None:

@@ -55,9 +55,10 @@ def register_gates(register: Register) -> None:
 
 
 # -- lifecycle hooks: for code that watches a run (loggers, trackers, notifiers) -------------------
-# The engine calls every implementation in turn. One that raises is reported with its plugin's name
-# (a ``hook_error`` event in metrics.jsonl and a warning) and the run goes on: watching a run must
-# never cost its results.
+# The engine calls every implementation in turn. One that raises is recorded with its plugin's name
+# (a ``hook_error`` event in metrics.jsonl), the others are still called, and then ``on_error``
+# decides: ``stop`` ends the run with everything saved and resumable, ``skip`` warns and goes on.
+# A hook runs after the checkpoint of what it watches, so its failure never costs results.
 
 
 @hookspec

@@ -1,5 +1,7 @@
 """Lifecycle hooks and rollback guards, run through the real engine with stubs (align.testing)."""
 
+import json
+
 import pytest
 
 from align import hookimpl
@@ -106,23 +108,73 @@ def test_on_step_end_gets_gate_decisions_and_skips():
     assert "probe.know 0.20" in seen["dpo"]["gate"]["reason"]
 
 
-def test_a_raising_hook_is_reported_with_its_plugin_and_the_run_finishes():
-    class Broken:
-        @hookimpl
-        def on_step_end(self, step, result):
-            raise RuntimeError(f"tracker offline at {step}")
+class BrokenTracker:
+    @hookimpl
+    def on_step_end(self, step, result):
+        raise RuntimeError(f"tracker offline at {step}")
 
+
+def test_with_on_error_skip_a_raising_hook_is_reported_with_its_plugin_and_the_run_finishes():
     recorder = Recorder()
     plugin, state = knowledge_plugin(0.0)
-    result = run_protocol(PROTOCOL[:3], plugins=[plugin, Broken(), recorder], builtins=False, state=state)
+    result = run_protocol(
+        PROTOCOL[:3],
+        plugins=[plugin, BrokenTracker(), recorder],
+        builtins=False,
+        state=state,
+        config={"on_error": "skip"},
+    )
     assert result.summary["status"] == "completed"
     assert ("run_end", "completed") in recorder.calls  # other plugins still called
     errors = [e for e in result.events if e["kind"] == "hook_error"]
     assert len(errors) == 3
     assert errors[0]["hook"] == "on_step_end"
-    assert errors[0]["plugin"] == "Broken"
+    assert errors[0]["plugin"] == "BrokenTracker"
     assert errors[0]["error"] == "RuntimeError: tracker offline at before"
     assert (result.path / "adapters" / "topic" / "stub_adapter.json").exists()
+
+
+def test_by_default_a_raising_hook_stops_the_run_cleanly_and_resume_goes_on_after_it(tmp_path):
+    recorder = Recorder()
+    plugin, state = knowledge_plugin(0.0)
+    with pytest.raises(RunStopped) as stopped:
+        run_protocol(
+            PROTOCOL[:3],
+            plugins=[plugin, BrokenTracker(), recorder],
+            state=state,
+            builtins=False,
+            output=tmp_path / "run",
+        )
+    message = str(stopped.value)
+    assert message.startswith(
+        "plugin 'BrokenTracker' raised in on_step_end (topic 'topic', step 'before'): "
+        "RuntimeError: tracker offline at before; results so far are kept"
+    )
+    assert "ALIGN_DISABLE_PLUGINS=BrokenTracker" in message and "align run --resume" in message
+    assert recorder.calls[-1] == ("run_end", "failed")  # the other plugins heard the run end
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    state_file = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state_file["next"] == "topic 'topic', step 'sft'"  # the watched step is not redone
+
+
+def test_a_hook_raising_after_the_run_completed_is_an_error_but_the_results_are_saved(tmp_path):
+    class BrokenNotifier:
+        @hookimpl
+        def on_run_end(self, summary):
+            raise ConnectionError("mail server down")
+
+    plugin, state = knowledge_plugin(0.0)
+    with pytest.raises(RunStopped, match="the run completed and its results are saved"):
+        run_protocol(
+            PROTOCOL[:3],
+            plugins=[plugin, BrokenNotifier()],
+            state=state,
+            builtins=False,
+            output=tmp_path / "run",
+        )
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+    assert (tmp_path / "run" / "adapters" / "topic" / "stub_adapter.json").exists()
 
 
 def test_on_run_end_is_called_with_a_failed_status_when_a_step_raises():
