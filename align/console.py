@@ -74,6 +74,10 @@ class ConsoleReporter(Reporter):
         if result.rollback is not None:
             self._say(f"  {'':<10} rolled back: {result.rollback['reason']}")
 
+    def recheck_end(self, topic: Topic, results: Mapping[str, Mapping[str, float]]) -> None:
+        for row, (target, metrics) in enumerate(results.items()):
+            self._say(f"  {'recheck' if row == 0 else '':<10} {target}: {_metrics_text(metrics)}")
+
     def warning(self, message: str) -> None:
         if self._live_line:
             self.stream.write("\r\033[K")
