@@ -10,6 +10,12 @@ from align.core.engine import Reporter, StepResult
 from align.core.plan import Plan
 from align.core.topics import Topic
 
+#: The metric the end-of-run table shows the forgetting matrix of.
+FORGETTING_METRIC = "quiz.accuracy"
+#: An earlier topic whose quiz accuracy fell by more than this since its own last evaluation is
+#: flagged ``forgot`` in the end-of-run table.
+FORGOT_THRESHOLD = 0.1
+
 
 def _fmt(value: float | None) -> str:
     return "   -" if value is None else f"{value:4.2f}"
@@ -129,7 +135,39 @@ def summary_table(summary: Mapping[str, Any]) -> str:
                 lines.append(f"{'':<16}gate {step['step']}: {verdict} ({step['gate']['reason']})")
             if step.get("rollback"):
                 lines.append(f"{'':<16}rolled back {step['rollback']['step']}: {step['rollback']['reason']}")
+    lines += forgetting_table(summary.get("forgetting"))
     return "\n".join(lines)
+
+
+def forgetting_table(forgetting: Mapping[str, Any] | None) -> list[str]:
+    """The forgetting matrix of :data:`FORGETTING_METRIC` (a row per topic trained, a column per
+    topic measured), then each earlier topic's value now against its own last evaluation, flagged
+    ``forgot`` when it fell by more than :data:`FORGOT_THRESHOLD`. Nothing before a second topic."""
+    if not forgetting or FORGETTING_METRIC not in forgetting.get("metrics", {}):
+        return []
+    matrix = forgetting["metrics"][FORGETTING_METRIC]
+    if len(matrix) < 2:
+        return []
+    names = forgetting["topics"][: len(matrix)]
+    width = max(8, *(len(name) + 2 for name in names))
+    lines = ["", f"forgetting: {FORGETTING_METRIC} of each topic (column) right after training each (row)"]
+    header = f"{'after':<16}" + "".join(f"{name:>{width}}" for name in names)
+    lines += [header, "-" * len(header)]
+    for name, row in zip(names, matrix):
+        cells = [_fmt(value).strip() if value is not None else "" for value in row[: len(names)]]
+        lines.append((f"{name:<16}" + "".join(f"{cell:>{width}}" for cell in cells)).rstrip())
+    last = len(matrix) - 1
+    lines.append(
+        f"since each topic's own last evaluation (a fall of more than {FORGOT_THRESHOLD:.2f} is flagged):"
+    )
+    for index, name in enumerate(names[:last]):
+        own, now = matrix[index][index], matrix[last][index]
+        if own is None or now is None:
+            continue
+        change = now - own
+        forgot = ", forgot" if -change > FORGOT_THRESHOLD + 1e-9 else ""
+        lines.append(f"{name:<16}{own:4.2f} -> {now:4.2f}  ({change:+.2f}{forgot})")
+    return lines
 
 
 def _step(topic: Mapping[str, Any], name: str, kind: str) -> dict[str, Any] | None:

@@ -1,7 +1,10 @@
 """Forgetting across topics: after each topic the engine evaluates every earlier topic again."""
 
+import io
+
 import pytest
 
+from align.console import ConsoleReporter
 from align.core.plan import resolve_plan
 from align.core.runner import execute
 from align.errors import ConfigError, RunStopped
@@ -48,13 +51,13 @@ def harness_for(state, voice=None):
     return harness, quiz
 
 
-def run(tmp_path, voice=None, resume=False, name="run", **config):
+def run(tmp_path, voice=None, resume=False, name="run", reporter=None, **config):
     state = {}
     harness, quiz = harness_for(state, voice)
     data = {"protocol": PROTOCOL, "output": str(tmp_path / name), **config}
     plan = resolve_plan(data, "<test>", harness.registry, topics=TOPICS)
     policy = StubPolicy(state=state, scratch_dir=tmp_path / "scratch")
-    summary = execute(plan, policy=policy, hooks=harness.manager, resume=resume)
+    summary = execute(plan, reporter=reporter, policy=policy, hooks=harness.manager, resume=resume)
     return summary, quiz
 
 
@@ -109,6 +112,15 @@ def test_the_diagonal_is_the_topics_own_last_evaluation_even_after_a_partial_row
         for i, topic in enumerate(summary["topics"]):
             last = [s for s in topic["steps"] if s["kind"] == "eval" and s["status"] == "ran"][-1]
             assert matrix[i][i] == last["metrics"][metric]
+
+
+def test_the_console_shows_rechecks_and_flags_what_was_forgotten(tmp_path):
+    stream = io.StringIO()
+    run(tmp_path, reporter=ConsoleReporter(stream))
+    lines = stream.getvalue().splitlines()
+    assert "  recheck    t1: quiz.accuracy 0.25  voice.score 0.12" in lines
+    assert "t1              0.75 -> 0.25  (-0.50, forgot)" in lines
+    assert "t2              0.75 -> 0.50  (-0.25, forgot)" in lines
 
 
 def test_recheck_none_records_nothing_and_leaves_forgetting_out(tmp_path):
