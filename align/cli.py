@@ -154,7 +154,11 @@ def run(config, topics, model, overrides, output, strict_plugins, debug, resume,
         plugins, plan = _load_plan(
             strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
         )
-    execute(plan, reporter=ConsoleReporter(quiet=quiet), hooks=plugins.manager, resume=bool(resume))
+    reporter = ConsoleReporter(quiet=quiet)
+    try:
+        execute(plan, reporter=reporter, hooks=plugins.manager, resume=bool(resume))
+    finally:
+        reporter.close()  # the progress bars, also when the run stops
 
 
 def _resume_conflicts(config, topics, model, overrides, output) -> list[tuple[str, Any]]:

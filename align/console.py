@@ -1,4 +1,5 @@
-"""What ``align run`` prints: a line per step as it finishes, live loss on a terminal, and a table."""
+"""What ``align run`` prints: a line per step as it finishes, progress bars with ETA and the live
+loss on a terminal, and a table at the end."""
 
 from __future__ import annotations
 
@@ -22,20 +23,42 @@ def _fmt(value: float | None) -> str:
 
 
 class ConsoleReporter(Reporter):
+    """Prints the run as it goes.
+
+    On a terminal: a progress bar over the topics and one over the optimizer steps of the training
+    step in progress (ETA and the live loss), with a line per finished step above them. Elsewhere
+    (a file, a pipe, CI): only the lines. ``quiet``: nothing but warnings and errors (on stderr).
+    """
+
     def __init__(self, stream: TextIO | None = None, quiet: bool = False):
         self.stream = stream or sys.stdout
         self.quiet = quiet
-        self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._live_line = False
+        self.live = not quiet and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._topics_bar: Any = None
+        self._step_bar: Any = None
+        self._step_bar_name: str | None = None
 
     def _say(self, text: str) -> None:
         if self.quiet:
             return
-        if self._live_line:
-            self.stream.write("\r\033[K")
-            self._live_line = False
-        self.stream.write(text + "\n")
+        if self._topics_bar is not None or self._step_bar is not None:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=self.stream)  # above the bars, which are drawn again below
+        else:
+            self.stream.write(text + "\n")
         self.stream.flush()
+
+    def _bar(self, **options: Any) -> Any:
+        from tqdm import tqdm
+
+        # disable=False: align sets TQDM_DISABLE to silence the libraries' own bars, not these.
+        return tqdm(file=self.stream, disable=False, dynamic_ncols=True, **options)
+
+    def _close_step_bar(self) -> None:
+        if self._step_bar is not None:
+            self._step_bar.close()
+            self._step_bar = self._step_bar_name = None
 
     def run_start(self, plan: Plan, output: str) -> None:
         steps = " → ".join(step.name for step in plan.steps)
@@ -44,16 +67,36 @@ class ConsoleReporter(Reporter):
 
     def topic_start(self, index: int, total: int, topic: Topic) -> None:
         self._say(f"[{index + 1}/{total}] {topic.name}")
+        if not self.live:
+            return
+        if self._topics_bar is None:
+            self._topics_bar = self._bar(
+                total=total, initial=index, unit="topic", position=0, desc=f"topic {topic.name}"
+            )
+        else:
+            self._topics_bar.set_description_str(f"topic {topic.name}")
+
+    def topic_end(self, topic: Topic, result: Any) -> None:
+        self._close_step_bar()
+        if self._topics_bar is not None:
+            self._topics_bar.update(1)
 
     def step_log(self, step: str, logs: Mapping[str, float]) -> None:
-        if self.quiet or not self.live or "loss" not in logs:
+        if not self.live or "loss" not in logs:
             return
         done, total = int(logs.get("step", 0)), int(logs.get("max_steps", 0))
-        self.stream.write(f"\r\033[K  {step:<10} step {done}/{total}  loss {logs['loss']:.4f}")
-        self.stream.flush()
-        self._live_line = True
+        if self._step_bar_name != step:
+            self._close_step_bar()
+            # One refresh per optimizer step (a trainer logs each one), however fast they come.
+            self._step_bar = self._bar(
+                total=total or None, unit="step", position=1, leave=False, mininterval=0, desc=f"  {step}"
+            )
+            self._step_bar_name = step
+        self._step_bar.set_postfix_str(f"loss {logs['loss']:.4f}", refresh=False)
+        self._step_bar.update(done - self._step_bar.n)
 
     def step_end(self, topic: Topic, result: StepResult) -> None:
+        self._close_step_bar()
         if result.status == "failed":
             reason = result.error["reason"] if result.error else ""
             self._say(f"  {result.name:<10} failed: {reason}")
@@ -85,21 +128,31 @@ class ConsoleReporter(Reporter):
             self._say(f"  {'recheck' if row == 0 else '':<10} {target}: {_metrics_text(metrics)}")
 
     def warning(self, message: str) -> None:
-        if self._live_line:
-            self.stream.write("\r\033[K")
-            self._live_line = False
-        sys.stderr.write(f"Warning: {message}\n")
+        if self._topics_bar is not None or self._step_bar is not None:
+            from tqdm import tqdm
+
+            tqdm.write(f"Warning: {message}", file=sys.stderr)
+        else:
+            sys.stderr.write(f"Warning: {message}\n")
         sys.stderr.flush()
 
     def note(self, message: str) -> None:
         self._say(message)
 
     def run_end(self, summary: Mapping[str, Any]) -> None:
+        self.close()
         if self.quiet:
             return
         self._say("")
         self._say(summary_table(summary))
         self._say(f"\nrun directory: {summary['output']} ({summary['seconds']:.0f}s)")
+
+    def close(self) -> None:
+        """Take the bars down (the run ended, or stopped)."""
+        self._close_step_bar()
+        if self._topics_bar is not None:
+            self._topics_bar.close()
+            self._topics_bar = None
 
 
 def _metrics_text(metrics: Mapping[str, float]) -> str:

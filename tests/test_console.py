@@ -100,3 +100,54 @@ def test_the_reporter_prints_each_recheck_under_its_topic():
         "  recheck    early_life: quiz.accuracy 0.71",
         "             work: quiz.accuracy 1.00",
     ]
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def report_a_topic(reporter):
+    from align.core.engine import StepResult, TopicResult
+    from align.testing import make_topic
+
+    plan = type(
+        "Plan", (), {"topics": [make_topic(name="home")], "steps": [], "config": {"model": {"path": "m"}}}
+    )
+    home = plan.topics[0]
+    reporter.run_start(plan, "runs/x")
+    reporter.topic_start(0, 1, home)
+    for done, loss in ((1, 0.9), (2, 0.7), (3, 0.5)):
+        reporter.step_log("sft", {"loss": loss, "step": done, "max_steps": 3})
+    sft = StepResult("sft", "train", "ran", {"sft.first_loss": 0.9, "sft.final_loss": 0.5, "sft.steps": 3})
+    reporter.step_end(home, sft)
+    reporter.topic_end(home, TopicResult("home", [sft]))
+    reporter.run_end({"steps": ["sft"], "topics": [], "output": "runs/x", "seconds": 1.0})
+
+
+def test_a_terminal_gets_progress_bars_with_the_live_loss():
+    stream = Terminal()
+    report_a_topic(ConsoleReporter(stream))
+    text = stream.getvalue()
+    assert "topic home" in text and "0/1" in text and "1/1" in text  # the topics bar
+    assert "3/3" in text and "loss 0.5000" in text and "<" in text  # the step bar: loss, ETA
+    assert "  sft        loss 0.900 → 0.500, 3 steps" in text
+
+
+def test_elsewhere_a_plain_line_per_step_and_no_bars():
+    stream = io.StringIO()
+    report_a_topic(ConsoleReporter(stream))
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and "loss 0.7000" not in stream.getvalue()
+    assert lines[:4] == [
+        "align: 1 topics, model m, output runs/x",
+        "protocol: ",
+        "[1/1] home",
+        "  sft        loss 0.900 → 0.500, 3 steps  [0.0s]",
+    ]
+
+
+def test_quiet_prints_nothing_even_on_a_terminal():
+    stream = Terminal()
+    report_a_topic(ConsoleReporter(stream, quiet=True))
+    assert stream.getvalue() == ""
