@@ -3,6 +3,7 @@ loss on a terminal, and a table at the end."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
@@ -16,6 +17,30 @@ FORGETTING_METRIC = "quiz.accuracy"
 #: An earlier topic whose quiz accuracy fell by more than this since its own last evaluation is
 #: flagged ``forgot`` in the end-of-run table.
 FORGOT_THRESHOLD = 0.1
+
+
+#: The handler :func:`configure_logging` installs (replaced, not stacked, when called again).
+_LOG_HANDLER_NAME = "align-console"
+
+
+def configure_logging(verbosity: int) -> None:
+    """Set up the standard :mod:`logging` module for ``align run -v``: ``0`` leaves it alone
+    (warnings only), ``1`` shows align's INFO messages (model load, adapter, steps with their
+    durations), ``2`` or more align's DEBUG (checkpoints, adapters saved) and the libraries' INFO
+    (transformers, TRL, PEFT). Messages go to stderr, apart from the run's own output."""
+    if verbosity <= 0:
+        return
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if h.get_name() == _LOG_HANDLER_NAME]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_LOG_HANDLER_NAME)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    logging.getLogger("align").setLevel(logging.INFO if verbosity == 1 else logging.DEBUG)
+    if verbosity >= 2:
+        for library in ("transformers", "trl", "peft"):
+            logging.getLogger(library).setLevel(logging.INFO)
 
 
 def _fmt(value: float | None) -> str:

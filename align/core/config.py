@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -205,6 +206,8 @@ def _check_base(config: dict[str, Any], source: str) -> None:
                 key,
                 f"expected one of {', '.join(valid)}, got {config[key]!r}{closest(str(config[key]), valid)}",
             )
+    if config["report_to"] == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        fail("report_to", "tensorboard is not installed; `pip install tensorboard`, or set report_to: none")
     if config["name"] is not None and ("/" in config["name"] or config["name"] in ("", ".", "..")):
         fail("name", f"'{config['name']}' must be a plain directory name (no '/')")
     model = config["model"]

@@ -18,6 +18,7 @@ training did to earlier topics (``forgetting``).
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import math
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -30,6 +31,8 @@ from align.core.plan import Component, Plan, Step
 from align.core.rundir import RunDir
 from align.core.topics import Topic
 from align.errors import AlignError, NonFiniteTraining, RunStopped
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -364,13 +367,21 @@ class Engine:
             self._snapshots.clear()
         self._in_progress = result
         if hasattr(self.policy, "set_log_target"):
-            self.policy.set_log_target(self.on_trainer_log(topic.name))
+            self.policy.set_log_target(self.on_trainer_log(topic.name), topic=topic.name)
         for step_index in range(first_step, len(self.plan.steps)):
             step = self.plan.steps[step_index]
             self._current_step = step.name
             if self.seed_step is not None:
                 self.seed_step(index * len(self.plan.steps) + step_index)
+            logger.info("topic '%s': step '%s' starts", topic.name, step.name)
             step_result = self.run_step(step, topic, result)
+            logger.info(
+                "topic '%s': step '%s' %s in %.2fs",
+                topic.name,
+                step.name,
+                step_result.status,
+                step_result.seconds,
+            )
             result.steps.append(step_result)
             if step_result.status == "failed" and self.on_error == "stop":
                 result.steps.pop()  # a resumed run runs this step again
@@ -395,10 +406,15 @@ class Engine:
         if self._rechecks(index):
             if self.seed_step is not None:
                 self.seed_step(index * len(self.plan.steps) + len(self.plan.steps))
+            started = self.clock()
             result.recheck = self.recheck_earlier(topic, index)
+            logger.info(
+                "topic '%s': rechecked %d earlier topics in %.2fs", topic.name, index, self.clock() - started
+            )
             self.reporter.recheck_end(topic, result.recheck)
         adapter_dir = self.rundir.adapter_dir(topic.name)
         self.policy.save_adapter(adapter_dir)
+        logger.debug("topic '%s': adapter saved to %s", topic.name, adapter_dir)
         result.adapter = str(adapter_dir.relative_to(self.rundir.path))
         return result
 
