@@ -83,6 +83,7 @@ class TopicResult:
     adapter: str | None = None
     #: Earlier topic → its metrics measured again after this topic (``recheck: earlier``).
     recheck: dict[str, dict[str, float]] = field(default_factory=dict)
+    recheck_seconds: float = 0.0
 
     def latest(self) -> dict[str, float]:
         """The latest value of every metric recorded so far for this topic (what gates read)."""
@@ -115,13 +116,18 @@ class TopicResult:
         }
         if self.recheck:
             data["recheck"] = self.recheck
+            data["recheck_seconds"] = round(self.recheck_seconds, 3)
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TopicResult:
         recheck = {target: dict(metrics) for target, metrics in data.get("recheck", {}).items()}
         return cls(
-            data["topic"], [StepResult.from_dict(s) for s in data["steps"]], data.get("adapter"), recheck
+            data["topic"],
+            [StepResult.from_dict(s) for s in data["steps"]],
+            data.get("adapter"),
+            recheck,
+            float(data.get("recheck_seconds", 0.0)),
         )
 
 
@@ -408,8 +414,9 @@ class Engine:
                 self.seed_step(index * len(self.plan.steps) + len(self.plan.steps))
             started = self.clock()
             result.recheck = self.recheck_earlier(topic, index)
+            result.recheck_seconds = self.clock() - started
             logger.info(
-                "topic '%s': rechecked %d earlier topics in %.2fs", topic.name, index, self.clock() - started
+                "topic '%s': rechecked %d earlier topics in %.2fs", topic.name, index, result.recheck_seconds
             )
             self.reporter.recheck_end(topic, result.recheck)
         adapter_dir = self.rundir.adapter_dir(topic.name)

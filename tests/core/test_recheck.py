@@ -90,6 +90,7 @@ def test_the_forgetting_matrix_holds_each_topic_after_every_later_one(tmp_path):
         "t2": {"quiz.accuracy": 0.5, "voice.score": 0.25},
     }
     assert "recheck" not in summary["topics"][0]
+    assert isinstance(summary["topics"][2]["recheck_seconds"], float)
 
 
 def test_one_recheck_event_per_earlier_topic_each_evaluator_once(tmp_path):
