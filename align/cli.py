@@ -106,9 +106,20 @@ def _with_plan_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return _config_argument(command)
 
 
+_verbose_option = click.option(
+    "--verbose",
+    "-v",
+    count=True,
+    help="Log what align does to stderr: -v model load, adapter and steps with durations; -vv also "
+    "checkpoints and the libraries' (transformers, TRL) messages. Default: warnings only.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="align")
-def cli() -> None:
+@_verbose_option
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
     """Teach a language model a person's knowledge and voice, topic by topic, with one rank-1 LoRA adapter.
 
     \b
@@ -118,6 +129,7 @@ def cli() -> None:
     align plugins                  every plugin as JSON
     align new-plugin NAME          a plugin package with tests, ready to pip install
     """
+    ctx.meta["align.verbose"] = verbose
 
 
 @cli.command()
@@ -129,15 +141,18 @@ def cli() -> None:
     help="Continue the run in RUN_DIR from its last finished step (after a crash, Ctrl-C or a failed step).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
+@_verbose_option
 @_handle_errors
-def run(config, topics, model, overrides, output, strict_plugins, debug, resume, quiet):
+def run(config, topics, model, overrides, output, strict_plugins, debug, resume, quiet, verbose):
     """Run the protocol over every topic. CONFIG defaults to the built-in demo.
 
     \b
     align run --resume runs/demo-20261125-101500   continue a killed or stopped run
     """
-    from align.console import ConsoleReporter
+    from align.console import ConsoleReporter, configure_logging
     from align.core.runner import execute, resume_plan_options, run_status
+
+    configure_logging(verbose + click.get_current_context().meta.get("align.verbose", 0))
 
     if resume:
         given = [flag for flag, value in _resume_conflicts(config, topics, model, overrides, output) if value]
@@ -154,7 +169,11 @@ def run(config, topics, model, overrides, output, strict_plugins, debug, resume,
         plugins, plan = _load_plan(
             strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
         )
-    execute(plan, reporter=ConsoleReporter(quiet=quiet), hooks=plugins.manager, resume=bool(resume))
+    reporter = ConsoleReporter(quiet=quiet)
+    try:
+        execute(plan, reporter=reporter, hooks=plugins.manager, resume=bool(resume))
+    finally:
+        reporter.close()  # the progress bars, also when the run stops
 
 
 def _resume_conflicts(config, topics, model, overrides, output) -> list[tuple[str, Any]]:

@@ -1,7 +1,9 @@
-"""What ``align run`` prints: a line per step as it finishes, live loss on a terminal, and a table."""
+"""What ``align run`` prints: a line per step as it finishes, progress bars with ETA and the live
+loss on a terminal, and a table at the end."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
@@ -10,26 +12,78 @@ from align.core.engine import Reporter, StepResult
 from align.core.plan import Plan
 from align.core.topics import Topic
 
+#: The metric the end-of-run table shows the forgetting matrix of.
+FORGETTING_METRIC = "quiz.accuracy"
+#: An earlier topic whose quiz accuracy fell by more than this since its own last evaluation is
+#: flagged ``forgot`` in the end-of-run table.
+FORGOT_THRESHOLD = 0.1
+
+
+#: The handler :func:`configure_logging` installs (replaced, not stacked, when called again).
+_LOG_HANDLER_NAME = "align-console"
+
+
+def configure_logging(verbosity: int) -> None:
+    """Set up the standard :mod:`logging` module for ``align run -v``: ``0`` leaves it alone
+    (warnings only), ``1`` shows align's INFO messages (model load, adapter, steps with their
+    durations), ``2`` or more align's DEBUG (checkpoints, adapters saved) and the libraries' INFO
+    (transformers, TRL, PEFT). Messages go to stderr, apart from the run's own output."""
+    if verbosity <= 0:
+        return
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if h.get_name() == _LOG_HANDLER_NAME]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_LOG_HANDLER_NAME)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    logging.getLogger("align").setLevel(logging.INFO if verbosity == 1 else logging.DEBUG)
+    if verbosity >= 2:
+        for library in ("transformers", "trl", "peft"):
+            logging.getLogger(library).setLevel(logging.INFO)
+
 
 def _fmt(value: float | None) -> str:
     return "   -" if value is None else f"{value:4.2f}"
 
 
 class ConsoleReporter(Reporter):
+    """Prints the run as it goes.
+
+    On a terminal: a progress bar over the topics and one over the optimizer steps of the training
+    step in progress (ETA and the live loss), with a line per finished step above them. Elsewhere
+    (a file, a pipe, CI): only the lines. ``quiet``: nothing but warnings and errors (on stderr).
+    """
+
     def __init__(self, stream: TextIO | None = None, quiet: bool = False):
         self.stream = stream or sys.stdout
         self.quiet = quiet
-        self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._live_line = False
+        self.live = not quiet and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._topics_bar: Any = None
+        self._step_bar: Any = None
+        self._step_bar_name: str | None = None
 
     def _say(self, text: str) -> None:
         if self.quiet:
             return
-        if self._live_line:
-            self.stream.write("\r\033[K")
-            self._live_line = False
-        self.stream.write(text + "\n")
+        if self._topics_bar is not None or self._step_bar is not None:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=self.stream)  # above the bars, which are drawn again below
+        else:
+            self.stream.write(text + "\n")
         self.stream.flush()
+
+    def _bar(self, **options: Any) -> Any:
+        from tqdm import tqdm
+
+        # disable=False: align sets TQDM_DISABLE to silence the libraries' own bars, not these.
+        return tqdm(file=self.stream, disable=False, dynamic_ncols=True, **options)
+
+    def _close_step_bar(self) -> None:
+        if self._step_bar is not None:
+            self._step_bar.close()
+            self._step_bar = self._step_bar_name = None
 
     def run_start(self, plan: Plan, output: str) -> None:
         steps = " → ".join(step.name for step in plan.steps)
@@ -38,16 +92,36 @@ class ConsoleReporter(Reporter):
 
     def topic_start(self, index: int, total: int, topic: Topic) -> None:
         self._say(f"[{index + 1}/{total}] {topic.name}")
+        if not self.live:
+            return
+        if self._topics_bar is None:
+            self._topics_bar = self._bar(
+                total=total, initial=index, unit="topic", position=0, desc=f"topic {topic.name}"
+            )
+        else:
+            self._topics_bar.set_description_str(f"topic {topic.name}")
+
+    def topic_end(self, topic: Topic, result: Any) -> None:
+        self._close_step_bar()
+        if self._topics_bar is not None:
+            self._topics_bar.update(1)
 
     def step_log(self, step: str, logs: Mapping[str, float]) -> None:
-        if self.quiet or not self.live or "loss" not in logs:
+        if not self.live or "loss" not in logs:
             return
         done, total = int(logs.get("step", 0)), int(logs.get("max_steps", 0))
-        self.stream.write(f"\r\033[K  {step:<10} step {done}/{total}  loss {logs['loss']:.4f}")
-        self.stream.flush()
-        self._live_line = True
+        if self._step_bar_name != step:
+            self._close_step_bar()
+            # One refresh per optimizer step (a trainer logs each one), however fast they come.
+            self._step_bar = self._bar(
+                total=total or None, unit="step", position=1, leave=False, mininterval=0, desc=f"  {step}"
+            )
+            self._step_bar_name = step
+        self._step_bar.set_postfix_str(f"loss {logs['loss']:.4f}", refresh=False)
+        self._step_bar.update(done - self._step_bar.n)
 
     def step_end(self, topic: Topic, result: StepResult) -> None:
+        self._close_step_bar()
         if result.status == "failed":
             reason = result.error["reason"] if result.error else ""
             self._say(f"  {result.name:<10} failed: {reason}")
@@ -74,22 +148,36 @@ class ConsoleReporter(Reporter):
         if result.rollback is not None:
             self._say(f"  {'':<10} rolled back: {result.rollback['reason']}")
 
+    def recheck_end(self, topic: Topic, results: Mapping[str, Mapping[str, float]]) -> None:
+        for row, (target, metrics) in enumerate(results.items()):
+            self._say(f"  {'recheck' if row == 0 else '':<10} {target}: {_metrics_text(metrics)}")
+
     def warning(self, message: str) -> None:
-        if self._live_line:
-            self.stream.write("\r\033[K")
-            self._live_line = False
-        sys.stderr.write(f"Warning: {message}\n")
+        if self._topics_bar is not None or self._step_bar is not None:
+            from tqdm import tqdm
+
+            tqdm.write(f"Warning: {message}", file=sys.stderr)
+        else:
+            sys.stderr.write(f"Warning: {message}\n")
         sys.stderr.flush()
 
     def note(self, message: str) -> None:
         self._say(message)
 
     def run_end(self, summary: Mapping[str, Any]) -> None:
+        self.close()
         if self.quiet:
             return
         self._say("")
         self._say(summary_table(summary))
         self._say(f"\nrun directory: {summary['output']} ({summary['seconds']:.0f}s)")
+
+    def close(self) -> None:
+        """Take the bars down (the run ended, or stopped)."""
+        self._close_step_bar()
+        if self._topics_bar is not None:
+            self._topics_bar.close()
+            self._topics_bar = None
 
 
 def _metrics_text(metrics: Mapping[str, float]) -> str:
@@ -125,7 +213,39 @@ def summary_table(summary: Mapping[str, Any]) -> str:
                 lines.append(f"{'':<16}gate {step['step']}: {verdict} ({step['gate']['reason']})")
             if step.get("rollback"):
                 lines.append(f"{'':<16}rolled back {step['rollback']['step']}: {step['rollback']['reason']}")
+    lines += forgetting_table(summary.get("forgetting"))
     return "\n".join(lines)
+
+
+def forgetting_table(forgetting: Mapping[str, Any] | None) -> list[str]:
+    """The forgetting matrix of :data:`FORGETTING_METRIC` (a row per topic trained, a column per
+    topic measured), then each earlier topic's value now against its own last evaluation, flagged
+    ``forgot`` when it fell by more than :data:`FORGOT_THRESHOLD`. Nothing before a second topic."""
+    if not forgetting or FORGETTING_METRIC not in forgetting.get("metrics", {}):
+        return []
+    matrix = forgetting["metrics"][FORGETTING_METRIC]
+    if len(matrix) < 2:
+        return []
+    names = forgetting["topics"][: len(matrix)]
+    width = max(8, *(len(name) + 2 for name in names))
+    lines = ["", f"forgetting: {FORGETTING_METRIC} of each topic (column) right after training each (row)"]
+    header = f"{'after':<16}" + "".join(f"{name:>{width}}" for name in names)
+    lines += [header, "-" * len(header)]
+    for name, row in zip(names, matrix):
+        cells = [_fmt(value).strip() if value is not None else "" for value in row[: len(names)]]
+        lines.append((f"{name:<16}" + "".join(f"{cell:>{width}}" for cell in cells)).rstrip())
+    last = len(matrix) - 1
+    lines.append(
+        f"since each topic's own last evaluation (a fall of more than {FORGOT_THRESHOLD:.2f} is flagged):"
+    )
+    for index, name in enumerate(names[:last]):
+        own, now = matrix[index][index], matrix[last][index]
+        if own is None or now is None:
+            continue
+        change = now - own
+        forgot = ", forgot" if -change > FORGOT_THRESHOLD + 1e-9 else ""
+        lines.append(f"{name:<16}{own:4.2f} -> {now:4.2f}  ({change:+.2f}{forgot})")
+    return lines
 
 
 def _step(topic: Mapping[str, Any], name: str, kind: str) -> dict[str, Any] | None:

@@ -266,8 +266,9 @@ def bench_demo() -> dict[str, Any]:
         subprocess.run([align, "run", "--quiet", "--output", str(out)], check=True, env=ENV)
         total = time.perf_counter() - started
         summary = json.loads((out / "summary.json").read_text())
-    phases = {"sft": 0.0, "evaluation": 0.0, "dpo": 0.0}
+    phases = {"sft": 0.0, "evaluation": 0.0, "dpo": 0.0, "recheck of earlier topics": 0.0}
     for topic in summary["topics"]:
+        phases["recheck of earlier topics"] += topic.get("recheck_seconds", 0.0)
         for step in topic["steps"]:
             if step["status"] != "ran":
                 continue

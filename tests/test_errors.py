@@ -186,6 +186,11 @@ def _(c):
     return ["validate", c.config(""), "--set", "on_error=ignore", "--topics", c.topics()]
 
 
+@case("recheck-unknown")
+def _(c):
+    return ["validate", c.config("recheck: earler\n"), "--topics", c.topics()]
+
+
 @case("chat-template-unknown")
 def _(c):
     return ["validate", c.config(""), "--set", "model.chat_template=sometimes", "--topics", c.topics()]

@@ -137,6 +137,25 @@ def test_a_killed_run_resumes_to_the_same_results(setup, point):
             assert (ours[name] - theirs[name]).abs().max().item() <= 1e-5, (topic, name)
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         json.loads(line)  # no torn line survives
+    # the recheck of earlier topics: one event per (topic, earlier topic), the same matrix
+    assert rechecks(run_dir).keys() == rechecks(whole).keys() == {("second", "first")}
+    for key, metrics in rechecks(whole).items():
+        assert rechecks(run_dir)[key] == pytest.approx(metrics, abs=1e-5), key
+    expected_matrix = json.loads((whole / "summary.json").read_text())["forgetting"]
+    assert summary["forgetting"]["topics"] == expected_matrix["topics"] == ["first", "second"]
+    assert summary["forgetting"]["metrics"].keys() == expected_matrix["metrics"].keys()
+    for metric, rows in expected_matrix["metrics"].items():
+        for got, want in zip(summary["forgetting"]["metrics"][metric], rows, strict=True):
+            assert [None if v is None else pytest.approx(v, abs=1e-5) for v in want] == got, metric
+
+
+def rechecks(run_dir):
+    found = {}
+    for event in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        if event["kind"] == "recheck":
+            assert (event["topic"], event["target"]) not in found, "a recheck recorded twice"
+            found[event["topic"], event["target"]] = event["metrics"]
+    return found
 
 
 def test_resume_of_a_completed_run_does_nothing(setup):

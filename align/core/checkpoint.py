@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,8 @@ from typing import Any
 from align.core.rundir import atomic_write_text
 from align.core.topics import Topic
 from align.errors import AlignError
+
+logger = logging.getLogger(__name__)
 
 #: Bumped when ``state.json`` changes in a way an older align could not read.
 FORMAT = 1
@@ -63,6 +67,7 @@ class Checkpoints:
         snapshots: Mapping[str, tuple[Any, Mapping[str, float]]],
     ) -> None:
         """Write the adapter, the snapshots, then ``state.json``; then drop files it no longer names."""
+        started = time.perf_counter()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.sequence += 1
         tag = f"{self.sequence:06d}"
@@ -83,6 +88,12 @@ class Checkpoints:
         for path in self.directory.iterdir():
             if path.name not in keep and not path.name.startswith("."):
                 path.unlink(missing_ok=True)
+        logger.debug(
+            "checkpoint %d written (%s) in %.3fs",
+            self.sequence,
+            state.get("next", "?"),
+            time.perf_counter() - started,
+        )
 
     def read_state(self) -> dict[str, Any] | None:
         """``state.json``, or ``None`` when the run was killed before its first checkpoint."""

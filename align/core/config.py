@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -37,6 +38,10 @@ DEFAULT_PROTOCOL: list[dict[str, Any]] = [
 
 #: The values of ``on_error``.
 ON_ERROR = ("stop", "skip")
+#: The values of ``recheck``: after each topic, evaluate every ``earlier`` topic again, or ``none``.
+RECHECK = ("earlier", "none")
+#: The values of ``report_to``: where the trainers also log (``tensorboard``: event files in the run).
+REPORT_TO = ("none", "tensorboard")
 
 BASE_DEFAULTS: dict[str, Any] = {
     "name": None,
@@ -48,6 +53,10 @@ BASE_DEFAULTS: dict[str, Any] = {
     #: What a failed step does to the run: ``stop`` it (results so far kept, ``--resume`` retries
     #: the step) or ``skip`` it (recorded as failed, the run goes on).
     "on_error": "stop",
+    #: After each topic, evaluate every earlier topic again with the current adapter (forgetting).
+    "recheck": "earlier",
+    #: Where the trainers log besides metrics.jsonl: ``none`` or ``tensorboard``.
+    "report_to": "none",
     "model": {
         "path": "smollm2",
         "dtype": "float32",
@@ -194,6 +203,14 @@ def _check_base(config: dict[str, Any], source: str) -> None:
         fail("strict_plugins", f"expected true or false, got {config['strict_plugins']!r}")
     if config["on_error"] not in ON_ERROR:
         fail("on_error", f"expected one of {', '.join(ON_ERROR)}, got {config['on_error']!r}")
+    for key, valid in (("recheck", RECHECK), ("report_to", REPORT_TO)):
+        if config[key] not in valid:
+            fail(
+                key,
+                f"expected one of {', '.join(valid)}, got {config[key]!r}{closest(str(config[key]), valid)}",
+            )
+    if config["report_to"] == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        fail("report_to", "tensorboard is not installed; `pip install tensorboard`, or set report_to: none")
     if config["name"] is not None and ("/" in config["name"] or config["name"] in ("", ".", "..")):
         fail("name", f"'{config['name']}' must be a plain directory name (no '/')")
     model = config["model"]

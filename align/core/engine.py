@@ -9,14 +9,19 @@ and ``align run --resume`` goes on from there.
 A step that fails (a plugin raises, or training goes non-finite) has the adapter put back as it
 was before the step and is recorded with the plugin, topic, step and reason; then the run stops
 (``on_error: stop``, the default) or goes on (``on_error: skip``).
+
+With ``recheck: earlier`` (the default), the end of each topic evaluates every earlier topic again
+with the protocol's evaluators, so ``summary.json`` holds a topic-by-topic matrix of what later
+training did to earlier topics (``forgetting``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +31,8 @@ from align.core.plan import Component, Plan, Step
 from align.core.rundir import RunDir
 from align.core.topics import Topic
 from align.errors import AlignError, NonFiniteTraining, RunStopped
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,6 +81,9 @@ class TopicResult:
     name: str
     steps: list[StepResult] = field(default_factory=list)
     adapter: str | None = None
+    #: Earlier topic → its metrics measured again after this topic (``recheck: earlier``).
+    recheck: dict[str, dict[str, float]] = field(default_factory=dict)
+    recheck_seconds: float = 0.0
 
     def latest(self) -> dict[str, float]:
         """The latest value of every metric recorded so far for this topic (what gates read)."""
@@ -87,12 +97,38 @@ class TopicResult:
     def ran(self, step_name: str) -> bool:
         return any(s.name == step_name and s.status == "ran" for s in self.steps)
 
+    def evaluated(self, prefixes: Collection[str]) -> dict[str, float]:
+        """The latest value of each metric of the evaluators named ``prefixes``: what the topic's
+        own evaluation steps last measured (or what a rollback restored)."""
+        metrics: dict[str, float] = {}
+        for step in self.steps:
+            if step.kind == "eval" and step.status == "ran":
+                metrics.update(step.metrics)
+            if step.rollback is not None:
+                metrics.update(step.rollback["metrics"])
+        return {name: value for name, value in metrics.items() if name.split(".")[0] in prefixes}
+
     def as_dict(self) -> dict[str, Any]:
-        return {"topic": self.name, "adapter": self.adapter, "steps": [s.as_dict() for s in self.steps]}
+        data: dict[str, Any] = {
+            "topic": self.name,
+            "adapter": self.adapter,
+            "steps": [s.as_dict() for s in self.steps],
+        }
+        if self.recheck:
+            data["recheck"] = self.recheck
+            data["recheck_seconds"] = round(self.recheck_seconds, 3)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TopicResult:
-        return cls(data["topic"], [StepResult.from_dict(s) for s in data["steps"]], data.get("adapter"))
+        recheck = {target: dict(metrics) for target, metrics in data.get("recheck", {}).items()}
+        return cls(
+            data["topic"],
+            [StepResult.from_dict(s) for s in data["steps"]],
+            data.get("adapter"),
+            recheck,
+            float(data.get("recheck_seconds", 0.0)),
+        )
 
 
 class Reporter:
@@ -102,6 +138,8 @@ class Reporter:
     def topic_start(self, index: int, total: int, topic: Topic) -> None: ...
     def step_log(self, step: str, logs: Mapping[str, float]) -> None: ...
     def step_end(self, topic: Topic, result: StepResult) -> None: ...
+    def topic_end(self, topic: Topic, result: TopicResult) -> None: ...
+    def recheck_end(self, topic: Topic, results: Mapping[str, Mapping[str, float]]) -> None: ...
     def run_end(self, summary: Mapping[str, Any]) -> None: ...
     def warning(self, message: str) -> None: ...
     def note(self, message: str) -> None: ...
@@ -155,6 +193,10 @@ class Engine:
         self.environment = dict(environment or {})
         self.seed_step = seed_step
         self.on_error = plan.config.get("on_error", "stop")
+        self.recheck = plan.config.get("recheck", "earlier")
+        #: What a recheck runs on earlier topics: each evaluator of the protocol once, as its last
+        #: evaluation step configures it (that step's values are the matrix's diagonal).
+        self.recheck_evaluators = _evaluators(plan.steps)
         self.results: list[TopicResult] = []
         self.status = "running"
         self.error: str | None = None
@@ -288,6 +330,8 @@ class Engine:
             return "done"
         topic = self.plan.topics[topic_index].name
         if step_index >= len(self.plan.steps):
+            if self._rechecks(topic_index):
+                return f"topic '{topic}': rechecking earlier topics and saving its adapter"
             return f"topic '{topic}': saving its adapter"
         return f"topic '{topic}', step '{self.plan.steps[step_index].name}'"
 
@@ -316,6 +360,7 @@ class Engine:
                 self._in_progress = None
                 self.rundir.write_summary(self.summary())
                 self._checkpoint(index + 1, 0)
+                self.reporter.topic_end(topic, result)
                 self.notify("on_topic_end", topic=topic, result=result.as_dict())
             self.status = "completed"
         except KeyboardInterrupt:
@@ -351,13 +396,21 @@ class Engine:
             self._snapshots.clear()
         self._in_progress = result
         if hasattr(self.policy, "set_log_target"):
-            self.policy.set_log_target(self.on_trainer_log(topic.name))
+            self.policy.set_log_target(self.on_trainer_log(topic.name), topic=topic.name)
         for step_index in range(first_step, len(self.plan.steps)):
             step = self.plan.steps[step_index]
             self._current_step = step.name
             if self.seed_step is not None:
                 self.seed_step(index * len(self.plan.steps) + step_index)
+            logger.info("topic '%s': step '%s' starts", topic.name, step.name)
             step_result = self.run_step(step, topic, result)
+            logger.info(
+                "topic '%s': step '%s' %s in %.2fs",
+                topic.name,
+                step.name,
+                step_result.status,
+                step_result.seconds,
+            )
             result.steps.append(step_result)
             if step_result.status == "failed" and self.on_error == "stop":
                 result.steps.pop()  # a resumed run runs this step again
@@ -377,10 +430,78 @@ class Engine:
             self.notify("on_step_end", topic=topic, step=step.name, result=step_result.as_dict())
         self._current_step = None
         self._snapshots.clear()
+        # Part of the topic's end: a resumed run at this position redoes it (evaluation is
+        # deterministic and the adapter does not change), so the checkpoint needs no step for it.
+        if self._rechecks(index):
+            if self.seed_step is not None:
+                self.seed_step(index * len(self.plan.steps) + len(self.plan.steps))
+            started = self.clock()
+            result.recheck = self.recheck_earlier(topic, index)
+            result.recheck_seconds = self.clock() - started
+            logger.info(
+                "topic '%s': rechecked %d earlier topics in %.2fs", topic.name, index, result.recheck_seconds
+            )
+            self.reporter.recheck_end(topic, result.recheck)
         adapter_dir = self.rundir.adapter_dir(topic.name)
         self.policy.save_adapter(adapter_dir)
+        logger.debug("topic '%s': adapter saved to %s", topic.name, adapter_dir)
         result.adapter = str(adapter_dir.relative_to(self.rundir.path))
         return result
+
+    def _rechecks(self, index: int) -> bool:
+        return self.recheck == "earlier" and index > 0 and bool(self.recheck_evaluators)
+
+    def recheck_earlier(self, topic: Topic, index: int) -> dict[str, dict[str, float]]:
+        """Evaluate every topic before ``topic`` (number ``index``) again with the current adapter.
+
+        One ``recheck`` event per earlier topic, written once all are measured (so a recheck that
+        stops the run leaves only its error event, and the resumed run writes each event once). An
+        evaluator that raises follows ``on_error``: ``stop`` raises :class:`RunStopped` after a
+        checkpoint at the topic's end, ``skip`` leaves its metrics out and goes on.
+        """
+        self._current_step = "recheck"
+        results: dict[str, dict[str, float]] = {}
+        for target in self.plan.topics[:index]:
+            metrics: dict[str, float] = {}
+            for component in self.recheck_evaluators:
+                try:
+                    raw = component.instance.evaluate(self.policy.language_model, target)
+                    metrics.update(_prefixed(component.name, raw, f"evaluator '{component.name}'"))
+                except Exception as exc:
+                    error = self._record_error("recheck", topic, component, exc, target=target.name)
+                    where = f"topic '{topic.name}', recheck of '{target.name}'"
+                    if self.on_error == "stop":
+                        self._checkpoint(index, len(self.plan.steps))  # keeps the error event
+                        raise RunStopped(
+                            f"{where}: {error['reason']}; results so far are kept: fix the cause and "
+                            f"`align run --resume {self.rundir.path}`, or set on_error: skip (or recheck: none)"
+                        ) from exc
+                    self.reporter.warning(f"{where}: {error['reason']} (on_error: skip)")
+            results[target.name] = metrics
+        for target_name, metrics in results.items():
+            self._record(topic.name, "recheck", "recheck", metrics, target=target_name)
+        self._current_step = None
+        return results
+
+    def forgetting(self) -> dict[str, Any]:
+        """``summary["forgetting"]``: per metric, ``M[i][j]`` is topic ``j``'s value right after
+        topic ``i`` was trained (``j < i``: a recheck; ``j == i``: topic ``i``'s own last
+        evaluation), ``None`` for ``j > i`` or a value not measured; a row per finished topic."""
+        names = [topic.name for topic in self.plan.topics]
+        prefixes = {component.name for component in self.recheck_evaluators}
+        rows = [{**result.recheck, result.name: result.evaluated(prefixes)} for result in self.results]
+        metric_names: list[str] = []
+        for row in rows:
+            for metrics in row.values():
+                metric_names.extend(name for name in metrics if name not in metric_names)
+        matrix = {
+            metric: [
+                [row.get(name, {}).get(metric) if j <= i else None for j, name in enumerate(names)]
+                for i, row in enumerate(rows)
+            ]
+            for metric in metric_names
+        }
+        return {"topics": names, "metrics": matrix}
 
     def run_step(self, step: Step, topic: Topic, so_far: TopicResult) -> StepResult:
         kind = "train" if step.kind == "train" else "eval"
@@ -436,17 +557,35 @@ class Engine:
         if before is not None:
             self.policy.restore(before)
         self._snapshots.pop(step.name, None)
+        error = self._record_error(step.name, topic, component, exc, restored=before is not None)
+        kind = "train" if step.kind == "train" else "eval"
+        if self.on_error == "skip":
+            self.reporter.warning(
+                f"topic '{topic.name}', step '{step.name}': {error['reason']} (on_error: skip)"
+            )
+        return StepResult(step.name, kind, "failed", gate=gate, seconds=seconds, error=error)
+
+    def _record_error(
+        self,
+        step_name: str,
+        topic: Topic,
+        component: Component | None,
+        exc: Exception,
+        restored: bool = False,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """Record an ``error`` event for a failed step (or recheck); returns what it holds."""
         if isinstance(exc, NonFiniteTraining):
             what = f"training became non-finite: {exc}"
         elif isinstance(exc, AlignError):
             what = str(exc)
         else:
             what = f"{type(exc).__name__}: {exc}"
-        who = f"{component.kind} '{component.name}'" if component is not None else f"step '{step.name}'"
+        who = f"{component.kind} '{component.name}'" if component is not None else f"step '{step_name}'"
         if component is not None and component.plugin:
             who += f" (plugin '{component.plugin}')"
         reason = f"{who} failed: {what}"
-        if before is not None:
+        if restored:
             reason += "; adapter restored to before the step"
         error = {
             "plugin": component.plugin if component is not None else "",
@@ -454,11 +593,8 @@ class Engine:
             "exception": type(exc).__name__,
             "reason": reason,
         }
-        self._record(topic.name, step.name, "error", {}, **error)
-        kind = "train" if step.kind == "train" else "eval"
-        if self.on_error == "skip":
-            self.reporter.warning(f"topic '{topic.name}', step '{step.name}': {reason} (on_error: skip)")
-        return StepResult(step.name, kind, "failed", gate=gate, seconds=seconds, error=error)
+        self._record(topic.name, step_name, "error", {}, **extra, **error)
+        return error
 
     def check_rollback(self, step: Step, topic: Topic, metrics: Mapping[str, float]) -> dict[str, Any] | None:
         """Restore the adapter from before ``step.rollback.step`` if a guarded metric fell too far."""
@@ -510,9 +646,21 @@ class Engine:
             "steps": [step.name for step in self.plan.steps],
             "topics": topics,
         }
+        if self.recheck == "earlier":
+            summary["forgetting"] = self.forgetting()
         if self.error is not None:
             summary["error"] = self.error
         return summary
+
+
+def _evaluators(steps: list[Step]) -> list[Component]:
+    """The protocol's evaluators, each once (by name, in order of first use), as last configured."""
+    found: dict[str, Component] = {}
+    for step in steps:
+        if step.kind == "evaluate":
+            for component in step.components:
+                found[component.name] = component
+    return list(found.values())
 
 
 def _check_finite(metrics: Mapping[str, float]) -> None:

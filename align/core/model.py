@@ -419,21 +419,29 @@ class EnginePolicy:
         scratch_dir: Path,
         on_log: Callable[[str, dict[str, float]], None] | None = None,
         eval_batch_size: int = 16,
+        tensorboard_dir: Path | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.seed = seed
         self.scratch_dir = Path(scratch_dir)
         self._on_log = on_log
+        #: ``report_to: tensorboard``: each training step logs to ``<tensorboard_dir>/<topic>-<step>``.
+        self.tensorboard_dir = Path(tensorboard_dir) if tensorboard_dir is not None else None
+        self._topic = "topic"
         self._language_model = HFLanguageModel(model, tokenizer, batch_size=eval_batch_size)
 
     @property
     def language_model(self) -> HFLanguageModel:
         return self._language_model
 
-    def set_log_target(self, on_log: Callable[[str, dict[str, float]], None] | None) -> None:
+    def set_log_target(
+        self, on_log: Callable[[str, dict[str, float]], None] | None, topic: str | None = None
+    ) -> None:
         """Where trainer logs go (the engine points this at the topic in progress)."""
         self._on_log = on_log
+        if topic is not None:
+            self._topic = topic
 
     def trainer_callbacks(self, step: str) -> list[Any]:
         from transformers import TrainerCallback
@@ -467,7 +475,26 @@ class EnginePolicy:
                             f"adapter weight {name} became non-finite at optimizer step {state.global_step}"
                         )
 
-        return [ForwardLogs(), StopWhenNonFinite()]
+        callbacks = [ForwardLogs(), StopWhenNonFinite()]
+        if self.tensorboard_dir is not None:
+            callbacks.append(self._tensorboard(step))
+        return callbacks
+
+    def _tensorboard(self, step: str) -> Any:
+        """Transformers' own TensorBoard integration, writing to this step's directory of the run.
+
+        (Transformers 5 has no ``logging_dir`` argument; its callback reads the directory from the
+        environment, so the policy hands the trainer one with the directory set.) A step run again
+        (``--resume``, a retry) starts its directory afresh, as metrics.jsonl drops the cut-off
+        attempt's events."""
+        from transformers.integrations import TensorBoardCallback
+
+        assert self.tensorboard_dir is not None
+        directory = self.tensorboard_dir / f"{self._topic}-{step}"
+        shutil.rmtree(directory, ignore_errors=True)
+        callback = TensorBoardCallback()
+        callback.logging_dir = str(directory)
+        return callback
 
     def trainer_args(self) -> dict[str, Any]:
         """Training arguments every objective shares: no checkpoints, no trackers, the run's seed."""

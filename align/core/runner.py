@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from align.core.plan import Plan
 from align.core.rundir import RunDir
 from align.core.topics import Topic
 from align.errors import AlignError
+
+logger = logging.getLogger(__name__)
 
 LIBRARIES = ("mindprint-align", "torch", "transformers", "peft", "trl", "datasets", "evaluate", "pluggy")
 
@@ -60,17 +63,23 @@ def quiet_libraries() -> None:
     import transformers
 
     datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    if logging.getLogger("align").isEnabledFor(logging.DEBUG):  # -vv: the libraries' notices too
+        transformers.logging.set_verbosity_info()
+        return
     datasets.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     logging.getLogger("peft").setLevel(logging.ERROR)
 
 
-def load_policy(plan: Plan, scratch_dir: Path) -> Any:
-    """The real model with the run's one rank-1 adapter, as the engine's policy."""
+def load_policy(plan: Plan, scratch_dir: Path, tensorboard_dir: Path | None = None) -> Any:
+    """The real model with the run's one rank-1 adapter, as the engine's policy; with
+    ``tensorboard_dir``, the trainers also write TensorBoard event files there."""
     from align.core.model import EnginePolicy, attach_adapter, load_model
 
     model_cfg, lora = plan.config["model"], plan.config["lora"]
+    started = time.perf_counter()
+    logger.info("loading model %s (dtype %s)", model_cfg["path"], model_cfg["dtype"])
     model, tokenizer = load_model(
         model_cfg["path"],
         dtype=model_cfg["dtype"],
@@ -78,6 +87,7 @@ def load_policy(plan: Plan, scratch_dir: Path) -> Any:
         chat_template=model_cfg.get("chat_template", "auto"),
         source=plan.source,
     )
+    logger.info("model loaded in %.1fs", time.perf_counter() - started)
     peft_model = attach_adapter(
         model,
         rank=lora["rank"],
@@ -86,12 +96,20 @@ def load_policy(plan: Plan, scratch_dir: Path) -> Any:
         target_modules=lora["target_modules"],
         source=plan.source,
     )
+    logger.info(
+        "adapter attached: rank %s, alpha %s, dropout %s, on %s",
+        lora["rank"],
+        lora["alpha"],
+        lora["dropout"],
+        ", ".join(lora["target_modules"]),
+    )
     return EnginePolicy(
         peft_model,
         tokenizer,
         seed=plan.config["seed"],
         scratch_dir=scratch_dir,
         eval_batch_size=model_cfg["eval_batch_size"],
+        tensorboard_dir=tensorboard_dir,
     )
 
 
@@ -120,7 +138,8 @@ def execute(
         from transformers import set_seed
 
         set_seed(plan.config["seed"])
-        policy = load_policy(plan, rundir.scratch_dir)
+        tensorboard = rundir.path / "tensorboard" if plan.config.get("report_to") == "tensorboard" else None
+        policy = load_policy(plan, rundir.scratch_dir, tensorboard)
         checkpoints.policy = policy
     if resume:
         rundir.reopen(state["metrics_offset"] if state is not None else 0)

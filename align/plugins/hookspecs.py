@@ -88,7 +88,8 @@ def on_step_end(topic: Any, step: str, result: dict[str, Any]) -> None:
 
 @hookspec
 def on_topic_end(topic: Any, result: dict[str, Any]) -> None:
-    """Called after each topic's adapter is saved; ``result`` is the topic's entry in summary.json."""
+    """Called after each topic's adapter is saved; ``result`` is the topic's entry in summary.json
+    (with ``recheck``, earlier topic → its metrics measured again, from the second topic on)."""
 
 
 @hookspec

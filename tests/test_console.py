@@ -1,0 +1,153 @@
+"""What ``align run`` prints: step lines, rechecks and the end-of-run table with the forgetting matrix."""
+
+import io
+
+from align.console import FORGOT_THRESHOLD, ConsoleReporter, summary_table
+
+
+def topic(name, before, after, gate_reason=None):
+    steps = [
+        {"step": "before", "kind": "eval", "status": "ran", "metrics": {"quiz.accuracy": before}},
+        {"step": "after", "kind": "eval", "status": "ran", "metrics": {"quiz.accuracy": after}},
+    ]
+    if gate_reason is not None:
+        steps.insert(
+            1,
+            {
+                "step": "dpo",
+                "kind": "train",
+                "status": "ran",
+                "gate": {"gate": "threshold", "passed": True, "reason": gate_reason},
+                "metrics": {},
+            },
+        )
+    return {"topic": name, "steps": steps}
+
+
+def summary(matrix):
+    return {
+        "steps": ["before", "dpo", "after"],
+        "topics": [
+            topic("early_life", 0.43, 0.86, "quiz.accuracy 0.71 >= 0.70"),
+            topic("work", 0.29, 1.0),
+            topic("home", 0.57, 0.86),
+        ][: len(matrix)],
+        "forgetting": {"topics": ["early_life", "work", "home"], "metrics": {"quiz.accuracy": matrix}},
+    }
+
+
+MATRIX = [
+    [0.86, None, None],
+    [0.71, 1.0, None],
+    [0.80, 0.95, 0.86],
+]
+
+
+def test_the_table_keeps_topic_rows_and_gates_then_shows_the_matrix():
+    lines = summary_table(summary(MATRIX)).splitlines()
+    assert lines[:5] == [
+        "topic           metric                 before      after",
+        "-" * 56,
+        "early_life      quiz.accuracy            0.43       0.86",
+        "                gate dpo: ran (quiz.accuracy 0.71 >= 0.70)",
+        "work            quiz.accuracy            0.29       1.00",
+    ]
+    start = lines.index("forgetting: quiz.accuracy of each topic (column) right after training each (row)")
+    assert lines[start + 1 :][:5] == [
+        "after             early_life        work        home",
+        "-" * 52,
+        "early_life              0.86",
+        "work                    0.71        1.00",
+        "home                    0.80        0.95        0.86",
+    ]
+
+
+def test_an_earlier_topic_that_lost_more_than_the_threshold_is_flagged():
+    assert FORGOT_THRESHOLD == 0.1
+    lines = summary_table(summary(MATRIX)).splitlines()
+    # against its own last evaluation (the diagonal), now (the last row)
+    assert "early_life      0.86 -> 0.80  (-0.06)" in lines
+    assert "work            1.00 -> 0.95  (-0.05)" in lines
+    flagged = summary_table(summary([*MATRIX[:2], [0.71, 0.95, 0.86]])).splitlines()
+    assert "early_life      0.86 -> 0.71  (-0.15, forgot)" in flagged
+    assert "work            1.00 -> 0.95  (-0.05)" in flagged
+    exactly = summary_table(summary([*MATRIX[:2], [0.76, 0.9, 0.86]]))
+    assert "forgot" not in exactly  # a fall of exactly 0.10 is not more than 0.10
+
+
+def test_no_matrix_for_one_topic_or_without_recheck():
+    assert "forgetting" not in summary_table(summary(MATRIX[:1]))
+    without = summary(MATRIX)
+    del without["forgetting"]
+    assert "forgetting" not in summary_table(without)
+
+
+def test_a_run_that_stopped_early_compares_with_its_last_finished_topic():
+    lines = summary_table(summary(MATRIX[:2])).splitlines()
+    assert "early_life      0.86 -> 0.71  (-0.15, forgot)" in lines
+    assert not any(line.startswith("work            1.00 ->") for line in lines)
+
+
+def test_the_reporter_prints_each_recheck_under_its_topic():
+    from align.testing import make_topic
+
+    stream = io.StringIO()
+    ConsoleReporter(stream).recheck_end(
+        make_topic(name="home"),
+        {"early_life": {"quiz.accuracy": 0.71, "voice.margin": 0.3}, "work": {"quiz.accuracy": 1.0}},
+    )
+    assert stream.getvalue().splitlines() == [
+        "  recheck    early_life: quiz.accuracy 0.71",
+        "             work: quiz.accuracy 1.00",
+    ]
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def report_a_topic(reporter):
+    from align.core.engine import StepResult, TopicResult
+    from align.testing import make_topic
+
+    plan = type(
+        "Plan", (), {"topics": [make_topic(name="home")], "steps": [], "config": {"model": {"path": "m"}}}
+    )
+    home = plan.topics[0]
+    reporter.run_start(plan, "runs/x")
+    reporter.topic_start(0, 1, home)
+    for done, loss in ((1, 0.9), (2, 0.7), (3, 0.5)):
+        reporter.step_log("sft", {"loss": loss, "step": done, "max_steps": 3})
+    sft = StepResult("sft", "train", "ran", {"sft.first_loss": 0.9, "sft.final_loss": 0.5, "sft.steps": 3})
+    reporter.step_end(home, sft)
+    reporter.topic_end(home, TopicResult("home", [sft]))
+    reporter.run_end({"steps": ["sft"], "topics": [], "output": "runs/x", "seconds": 1.0})
+
+
+def test_a_terminal_gets_progress_bars_with_the_live_loss():
+    stream = Terminal()
+    report_a_topic(ConsoleReporter(stream))
+    text = stream.getvalue()
+    assert "topic home" in text and "0/1" in text and "1/1" in text  # the topics bar
+    assert "3/3" in text and "loss 0.5000" in text and "<" in text  # the step bar: loss, ETA
+    assert "  sft        loss 0.900 → 0.500, 3 steps" in text
+
+
+def test_elsewhere_a_plain_line_per_step_and_no_bars():
+    stream = io.StringIO()
+    report_a_topic(ConsoleReporter(stream))
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and "loss 0.7000" not in stream.getvalue()
+    assert lines[:4] == [
+        "align: 1 topics, model m, output runs/x",
+        "protocol: ",
+        "[1/1] home",
+        "  sft        loss 0.900 → 0.500, 3 steps  [0.0s]",
+    ]
+
+
+def test_quiet_prints_nothing_even_on_a_terminal():
+    stream = Terminal()
+    report_a_topic(ConsoleReporter(stream, quiet=True))
+    assert stream.getvalue() == ""

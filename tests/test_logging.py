@@ -1,0 +1,120 @@
+"""``align run -v`` logging and ``report_to: tensorboard``, on a tiny model."""
+
+import logging
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from align.cli import cli
+from align.console import configure_logging
+from align.core.plan import resolve_plan
+from align.errors import ConfigError
+from align.testing import PluginHarness, StubEvaluator, StubObjective, StubPlugin, StubPolicy, make_topic
+from tests.conftest import write_topic
+
+LOGGERS = ("", "align", "transformers", "trl", "peft")
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """configure_logging changes process-wide logging; put it back after each test."""
+    saved = {
+        name: (logging.getLogger(name).level, list(logging.getLogger(name).handlers)) for name in LOGGERS
+    }
+    yield
+    for name, (level, handlers) in saved.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
+
+
+def test_verbosity_levels():
+    configure_logging(0)
+    assert not logging.getLogger("align.core.engine").isEnabledFor(logging.INFO)
+    configure_logging(1)
+    assert logging.getLogger("align.core.engine").isEnabledFor(logging.INFO)
+    assert not logging.getLogger("align.core.engine").isEnabledFor(logging.DEBUG)
+    assert not logging.getLogger("trl").isEnabledFor(logging.INFO)
+    configure_logging(2)
+    assert logging.getLogger("align.core.checkpoint").isEnabledFor(logging.DEBUG)
+    assert logging.getLogger("trl.trainer").isEnabledFor(logging.INFO)
+    ours = [h for h in logging.getLogger().handlers if h.get_name() == "align-console"]
+    assert len(ours) == 1  # configured twice, one handler
+
+
+def test_the_engine_logs_steps_with_durations_and_checkpoints(tmp_path, caplog):
+    harness = PluginHarness(builtins=False)
+    harness.register(
+        StubPlugin(objectives={"sft": StubObjective()}, evaluators={"quiz": StubEvaluator({"a": 1})})
+    )
+    plan = resolve_plan(
+        {
+            "protocol": [{"name": "sft", "train": "sft"}, {"name": "after", "evaluate": ["quiz"]}],
+            "output": str(tmp_path / "run"),
+        },
+        "<test>",
+        harness.registry,
+        topics=[make_topic(name="t1"), make_topic(name="t2")],
+    )
+    from align.core.runner import execute
+
+    with caplog.at_level(logging.DEBUG, logger="align"):
+        execute(plan, policy=StubPolicy(scratch_dir=tmp_path / "scratch"))
+    messages = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("align.core.engine", "INFO", "topic 't1': step 'sft' starts") in messages
+    assert any(m[2].startswith("topic 't1': step 'after' ran in ") and m[2].endswith("s") for m in messages)
+    assert any(m[2].startswith("topic 't2': rechecked 1 earlier topics in ") for m in messages)
+    assert any(m[0] == "align.core.checkpoint" and m[1] == "DEBUG" for m in messages)
+
+
+def test_report_to_tensorboard_needs_tensorboard(monkeypatch, registry):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a)
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        resolve_plan({"report_to": "tensorboard"}, "my.yaml", registry, topics=[make_topic()])
+    assert str(excinfo.value) == (
+        "my.yaml: report_to: tensorboard is not installed; `pip install tensorboard`, or set report_to: none"
+    )
+
+
+def test_run_verbose_logs_to_stderr_and_tensorboard_gets_event_files(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
+    topics = tmp_path / "topics"
+    topics.mkdir()
+    write_topic(topics, "first")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "sft": {"epochs": 1, "learning_rate": 0.05},
+                "dpo": {"max_steps": 2},
+                "report_to": "tensorboard",
+                "protocol": [
+                    {"name": "before", "evaluate": ["quiz"]},
+                    {"name": "sft", "train": "sft"},
+                    {"name": "dpo", "train": "dpo"},
+                ],
+            }
+        )
+    )
+    out = tmp_path / "run"
+    args = [str(config), "--model", str(tiny_model_dir), "--topics", str(topics), "--output", str(out)]
+    result = CliRunner().invoke(cli, ["run", "-v", *args])
+    assert result.exit_code == 0, result.output
+    log = result.stderr
+    assert f"INFO align.core.runner: loading model {tiny_model_dir}" in log
+    assert "INFO align.core.runner: adapter attached: rank 1" in log
+    assert "INFO align.core.engine: topic 'first': step 'sft' starts" in log
+    assert "INFO align.core.engine: topic 'first': step 'dpo' ran in " in log
+    assert "DEBUG" not in log
+    assert "loading model" not in result.stdout  # the run's own output stays apart
+
+    for step in ("sft", "dpo"):
+        files = list((out / "tensorboard" / f"first-{step}").glob("events.out.tfevents.*"))
+        assert len(files) == 1, step
+        assert b"train/loss" in files[0].read_bytes(), step
