@@ -233,5 +233,50 @@ def new_plugin(name, kind, directory, debug):
     click.echo(f"Next: cd {path} && pip install -e . && python -m pytest")
 
 
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+_debug_option = click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+
+
+@cli.command("eval")
+@click.option(
+    "--adapter",
+    type=click.Path(),
+    metavar="DIR",
+    help="A saved adapter, e.g. runs/<name>/adapters/<topic> (default: none, the bare model).",
+)
+@click.option(
+    "--topics",
+    type=click.Path(),
+    help="A topic file or directory (default: the topics of the adapter's run).",
+)
+@click.option(
+    "--evaluators",
+    default="quiz,voice",
+    show_default=True,
+    help="Registered evaluators to score with, comma-separated (`align plugins` lists them).",
+)
+@click.option(
+    "--model", help="The base model (default: the adapter's run's model, else the packaged SmolLM2)."
+)
+@_json_option
+@_debug_option
+@_handle_errors
+def eval_command(adapter, topics, evaluators, model, as_json, debug):
+    """Score a saved adapter (or the bare model) on topics with any registered evaluators.
+
+    \b
+    align eval --adapter runs/demo/adapters/home --topics my_topics/
+    align eval --topics my_topics/ --evaluators quiz,recall --json
+    """
+    from align.plugins.manager import load_plugins
+    from align.tools import eval_table, evaluate_adapter
+
+    plugins = load_plugins()
+    names = [name.strip() for name in evaluators.split(",") if name.strip()]
+    result = evaluate_adapter(plugins.registry, adapter=adapter, topics=topics, evaluators=names, model=model)
+    _check_failures(plugins, strict=False)
+    click.echo(json.dumps(result, indent=2) if as_json else eval_table(result))
+
+
 def main() -> None:
     cli(prog_name="align")
