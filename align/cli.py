@@ -278,5 +278,23 @@ def eval_command(adapter, topics, evaluators, model, as_json, debug):
     click.echo(json.dumps(result, indent=2) if as_json else eval_table(result))
 
 
+@cli.command()
+@click.argument("run_a", metavar="RUN_A", type=click.Path())
+@click.argument("run_b", metavar="RUN_B", type=click.Path())
+@_json_option
+@_debug_option
+@_handle_errors
+def compare(run_a, run_b, as_json, debug):
+    """Show two runs' metrics side by side per topic and step, with the difference (b - a).
+
+    \b
+    align compare runs/demo-a runs/demo-b
+    """
+    from align.tools import compare_runs, compare_table
+
+    result = compare_runs(run_a, run_b)
+    click.echo(json.dumps(result, indent=2) if as_json else compare_table(result))
+
+
 def main() -> None:
     cli(prog_name="align")

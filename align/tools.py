@@ -352,3 +352,80 @@ def eval_table(result: Mapping[str, Any]) -> str:
         for row, (name, value) in enumerate(entry["metrics"].items()):
             lines.append(f"{(entry['topic'] if row == 0 else ''):<16}{name:<24}{_fmt(value):>8}")
     return "\n".join(lines)
+
+
+# -- align compare ------------------------------------------------------------------------------
+def _ordered_union(*sequences: Sequence[str]) -> list[str]:
+    seen: list[str] = []
+    for sequence in sequences:
+        seen.extend(item for item in sequence if item not in seen)
+    return seen
+
+
+def _steps_by_name(summary: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{topic: {step: entry}}`` from a summary."""
+    return {t["topic"]: {s["step"]: s for s in t.get("steps", [])} for t in summary["topics"]}
+
+
+def compare_runs(a: str | Path, b: str | Path) -> dict[str, Any]:
+    """Two runs' metrics side by side, per topic, step and metric, with ``diff = b - a``.
+
+    A step that did not run in a run (skipped by its gate, failed, or not reached) has no value
+    there, and its status is given instead.
+    """
+    summaries = [read_summary(a), read_summary(b)]
+    steps = [_steps_by_name(s) for s in summaries]
+    topics = _ordered_union(*(list(s) for s in steps))
+    step_order = _ordered_union(*(s.get("steps", []) for s in summaries))
+    rows: list[dict[str, Any]] = []
+    for topic in topics:
+        entries = [s.get(topic, {}) for s in steps]
+        for step in _ordered_union(step_order, *(list(e) for e in entries)):
+            pair = [e.get(step) for e in entries]
+            if all(p is None for p in pair):
+                continue
+            metrics = [p["metrics"] if p and p.get("status") == "ran" else {} for p in pair]
+            statuses = [p["status"] if p else "absent" for p in pair]
+            names = _ordered_union(*(list(m) for m in metrics))
+            if not names:
+                if statuses[0] != statuses[1]:
+                    rows.append(_row(topic, step, None, None, None, statuses))
+                continue
+            for name in names:
+                rows.append(_row(topic, step, name, metrics[0].get(name), metrics[1].get(name), statuses))
+    return {"a": str(a), "b": str(b), "rows": rows}
+
+
+def _row(
+    topic: str, step: str, metric: str | None, a: float | None, b: float | None, statuses: list[str]
+) -> dict[str, Any]:
+    diff = b - a if a is not None and b is not None else None
+    return {
+        "topic": topic,
+        "step": step,
+        "metric": metric,
+        "a": a,
+        "b": b,
+        "diff": diff,
+        "a_status": statuses[0],
+        "b_status": statuses[1],
+    }
+
+
+def compare_table(result: Mapping[str, Any]) -> str:
+    """``align compare``'s table: a row per topic, step and metric; ``diff`` is b - a."""
+    lines = [f"a: {result['a']}", f"b: {result['b']}", ""]
+    header = f"{'topic':<16}{'step':<12}{'metric':<22}{'a':>9}{'b':>9}{'diff':>9}"
+    lines += [header, "-" * len(header)]
+    last_topic = last_step = None
+    for row in result["rows"]:
+        topic = row["topic"] if row["topic"] != last_topic else ""
+        step = row["step"] if (row["topic"], row["step"]) != (last_topic, last_step) else ""
+        last_topic, last_step = row["topic"], row["step"]
+        cells = []
+        for side in ("a", "b"):
+            value, status = row[side], row[f"{side}_status"]
+            cells.append(_fmt(value) if status == "ran" else status)
+        diff = "" if row["diff"] is None else f"{row['diff']:+.2f}"
+        lines.append(f"{topic:<16}{step:<12}{row['metric'] or '':<22}{cells[0]:>9}{cells[1]:>9}{diff:>9}")
+    return "\n".join(lines)

@@ -149,3 +149,83 @@ def test_eval_of_the_packaged_smollm2_reproduces_the_demos_before_column(runner)
     data = json.loads(result.output)
     assert data["model"] == "smollm2"
     assert round(data["topics"][0]["metrics"]["quiz.accuracy"], 2) == 0.43
+
+
+# -- align compare ------------------------------------------------------------------------------
+def write_run(path, topics, steps=("before", "sft", "after_sft", "dpo", "after_dpo")):
+    """A run directory holding only a summary.json: ``topics`` maps topic → [step entries]."""
+    path.mkdir(parents=True)
+    summary = {
+        "status": "completed",
+        "steps": list(steps),
+        "topics": [{"topic": name, "adapter": None, "steps": entries} for name, entries in topics.items()],
+    }
+    (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+def step(name, kind="eval", status="ran", **metrics):
+    return {"step": name, "kind": kind, "status": status, "metrics": metrics}
+
+
+def test_compare_shows_two_runs_side_by_side_with_the_difference(runner, tmp_path):
+    a = write_run(
+        tmp_path / "a",
+        {
+            "home": [
+                step("before", **{"quiz.accuracy": 0.25}),
+                step("dpo", "train", **{"dpo.loss": 0.5}),
+                step("after_dpo", **{"quiz.accuracy": 0.75}),
+            ]
+        },
+    )
+    b = write_run(
+        tmp_path / "b",
+        {
+            "home": [
+                step("before", **{"quiz.accuracy": 0.5}),
+                step("dpo", "train", "skipped"),
+                step("after_dpo", "eval", "skipped"),
+            ],
+            "work": [step("before", **{"quiz.accuracy": 1.0})],
+        },
+    )
+    result = invoke(runner, "compare", a, b, "--json")
+    assert result.exit_code == 0, result.output
+    rows = [
+        (r["topic"], r["step"], r["metric"], r["a"], r["b"], r["diff"])
+        for r in json.loads(result.output)["rows"]
+    ]
+    assert rows == [
+        ("home", "before", "quiz.accuracy", 0.25, 0.5, 0.25),
+        ("home", "dpo", "dpo.loss", 0.5, None, None),
+        ("home", "after_dpo", "quiz.accuracy", 0.75, None, None),
+        ("work", "before", "quiz.accuracy", None, 1.0, None),
+    ]
+    table = invoke(runner, "compare", a, b).output.splitlines()
+    assert table[:2] == [f"a: {a}", f"b: {b}"]
+    assert table[5].split() == ["home", "before", "quiz.accuracy", "0.25", "0.50", "+0.25"]
+    assert table[6].split() == ["dpo", "dpo.loss", "0.50", "skipped"]
+    assert table[8].split() == ["work", "before", "quiz.accuracy", "absent", "1.00"]
+
+
+def test_compare_of_a_real_run_with_itself_differs_nowhere(runner, tiny_run):
+    result = invoke(runner, "compare", tiny_run, tiny_run, "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["rows"]
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    expected = sum(len(s["metrics"]) for t in summary["topics"] for s in t["steps"] if s["status"] == "ran")
+    assert len(rows) == expected > 0
+    assert all(row["diff"] == 0.0 and row["a"] == row["b"] for row in rows)
+
+
+def test_compare_mistakes_are_one_line_errors(runner, tmp_path, tiny_run):
+    assert_one_line_error(
+        invoke(runner, "compare", tiny_run, tmp_path / "nope"), "nope: run directory not found"
+    )
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "config.yaml").write_text("seed: 0\n")
+    assert_one_line_error(
+        invoke(runner, "compare", started, tiny_run), "started/summary.json: not found", "align run --resume"
+    )
