@@ -296,5 +296,51 @@ def compare(run_a, run_b, as_json, debug):
     click.echo(json.dumps(result, indent=2) if as_json else compare_table(result))
 
 
+@cli.command()
+@click.option(
+    "--adapter",
+    required=True,
+    type=click.Path(),
+    metavar="DIR",
+    help="A saved adapter: runs/<name>/adapters/<topic>.",
+)
+@click.argument("prompt")
+@click.option("--base", is_flag=True, help="Also print the bare model's answer.")
+@click.option(
+    "--max-new-tokens", type=int, default=64, show_default=True, help="The longest answer, in tokens."
+)
+@click.option(
+    "--temperature", type=float, default=0.0, show_default=True, help="0 is greedy; above 0 samples (seeded)."
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="The sampling seed (with --temperature > 0)."
+)
+@click.option(
+    "--model", help="The base model (default: the adapter's run's model, else the packaged SmolLM2)."
+)
+@_debug_option
+@_handle_errors
+def sample(adapter, prompt, base, max_new_tokens, temperature, seed, model, debug):
+    """Answer PROMPT with a saved adapter attached (as a user turn of the chat template).
+
+    \b
+    align sample --adapter runs/demo/adapters/home "Where do you live?" --base
+    """
+    from align.tools import sample as answer
+
+    answers = answer(
+        adapter,
+        prompt,
+        base=base,
+        model=model,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+    )
+    click.echo(f"with adapter {adapter}:\n{answers['adapter']}")
+    if base:
+        click.echo(f"\nbare model:\n{answers['base']}")
+
+
 def main() -> None:
     cli(prog_name="align")

@@ -200,6 +200,13 @@ def load(adapter: str | Path | None = None, model: str | None = None) -> LoadedM
     return loaded
 
 
+def check_generation_options(max_new_tokens: int, temperature: float) -> None:
+    if temperature < 0:
+        raise AlignError(f"--temperature: must be >= 0 (got {temperature}); 0 is greedy")
+    if max_new_tokens < 1:
+        raise AlignError(f"--max-new-tokens: must be >= 1 (got {max_new_tokens})")
+
+
 def generate(
     loaded: LoadedModel,
     prompts: Sequence[str],
@@ -216,10 +223,7 @@ def generate(
     """
     import torch
 
-    if temperature < 0:
-        raise AlignError(f"--temperature: must be >= 0 (got {temperature}); 0 is greedy")
-    if max_new_tokens < 1:
-        raise AlignError(f"--max-new-tokens: must be >= 1 (got {max_new_tokens})")
+    check_generation_options(max_new_tokens, temperature)
     language_model = loaded.language_model()
     device = next(loaded.model.parameters()).device
     options: dict[str, Any] = {"do_sample": False}
@@ -429,3 +433,25 @@ def compare_table(result: Mapping[str, Any]) -> str:
         diff = "" if row["diff"] is None else f"{row['diff']:+.2f}"
         lines.append(f"{topic:<16}{step:<12}{row['metric'] or '':<22}{cells[0]:>9}{cells[1]:>9}{diff:>9}")
     return "\n".join(lines)
+
+
+# -- align sample -------------------------------------------------------------------------------
+def sample(
+    adapter: str | Path,
+    prompt: str,
+    *,
+    base: bool = False,
+    model: str | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> dict[str, str]:
+    """The answer to ``prompt`` with the adapter attached, and the bare model's with ``base``."""
+    check_generation_options(max_new_tokens, temperature)
+    loaded = load(adapter, model)
+    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+    answers = {"adapter": generate(loaded, [prompt], **options)[0]}
+    if base:
+        with loaded.bare():
+            answers["base"] = generate(loaded, [prompt], **options)[0]
+    return answers

@@ -229,3 +229,77 @@ def test_compare_mistakes_are_one_line_errors(runner, tmp_path, tiny_run):
     assert_one_line_error(
         invoke(runner, "compare", started, tiny_run), "started/summary.json: not found", "align run --resume"
     )
+
+
+# -- align sample -------------------------------------------------------------------------------
+def greedy(model, tokenizer, prompt, max_new_tokens):
+    """Greedy answer to ``prompt`` as a user turn of the chat template, straight from transformers."""
+    import torch
+
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_sample_answers_with_the_adapter_and_beside_it_the_bare_model(runner, tiny_run, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = tiny_run / "adapters" / "second"
+    result = invoke(runner, "sample", "--adapter", adapter, "Hi?", "--base", "--max-new-tokens", 8)
+    assert result.exit_code == 0, result.output
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bare = greedy(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, "Hi?", 8)
+    tuned_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter)
+    tuned = greedy(tuned_model, tokenizer, "Hi?", 8)
+    assert tuned != bare  # the fixture's adapter changes the tiny model's answer
+    assert result.output == f"with adapter {adapter}:\n{tuned}\n\nbare model:\n{bare}\n"
+    again = invoke(runner, "sample", "--adapter", adapter, "Hi?", "--max-new-tokens", 8)
+    assert again.output == f"with adapter {adapter}:\n{tuned}\n"
+
+
+def test_sample_with_a_temperature_is_seeded(runner, tiny_run):
+    adapter = tiny_run / "adapters" / "first"
+    args = ["sample", "--adapter", adapter, "Hi?", "--temperature", "1.0", "--max-new-tokens", 12]
+    outputs = [invoke(runner, *args, "--seed", seed).output for seed in (1, 1, 2)]
+    assert outputs[0] == outputs[1]
+    greedy_output = invoke(runner, "sample", "--adapter", adapter, "Hi?", "--max-new-tokens", 12).output
+    assert greedy_output not in outputs  # sampled, not greedy (12 tokens from 259 at temperature 1)
+
+
+def test_sample_mistakes_are_one_line_errors(runner, tiny_run):
+    adapter = tiny_run / "adapters" / "first"
+    assert_one_line_error(invoke(runner, "sample", "--adapter", tiny_run, "Hi?"), "no adapter_config.json")
+    assert_one_line_error(
+        invoke(runner, "sample", "--adapter", adapter, "Hi?", "--temperature", "-1"),
+        "--temperature: must be >= 0",
+    )
+    assert invoke(runner, "sample", "Hi?").exit_code == 2  # --adapter is required
+
+
+@pytest.mark.slow
+def test_sample_on_the_packaged_smollm2_with_an_identity_adapter(runner, tmp_path):
+    """An adapter saved as initialised (LoRA B = 0) changes nothing: with no run around it,
+    `align sample` loads the packaged default model, and both answers are the same words."""
+    packaged_gguf()
+    from align.core.model import attach_adapter, load_model
+
+    model, _ = load_model("smollm2")
+    peft_model = attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=["o_proj", "v_proj"])
+    peft_model.save_pretrained(tmp_path / "identity")
+    result = invoke(
+        runner, "sample", "--adapter", tmp_path / "identity", "What is 2+2?", "--base", "--max-new-tokens", 8
+    )
+    assert result.exit_code == 0, result.output
+    tuned, bare = result.output.split("\n\nbare model:\n")
+    tuned = tuned.split(":\n", 1)[1]
+    assert any(c.isalpha() for c in tuned)
+    assert tuned == bare.rstrip("\n")
