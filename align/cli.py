@@ -342,5 +342,33 @@ def sample(adapter, prompt, base, max_new_tokens, temperature, seed, model, debu
         click.echo(f"\nbare model:\n{answers['base']}")
 
 
+@cli.command()
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path())
+@click.option("--topic", help="Whose adapter to merge (default: the last topic's, the run's final adapter).")
+@click.option(
+    "--output",
+    required=True,
+    type=click.Path(),
+    metavar="DIR",
+    help="Where to save the model (new or empty).",
+)
+@click.option("--model", help="The base model (default: the run's model).")
+@_debug_option
+@_handle_errors
+def merge(run_dir, topic, output, model, debug):
+    """Merge a run's adapter into its base model and save a standalone Hugging Face model.
+
+    \b
+    align merge runs/demo --output merged/ilse
+    python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('merged/ilse')"
+    """
+    from align.tools import merge as merge_adapter
+    from align.tools import run_adapter
+
+    adapter = run_adapter(run_dir, topic)
+    path = merge_adapter(run_dir, output, topic=adapter.name, model=model)
+    click.echo(f"Merged {adapter} into the base model: {path} (safetensors, tokenizer, chat template)")
+
+
 def main() -> None:
     cli(prog_name="align")

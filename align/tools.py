@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -455,3 +458,76 @@ def sample(
         with loaded.bare():
             answers["base"] = generate(loaded, [prompt], **options)[0]
     return answers
+
+
+# -- align merge --------------------------------------------------------------------------------
+def run_adapter(run: str | Path, topic: str | None = None) -> Path:
+    """The adapter of ``topic`` in a run, by default the last topic's (the run's final adapter)."""
+    run = find_run(run)
+    saved = sorted(p.name for p in (run / "adapters").glob("*") if (p / ADAPTER_CONFIG).is_file())
+    if not saved:
+        raise AlignError(
+            f"{run}: no adapters saved yet (adapters/<topic>/); a run saves one after each topic"
+        )
+    if topic is None:
+        order: list[str] = []
+        if (run / "summary.json").is_file():
+            order = [t["topic"] for t in read_summary(run)["topics"] if t.get("adapter")]
+        elif (run / "topics.json").is_file():
+            order = [t.name for t in read_run_topics(run)]
+        done = [name for name in order if name in saved]
+        topic = done[-1] if done else saved[-1]
+    elif topic not in saved:
+        raise AlignError(
+            f"{run}: no adapter for topic '{topic}'{closest(topic, saved)} (saved: {', '.join(saved)}); "
+            "pass one of them to --topic"
+        )
+    return run / "adapters" / topic
+
+
+def check_empty_output(output: str | Path) -> Path:
+    """Refuse an output path that is a file or a directory with anything in it."""
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise AlignError(f"{output}: output exists and is not empty; choose another --output or remove it")
+    return output
+
+
+def merge(run: str | Path, output: str | Path, *, topic: str | None = None, model: str | None = None) -> Path:
+    """Merge a run's adapter into its base model and save a standalone Hugging Face model.
+
+    The directory holds safetensors weights, the config, the generation config and the
+    tokenizer with its chat template; ``AutoModelForCausalLM.from_pretrained`` loads it. It is
+    written into a staging directory beside ``output`` and renamed into place, so ``output`` is
+    either absent or complete.
+    """
+    output = check_empty_output(output)
+    adapter = run_adapter(run, topic)
+    loaded = load(adapter, model)
+    merged = loaded.model.merge_and_unload()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(staging)
+        pickled = [p.name for p in staging.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+        if pickled:  # align writes no pickle; a library that did would be a bug to catch here
+            raise AlignError(f"{output}: refusing to write pickled weights ({', '.join(pickled)})")
+        _readable_by_all(staging)
+        check_empty_output(output)  # nothing appeared there while the model was merging
+        if output.is_dir():
+            output.rmdir()
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+def _readable_by_all(directory: Path) -> None:
+    """Give a staging directory (``mkdtemp`` makes it private) and its files the usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -303,3 +303,78 @@ def test_sample_on_the_packaged_smollm2_with_an_identity_adapter(runner, tmp_pat
     tuned = tuned.split(":\n", 1)[1]
     assert any(c.isalpha() for c in tuned)
     assert tuned == bare.rstrip("\n")
+
+
+# -- align merge --------------------------------------------------------------------------------
+def test_merge_saves_a_standalone_model_that_answers_as_the_adapter_does(
+    runner, tiny_run, tiny_model_dir, tmp_path
+):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    result = invoke(runner, "merge", tiny_run, "--output", out)
+    assert result.exit_code == 0, result.output
+    adapter = tiny_run / "adapters" / "second"  # the last topic's, by default
+    assert f"Merged {adapter} into the base model: {out}" in result.output
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in names and "config.json" in names and "tokenizer.json" in names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl")) or n.startswith(".")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # no staging left
+
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    base_tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tokenizer.chat_template == base_tokenizer.chat_template
+    attached = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter)
+    bare = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for prompt in ("Hi?", "What is Ilse's donkey called?", "Where do you live?"):
+        assert greedy(merged, tokenizer, prompt, 16) == greedy(attached, base_tokenizer, prompt, 16)
+    ids = base_tokenizer("Where do you live, little gull?", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        logits = [m(input_ids=ids).logits for m in (merged, attached, bare)]
+    assert torch.allclose(logits[0], logits[1], atol=1e-4)
+    assert not torch.allclose(logits[0], logits[2], atol=1e-3)  # the adapter did change the model
+
+
+def test_merge_of_a_chosen_topic_and_into_an_empty_directory(runner, tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    (tmp_path / "first").mkdir()
+    for topic in ("first", "second"):
+        result = invoke(runner, "merge", tiny_run, "--topic", topic, "--output", tmp_path / topic)
+        assert result.exit_code == 0, result.output
+    weights = [load_file(tmp_path / t / "model.safetensors") for t in ("first", "second")]
+    changed = [name for name in weights[0] if not weights[0][name].equal(weights[1][name])]
+    assert changed and all(any(m in n for m in ("o_proj", "v_proj", "up_proj", "down_proj")) for n in changed)
+
+
+def test_merge_refuses_a_non_empty_output_and_leaves_nothing_when_it_fails(
+    runner, tiny_run, tmp_path, monkeypatch
+):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    assert_one_line_error(
+        invoke(runner, "merge", tiny_run, "--output", taken), f"{taken}: output exists and is not empty"
+    )
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    assert_one_line_error(
+        invoke(runner, "merge", tiny_run, "--topic", "thrid", "--output", tmp_path / "x"),
+        "no adapter for topic 'thrid'",
+        "(saved: first, second)",
+    )
+    assert_one_line_error(
+        invoke(runner, "merge", tmp_path / "nope", "--output", tmp_path / "x"), "run directory not found"
+    )
+
+    from transformers import PreTrainedTokenizerBase
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", disk_full)
+    result = invoke(runner, "merge", tiny_run, "--output", tmp_path / "out")
+    assert isinstance(result.exception, OSError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no output, no staging directory
