@@ -370,5 +370,24 @@ def merge(run_dir, topic, output, model, debug):
     click.echo(f"Merged {adapter} into the base model: {path} (safetensors, tokenizer, chat template)")
 
 
+@cli.command()
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path())
+@click.option("--html", "html_report", is_flag=True, help="Also write report.html, images embedded.")
+@click.option("--no-samples", is_flag=True, help="Skip the sample answers (loads no model).")
+@_debug_option
+@_handle_errors
+def report(run_dir, html_report, no_samples, debug):
+    """Write report.md and PNG plots (plots/) into RUN_DIR: metrics before and after, loss
+    curves, the gate timeline, the forgetting matrix, and sample answers.
+
+    \b
+    align report runs/demo --html
+    """
+    from align.report import write_report
+
+    for path in write_report(run_dir, html_report=html_report, samples=not no_samples):
+        click.echo(f"wrote {path}")
+
+
 def main() -> None:
     cli(prog_name="align")
