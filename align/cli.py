@@ -117,6 +117,11 @@ def cli() -> None:
     align validate my.yaml         resolve and print the plan; trains nothing
     align plugins                  every plugin as JSON
     align new-plugin NAME          a plugin package with tests, ready to pip install
+    align eval --adapter runs/<name>/adapters/<topic>    score a saved adapter
+    align compare runs/a runs/b    two runs side by side
+    align sample --adapter DIR "prompt" --base
+    align merge runs/<name> --output DIR                 a standalone merged model
+    align report runs/<name> --html                      report.md and plots
     """
 
 
