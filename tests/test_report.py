@@ -160,3 +160,37 @@ def test_report_mistakes_are_one_line_errors(runner, tmp_path):
     )
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     assert_one_line_error(runner.invoke(cli, ["report", str(tmp_path)]), "summary.json: not found")
+
+
+@pytest.mark.slow
+def test_report_samples_on_the_packaged_smollm2(runner, tmp_path):
+    """A run directory whose config names the default model, with an adapter as initialised
+    (LoRA B = 0): the report answers the topic's first two voice prompts with real text, and
+    the identity adapter's answers are the bare model's."""
+    from align.core.model import attach_adapter, load_model, packaged_gguf
+    from align.core.topics import load_topic_file
+    from tests.conftest import REPO
+
+    packaged_gguf()
+    topic = load_topic_file(REPO / "align" / "demo" / "topics" / "01_early_life.yaml")
+    run = write_run(
+        tmp_path / "run", {"early_life": [step("before", **{"quiz.accuracy": 0.43})]}, steps=("before",)
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    summary["topics"][0]["adapter"] = "adapters/early_life"
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "config.yaml").write_text("model:\n  path: smollm2\n")
+    (run / "topics.json").write_text(json.dumps([topic.to_dict()]))
+    model, _ = load_model("smollm2")
+    attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=["o_proj"]).save_pretrained(
+        run / "adapters" / "early_life"
+    )
+    result = runner.invoke(cli, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    samples = (run / "report.md").read_text().split("### early_life\n", 1)[1]
+    for pair in topic.voice_pairs[:2]:
+        block = samples.split(f"Prompt: {pair.prompt}\n", 1)[1]
+        bare = block.split("bare model:\n\n", 1)[1].split("\n\nwith the", 1)[0]
+        tuned = block.split("with the early_life adapter:\n\n", 1)[1].split("\n\n", 1)[0]
+        assert sum(c.isalpha() for c in bare) > 10 and tuned.strip() == bare.strip()
+    assert f"Prompt: {topic.voice_pairs[2].prompt}" not in samples
