@@ -277,9 +277,9 @@ def eval_command(adapter, topics, evaluators, model, as_json, debug):
     from align.tools import eval_table, evaluate_adapter
 
     plugins = load_plugins()
+    _check_failures(plugins, strict=False)  # a plugin that failed to load may be the one asked for
     names = [name.strip() for name in evaluators.split(",") if name.strip()]
     result = evaluate_adapter(plugins.registry, adapter=adapter, topics=topics, evaluators=names, model=model)
-    _check_failures(plugins, strict=False)
     click.echo(json.dumps(result, indent=2) if as_json else eval_table(result))
 
 
