@@ -263,10 +263,12 @@ def check_forgetting(data: Any) -> tuple[list[str], dict[str, list[list[float | 
     for name, matrix in metrics.items():
         if (
             not isinstance(matrix, list)
-            or len(matrix) != n
+            or len(matrix) > n  # a row per trained topic: a run that stopped early has fewer
             or any(not isinstance(r, list) or len(r) != n for r in matrix)
         ):
-            raise ValueError(f"metrics.{name}: expected a {n} x {n} matrix (one row per topic)")
+            raise ValueError(
+                f"metrics.{name}: expected up to {n} rows of {n} values (a row per trained topic)"
+            )
     return topics, {str(k): v for k, v in metrics.items()}
 
 
@@ -281,13 +283,15 @@ def plot_forgetting(
     )
     size = 1.0 * len(topics) + 2.5
     fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(values, cmap="viridis", vmin=min(0.0, values.min()), vmax=max(1.0, values.max()))
+    known = values.compressed()
+    low, high = (min(0.0, float(known.min())), max(1.0, float(known.max()))) if known.size else (0.0, 1.0)
+    image = ax.imshow(values, cmap="viridis", vmin=low, vmax=high)
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
             if value is not None:
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white", fontsize=8)
     ax.set_xticks(range(len(topics)), topics, rotation=30, ha="right")
-    ax.set_yticks(range(len(topics)), [f"after {t}" for t in topics])
+    ax.set_yticks(range(len(matrix)), [f"after {t}" for t in topics[: len(matrix)]])
     ax.set_xlabel("topic evaluated")
     ax.set_title(f"forgetting: {metric}")
     fig.colorbar(image, ax=ax)

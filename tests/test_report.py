@@ -194,3 +194,17 @@ def test_report_samples_on_the_packaged_smollm2(runner, tmp_path):
         tuned = block.split("with the early_life adapter:\n\n", 1)[1].split("\n\n", 1)[0]
         assert sum(c.isalpha() for c in bare) > 10 and tuned.strip() == bare.strip()
     assert f"Prompt: {topic.voice_pairs[2].prompt}" not in samples
+
+
+def test_report_of_a_run_that_stopped_early_draws_the_rows_it_has(runner, tmp_path):
+    """The engine writes a row per finished topic: two of three here."""
+    run = write_run(tmp_path / "run", FORGETTING_SUMMARY, steps=("before", "dpo", "after_dpo"))
+    summary = json.loads((run / "summary.json").read_text())
+    rows = FORGETTING["metrics"]["quiz.accuracy"][:2]
+    partial = {"topics": FORGETTING["topics"], "metrics": {"quiz.accuracy": rows}}
+    (run / "summary.json").write_text(json.dumps({**summary, "forgetting": partial}))
+    result = runner.invoke(cli, ["report", str(run), "--no-samples"])
+    assert result.exit_code == 0, result.output
+    markdown = (run / "report.md").read_text()
+    assert "| work | 0.50 | 1.00 |  |" in markdown and "\n| garden |" not in markdown  # no row yet
+    assert_real_png(run / "plots" / "forgetting_quiz.accuracy.png")
