@@ -128,6 +128,11 @@ def cli(ctx: click.Context, verbose: int) -> None:
     align validate my.yaml         resolve and print the plan; trains nothing
     align plugins                  every plugin as JSON
     align new-plugin NAME          a plugin package with tests, ready to pip install
+    align eval --adapter runs/<name>/adapters/<topic>    score a saved adapter
+    align compare runs/a runs/b    two runs side by side
+    align sample --adapter DIR "prompt" --base
+    align merge runs/<name> --output DIR                 a standalone merged model
+    align report runs/<name> --html                      report.md and plots
     """
     ctx.meta["align.verbose"] = verbose
 
@@ -250,6 +255,162 @@ def new_plugin(name, kind, directory, debug):
     path = scaffold(name, kind, directory)
     click.echo(f"Created {path} ({kind} '{name.replace('-', '_')}')")
     click.echo(f"Next: cd {path} && pip install -e . && python -m pytest")
+
+
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+_debug_option = click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+
+
+@cli.command("eval")
+@click.option(
+    "--adapter",
+    type=click.Path(),
+    metavar="DIR",
+    help="A saved adapter, e.g. runs/<name>/adapters/<topic> (default: none, the bare model).",
+)
+@click.option(
+    "--topics",
+    type=click.Path(),
+    help="A topic file or directory (default: the topics of the adapter's run).",
+)
+@click.option(
+    "--evaluators",
+    default="quiz,voice",
+    show_default=True,
+    help="Registered evaluators to score with, comma-separated (`align plugins` lists them).",
+)
+@click.option(
+    "--model", help="The base model (default: the adapter's run's model, else the packaged SmolLM2)."
+)
+@_json_option
+@_debug_option
+@_handle_errors
+def eval_command(adapter, topics, evaluators, model, as_json, debug):
+    """Score a saved adapter (or the bare model) on topics with any registered evaluators.
+
+    \b
+    align eval --adapter runs/demo/adapters/home --topics my_topics/
+    align eval --topics my_topics/ --evaluators quiz,recall --json
+    """
+    from align.plugins.manager import load_plugins
+    from align.tools import eval_table, evaluate_adapter
+
+    plugins = load_plugins()
+    _check_failures(plugins, strict=False)  # a plugin that failed to load may be the one asked for
+    names = [name.strip() for name in evaluators.split(",") if name.strip()]
+    result = evaluate_adapter(plugins.registry, adapter=adapter, topics=topics, evaluators=names, model=model)
+    click.echo(json.dumps(result, indent=2) if as_json else eval_table(result))
+
+
+@cli.command()
+@click.argument("run_a", metavar="RUN_A", type=click.Path())
+@click.argument("run_b", metavar="RUN_B", type=click.Path())
+@_json_option
+@_debug_option
+@_handle_errors
+def compare(run_a, run_b, as_json, debug):
+    """Show two runs' metrics side by side per topic and step, with the difference (b - a).
+
+    \b
+    align compare runs/demo-a runs/demo-b
+    """
+    from align.tools import compare_runs, compare_table
+
+    result = compare_runs(run_a, run_b)
+    click.echo(json.dumps(result, indent=2) if as_json else compare_table(result))
+
+
+@cli.command()
+@click.option(
+    "--adapter",
+    required=True,
+    type=click.Path(),
+    metavar="DIR",
+    help="A saved adapter: runs/<name>/adapters/<topic>.",
+)
+@click.argument("prompt")
+@click.option("--base", is_flag=True, help="Also print the bare model's answer.")
+@click.option(
+    "--max-new-tokens", type=int, default=64, show_default=True, help="The longest answer, in tokens."
+)
+@click.option(
+    "--temperature", type=float, default=0.0, show_default=True, help="0 is greedy; above 0 samples (seeded)."
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="The sampling seed (with --temperature > 0)."
+)
+@click.option(
+    "--model", help="The base model (default: the adapter's run's model, else the packaged SmolLM2)."
+)
+@_debug_option
+@_handle_errors
+def sample(adapter, prompt, base, max_new_tokens, temperature, seed, model, debug):
+    """Answer PROMPT with a saved adapter attached (as a user turn of the chat template).
+
+    \b
+    align sample --adapter runs/demo/adapters/home "Where do you live?" --base
+    """
+    from align.tools import sample as answer
+
+    answers = answer(
+        adapter,
+        prompt,
+        base=base,
+        model=model,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+    )
+    click.echo(f"with adapter {adapter}:\n{answers['adapter']}")
+    if base:
+        click.echo(f"\nbare model:\n{answers['base']}")
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path())
+@click.option("--topic", help="Whose adapter to merge (default: the last topic's, the run's final adapter).")
+@click.option(
+    "--output",
+    required=True,
+    type=click.Path(),
+    metavar="DIR",
+    help="Where to save the model (new or empty).",
+)
+@click.option("--model", help="The base model (default: the run's model).")
+@_debug_option
+@_handle_errors
+def merge(run_dir, topic, output, model, debug):
+    """Merge a run's adapter into its base model and save a standalone Hugging Face model.
+
+    \b
+    align merge runs/demo --output merged/ilse
+    python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('merged/ilse')"
+    """
+    from align.tools import merge as merge_adapter
+    from align.tools import run_adapter
+
+    adapter = run_adapter(run_dir, topic)
+    path = merge_adapter(run_dir, output, topic=adapter.name, model=model)
+    click.echo(f"Merged {adapter} into the base model: {path} (safetensors, tokenizer, chat template)")
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path())
+@click.option("--html", "html_report", is_flag=True, help="Also write report.html, images embedded.")
+@click.option("--no-samples", is_flag=True, help="Skip the sample answers (loads no model).")
+@_debug_option
+@_handle_errors
+def report(run_dir, html_report, no_samples, debug):
+    """Write report.md and PNG plots (plots/) into RUN_DIR: metrics before and after, loss
+    curves, the gate timeline, the forgetting matrix, and sample answers.
+
+    \b
+    align report runs/demo --html
+    """
+    from align.report import write_report
+
+    for path in write_report(run_dir, html_report=html_report, samples=not no_samples):
+        click.echo(f"wrote {path}")
 
 
 def main() -> None:

@@ -68,3 +68,57 @@ def site(tmp_path, monkeypatch):
     yield site
     for name in [m for m in sys.modules if m.startswith("align_")]:
         sys.modules.pop(name, None)
+
+
+#: The protocol of :func:`tiny_run`: every kind of step, with a gate that always passes.
+TINY_RUN_PROTOCOL = [
+    {"name": "before", "evaluate": ["quiz", "voice"]},
+    {"name": "sft", "train": "sft"},
+    {"name": "after_sft", "evaluate": ["quiz", "voice"]},
+    {"name": "dpo", "train": "dpo", "gate": {"use": "threshold", "all": ["quiz.accuracy >= 0"]}},
+    {"name": "after_dpo", "evaluate": ["quiz", "voice"], "if_ran": "dpo"},
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir):
+    """A real `align run` on the tiny model: two topics, SFT and a gated DPO, adapters saved.
+
+    LoRA alpha 32 makes the rank-1 adapter change the tiny model's answers, so tests can tell
+    the adapter from the bare model. About 10 s, once per test session.
+    """
+    import yaml
+    from click.testing import CliRunner
+
+    from align.cli import cli
+
+    base = tmp_path_factory.mktemp("tiny-run")
+    topics = base / "topics"
+    topics.mkdir()
+    write_topic(topics, "first")
+    write_topic(
+        topics,
+        "second",
+        voice_pairs=[
+            {"prompt": "Hi?", "chosen": "Ahoy there, little gull.", "rejected": "Hi."},
+            {"prompt": "Where do you live?", "chosen": "Wrackhouse, gull.", "rejected": "A house."},
+            {"prompt": "A third?", "chosen": "Aye.", "rejected": "Yes."},
+        ],
+    )
+    config = base / "tiny.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "seed": 0,
+                "lora": {"alpha": 32.0},
+                "sft": {"epochs": 2, "learning_rate": 0.05},
+                "dpo": {"max_steps": 2},
+                "protocol": TINY_RUN_PROTOCOL,
+            }
+        )
+    )
+    out = base / "run"
+    args = ["run", str(config), "--model", str(tiny_model_dir), "--topics", str(topics), "--output", str(out)]
+    result = CliRunner().invoke(cli, args, env={"ALIGN_LOAD_PLUGINS": ""})
+    assert result.exit_code == 0, result.output
+    return out

