@@ -338,6 +338,46 @@ def test_merge_saves_a_standalone_model_that_answers_as_the_adapter_does(
     assert not torch.allclose(logits[0], logits[2], atol=1e-3)  # the adapter did change the model
 
 
+@pytest.mark.slow
+def test_merge_on_the_packaged_smollm2_answers_as_the_adapter_does(runner, tmp_path):
+    """The default model end to end: a run directory whose config names `smollm2` and whose
+    adapter moves the model (random LoRA B), merged into a standalone model (about 540 MB)."""
+    packaged_gguf()
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.core.model import attach_adapter, load_model
+
+    model, tokenizer = load_model("smollm2")
+    attached = attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=["o_proj", "v_proj"])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in attached.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=1.0)
+    run = tmp_path / "run"
+    attached.save_pretrained(run / "adapters" / "home")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": "smollm2"}}))
+    summary = {"status": "completed", "topics": [{"topic": "home", "adapter": "adapters/home", "steps": []}]}
+    (run / "summary.json").write_text(json.dumps(summary))
+
+    result = invoke(runner, "merge", run, "--output", tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    merged_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    attached.eval()
+    prompt = "Where do you live?"
+    assert greedy(merged, merged_tokenizer, prompt, 8) == greedy(attached, tokenizer, prompt, 8)
+    ids = tokenizer("Where do you live, little gull?", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        logits = [merged(input_ids=ids).logits, attached(input_ids=ids).logits]
+        with attached.disable_adapter():
+            bare = attached(input_ids=ids).logits
+    assert torch.allclose(logits[0], logits[1], atol=1e-3)
+    assert (logits[0] - bare).abs().max() > 0.1  # the adapter does change the model
+
+
 def test_merge_of_a_chosen_topic_and_into_an_empty_directory(runner, tiny_run, tmp_path):
     from safetensors.torch import load_file
 
