@@ -6,11 +6,16 @@
 Sections (each variant runs in its own subprocess so its peak memory is its own; the model,
 data, steps and seed are the same for all):
 
-* ``dpo``: DPO with the rank-1 adapter four ways, each timed from building its trainer (and,
-  for the seed's design, copying the model) to the end of training: the seed's design (a frozen deep copy of the
-  model as ``ref_model``), plain TRL with ``peft_config`` and ``ref_model=None``, the same with
-  ``precompute_ref_log_probs=True`` (TRL's fastest configuration), and align's ``dpo`` objective.
-  Pairs/s, tokens/s, peak RSS and the loss curve of each; align's ratios to each.
+* ``dpo``: DPO with the rank-1 adapter, each way timed from building its trainer (and, for the
+  seed's design, copying the model) to the end of training, all in fp32 and from the same adapter
+  initialisation: the seed's design (a frozen deep copy of the model as ``ref_model``), plain TRL
+  with ``peft_config`` and ``ref_model=None``, the same with ``precompute_ref_log_probs=True``,
+  TRL's fastest configuration (that, and ``gradient_checkpointing=False``), and align's ``dpo``
+  objective. Without ``--quick`` also in bfloat16: TRL's fastest with its default ``bf16=True``
+  (autocast) against align with ``model.dtype: bfloat16``. Pairs/s, tokens/s, peak RSS and the
+  loss curve of each; align's ratios to each. (TRL's ``DPOConfig`` defaults to ``bf16=True``
+  even on a CPU, where autocast to bfloat16 is fast on CPUs with AVX512-BF16: precision is set
+  explicitly for every variant so that like is compared with like.)
 * ``eval``: quiz and voice scoring as align does it (batched, each prompt run once for all its
   completions) against one plain forward pass per prompt and completion: wall time, speed-up,
   and whether the scores are identical.
@@ -40,7 +45,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TARGETS = ["o_proj", "v_proj", "up_proj", "down_proj"]
-DPO_VARIANTS = ("seed", "trl", "trl_precompute", "align")
+DPO_VARIANTS = ("seed", "trl", "trl_precompute", "trl_fastest", "align")
+BF16_VARIANTS = ("trl_bf16", "align_bf16")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -76,7 +82,8 @@ def worker_dpo(variant: str, steps: int, batch: int) -> dict[str, Any]:
     set_seed(0)
     path = resolve_model_path("smollm2")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    dtype = torch.bfloat16 if variant == "align_bf16" else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     topic = _topic()
     lora = LoraConfig(r=1, lora_alpha=1.0, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     scratch = tempfile.mkdtemp(prefix="align-bench-")
@@ -95,12 +102,17 @@ def worker_dpo(variant: str, steps: int, batch: int) -> dict[str, Any]:
         "disable_tqdm": True,
         "seed": 0,
         "use_cpu": not torch.cuda.is_available(),
+        "bf16": variant == "trl_bf16",
+        "fp16": False,
     }
+    if variant in ("trl_fastest", "trl_bf16"):
+        common["gradient_checkpointing"] = False
     dataset = _dataset(topic, tokenizer)
-    if variant == "align":
+    if variant.startswith("align"):
         from align.core.model import EnginePolicy, attach_adapter
         from align.objectives.dpo import DPOObjective
 
+        set_seed(0)  # every variant's adapter starts from the same random A (B is zero)
         model = attach_adapter(base, rank=1, alpha=1.0, dropout=0.0, target_modules=TARGETS)
         policy = EnginePolicy(model, tokenizer, seed=0, scratch_dir=Path(scratch))
         policy.set_log_target(lambda step, entry: logs.append(entry) if "loss" in entry else None)
@@ -114,6 +126,7 @@ def worker_dpo(variant: str, steps: int, batch: int) -> dict[str, Any]:
             # The seed's design with today's TRL: a frozen full copy of the model, taken before
             # get_peft_model, as the reference.
             reference = copy.deepcopy(base).eval()
+            set_seed(0)
             model = get_peft_model(base, lora)
             trainer = DPOTrainer(
                 model=model,
@@ -123,11 +136,12 @@ def worker_dpo(variant: str, steps: int, batch: int) -> dict[str, Any]:
                 processing_class=tokenizer,
             )
         else:
+            set_seed(0)  # the trainer wraps the model with the adapter first thing
             trainer = DPOTrainer(
                 model=base,
                 ref_model=None,
                 peft_config=lora,
-                args=DPOConfig(**common, precompute_ref_log_probs=variant == "trl_precompute"),
+                args=DPOConfig(**common, precompute_ref_log_probs=variant != "trl"),
                 train_dataset=dataset,
                 processing_class=tokenizer,
             )
@@ -299,7 +313,9 @@ def table(results: dict[str, Any]) -> str:
     lines = []
     dpo = results.get("dpo")
     if dpo:
-        lines.append(f"DPO, {dpo['steps']} steps x {dpo['batch']} pairs (rank-1 LoRA, SmolLM2-135M, fp32)")
+        lines.append(
+            f"DPO, {dpo['steps']} steps x {dpo['batch']} pairs (rank-1 LoRA, SmolLM2-135M; fp32 unless *_bf16)"
+        )
         lines.append(f"{'variant':<16}{'pairs/s':>9}{'tokens/s':>10}{'peak MB':>9}  first → last loss")
         for row in dpo["variants"].values():
             tokens = f"{row['tokens_per_s']:>10.1f}" if row["tokens_per_s"] else f"{'-':>10}"
@@ -343,7 +359,8 @@ def main() -> None:
     steps, batch = (4, 2) if args.quick else (8, 2)
     results: dict[str, Any] = {"quick": args.quick, **environment()}
     if "dpo" in sections:
-        variants = {v: _in_subprocess("dpo", v, str(steps), str(batch)) for v in DPO_VARIANTS}
+        names = DPO_VARIANTS + (() if args.quick else BF16_VARIANTS)
+        variants = {v: _in_subprocess("dpo", v, str(steps), str(batch)) for v in names}
         ours = variants["align"]
         ratios = {
             f"align / {v} pairs/s": round(ours["pairs_per_s"] / variants[v]["pairs_per_s"], 2)
@@ -351,6 +368,16 @@ def main() -> None:
             if v != "align"
         }
         ratios["align / seed peak memory"] = round(ours["peak_rss_mb"] / variants["seed"]["peak_rss_mb"], 2)
+        ratios["align / trl_fastest peak memory"] = round(
+            ours["peak_rss_mb"] / variants["trl_fastest"]["peak_rss_mb"], 2
+        )
+        if "align_bf16" in variants:
+            ratios["align_bf16 / trl_bf16 pairs/s"] = round(
+                variants["align_bf16"]["pairs_per_s"] / variants["trl_bf16"]["pairs_per_s"], 2
+            )
+            ratios["align_bf16 / align pairs/s"] = round(
+                variants["align_bf16"]["pairs_per_s"] / ours["pairs_per_s"], 2
+            )
         results["dpo"] = {"steps": steps, "batch": batch, "variants": variants, "ratios": ratios}
     if "eval" in sections:
         results["eval"] = _in_subprocess("eval")

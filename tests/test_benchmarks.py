@@ -22,19 +22,23 @@ def test_quick_benchmark_suite_reports_every_section(tmp_path):
     assert {"date", "machine", "versions"} <= results.keys()
 
     dpo = results["dpo"]
-    assert set(dpo["variants"]) == {"seed", "trl", "trl_precompute", "align"}
+    assert set(dpo["variants"]) == {"seed", "trl", "trl_precompute", "trl_fastest", "align"}
     for row in dpo["variants"].values():
         assert row["pairs_per_s"] > 0 and row["peak_rss_mb"] > 0
         assert len(row["losses"]) == dpo["steps"]
-    # Every variant trains the same adapter from the same start with the base model as reference,
-    # so all four see the same first loss (ln 2 for sigmoid DPO).
-    first = {name: row["losses"][0] for name, row in dpo["variants"].items()}
-    assert max(first.values()) - min(first.values()) < 1e-3, first
+    # Every variant trains the same adapter from the same initialisation on the same batches with
+    # the base model as reference, in fp32: the same loss curve, starting at ln 2.
+    assert abs(dpo["variants"]["align"]["losses"][0] - 0.6931) < 1e-3
+    for name, row in dpo["variants"].items():
+        gaps = [abs(a - b) for a, b in zip(row["losses"], dpo["variants"]["align"]["losses"])]
+        assert max(gaps) < 2e-3, (name, row["losses"], dpo["variants"]["align"]["losses"])
     assert set(dpo["ratios"]) == {
         "align / seed pairs/s",
         "align / trl pairs/s",
         "align / trl_precompute pairs/s",
+        "align / trl_fastest pairs/s",
         "align / seed peak memory",
+        "align / trl_fastest peak memory",
     }
 
     assert results["eval"]["identical_scores"] is True
