@@ -146,18 +146,58 @@ def cli(ctx: click.Context, verbose: int) -> None:
     help="Continue the run in RUN_DIR from its last finished step (after a crash, Ctrl-C or a failed step).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
+@click.option(
+    "--launcher",
+    type=click.Choice(["none", "accelerate"]),
+    default="none",
+    help="accelerate: run on several processes (devices) through `accelerate launch` "
+    "(its config from `accelerate config`, or ACCELERATE_CONFIG_FILE); see docs/scaling.md.",
+)
+@click.option(
+    "--num-processes",
+    type=click.IntRange(min=1),
+    help="With --launcher accelerate: how many processes (default: accelerate's config).",
+)
 @_verbose_option
 @_handle_errors
-def run(config, topics, model, overrides, output, strict_plugins, debug, resume, quiet, verbose):
+def run(
+    config,
+    topics,
+    model,
+    overrides,
+    output,
+    strict_plugins,
+    debug,
+    resume,
+    quiet,
+    launcher,
+    num_processes,
+    verbose,
+):
     """Run the protocol over every topic. CONFIG defaults to the built-in demo.
 
     \b
     align run --resume runs/demo-20261125-101500   continue a killed or stopped run
+    align run my.yaml --launcher accelerate --num-processes 8   one process per GPU
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m align run my.yaml
     """
     from align.console import ConsoleReporter, configure_logging
+    from align.core import distributed
+
+    if launcher == "accelerate":
+        sys.exit(_relaunch(num_processes))
+    if num_processes is not None:
+        raise AlignError(
+            "--num-processes goes with --launcher accelerate; add it, or leave --num-processes out"
+        )
+
     from align.core.runner import execute, resume_plan_options, run_status
 
-    configure_logging(verbose + click.get_current_context().meta.get("align.verbose", 0))
+    main_process = distributed.is_main()
+    # One process speaks for a multi-process run; the others only log warnings.
+    configure_logging(
+        verbose + click.get_current_context().meta.get("align.verbose", 0) if main_process else 0
+    )
 
     if resume:
         given = [flag for flag, value in _resume_conflicts(config, topics, model, overrides, output) if value]
@@ -174,11 +214,55 @@ def run(config, topics, model, overrides, output, strict_plugins, debug, resume,
         plugins, plan = _load_plan(
             strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
         )
-    reporter = ConsoleReporter(quiet=quiet)
+    reporter = ConsoleReporter(quiet=quiet or not main_process)
     try:
         execute(plan, reporter=reporter, hooks=plugins.manager, resume=bool(resume))
     finally:
         reporter.close()  # the progress bars, also when the run stops
+
+
+#: ``align run`` options that choose the launcher; the relaunched processes run without them.
+_LAUNCHER_OPTIONS = {"--launcher": True, "--num-processes": True}
+
+
+def _relaunch(num_processes: int | None) -> int:
+    """Run this same ``align run`` (less the launcher options) under ``accelerate launch``."""
+    import shutil
+    import subprocess
+
+    if shutil.which("accelerate") is None:
+        raise AlignError(
+            "--launcher accelerate: the `accelerate` command is not installed; `pip install accelerate`"
+        )
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if num_processes is not None:
+        command += ["--num_processes", str(num_processes)]
+        if num_processes > 1:
+            command += ["--multi_gpu"] if _cuda_devices() > 1 else ["--cpu", "--multi_gpu"]
+    command += ["-m", "align", *_without_launcher_options(sys.argv[1:])]
+    return subprocess.call(command)
+
+
+def _without_launcher_options(argv: list[str]) -> list[str]:
+    """``argv`` without ``--launcher X`` / ``--num-processes N`` (also written ``--opt=value``)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _LAUNCHER_OPTIONS:
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    return kept
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _resume_conflicts(config, topics, model, overrides, output) -> list[tuple[str, Any]]:

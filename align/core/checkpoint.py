@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from align.core import distributed
 from align.core.rundir import atomic_write_text
 from align.core.topics import Topic
 from align.errors import AlignError
@@ -66,10 +67,16 @@ class Checkpoints:
         adapter: Any,
         snapshots: Mapping[str, tuple[Any, Mapping[str, float]]],
     ) -> None:
-        """Write the adapter, the snapshots, then ``state.json``; then drop files it no longer names."""
+        """Write the adapter, the snapshots, then ``state.json``; then drop files it no longer names.
+
+        Under a multi-process launch only the main process writes (every process holds the same
+        adapter); the others count along, so each knows the sequence number a resume reads back.
+        """
         started = time.perf_counter()
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.sequence += 1
+        if not distributed.is_main():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
         tag = f"{self.sequence:06d}"
         adapter_file = self.policy.save_snapshot(adapter, self.directory / f"adapter-{tag}").name
         snapshot_entries = {}

@@ -65,6 +65,12 @@ BASE_DEFAULTS: dict[str, Any] = {
         #: Prompts as user turns of the tokenizer's chat template: ``auto`` (when it has one),
         #: ``true`` (required: a tokenizer without one is an error) or ``false`` (plain text).
         "chat_template": "auto",
+        #: Recompute activations in the backward pass instead of keeping them (large models).
+        "gradient_checkpointing": False,
+        #: The frozen base weights as loaded (``none``), or ``4bit`` / ``8bit`` through bitsandbytes.
+        "quantization": "none",
+        #: ``auto`` or a mapping of module to device: one model spread over this process's devices.
+        "device_map": None,
     },
     "lora": {
         "rank": 1,
@@ -180,7 +186,8 @@ def with_defaults(data: Mapping[str, Any], component_names: Iterable[str], sourc
 
 
 def _check_base(config: dict[str, Any], source: str) -> None:
-    from align.core.model import DTYPES
+    from align.core import distributed
+    from align.core.model import BITSANDBYTES_INSTALL, DTYPES, QUANTIZATIONS, bitsandbytes_available
 
     def fail(key: str, message: str) -> None:
         raise ConfigError(f"{source}: {key}: {message}")
@@ -222,6 +229,37 @@ def _check_base(config: dict[str, Any], source: str) -> None:
         fail("model.trust_remote_code", f"expected true or false, got {model['trust_remote_code']!r}")
     if model["chat_template"] not in ("auto", True, False):
         fail("model.chat_template", f"expected auto, true or false, got {model['chat_template']!r}")
+    if not isinstance(model["gradient_checkpointing"], bool):
+        fail(
+            "model.gradient_checkpointing", f"expected true or false, got {model['gradient_checkpointing']!r}"
+        )
+    if model["quantization"] in (None, False):
+        model["quantization"] = "none"
+    if model["quantization"] not in QUANTIZATIONS:
+        fail(
+            "model.quantization",
+            f"expected one of {', '.join(QUANTIZATIONS)}, got {model['quantization']!r}"
+            f"{closest(str(model['quantization']), QUANTIZATIONS)}",
+        )
+    if model["quantization"] != "none" and not bitsandbytes_available():
+        fail(
+            "model.quantization",
+            f"{model['quantization']} base weights need bitsandbytes, which is not installed; "
+            f"`{BITSANDBYTES_INSTALL}` (on a machine with a CUDA GPU), or set model.quantization: none",
+        )
+    device_map = model["device_map"]
+    if device_map not in (None, "auto") and not _is_device_mapping(device_map):
+        fail(
+            "model.device_map",
+            f"expected auto, or a mapping of module name to device (e.g. {{model.layers.0: 0, lm_head: 1}}), "
+            f"got {device_map!r}",
+        )
+    if device_map is not None and distributed.is_distributed():
+        fail(
+            "model.device_map",
+            f"spreads one copy of the model over this process's devices, which a launch of "
+            f"{distributed.world_size()} processes cannot share; remove model.device_map, or run one process",
+        )
     model["eval_batch_size"] = number("model.eval_batch_size", model["eval_batch_size"], integer=True)
     if model["eval_batch_size"] < 1:
         fail("model.eval_batch_size", "must be >= 1")
@@ -240,6 +278,13 @@ def _check_base(config: dict[str, Any], source: str) -> None:
         fail("lora.target_modules", "expected a non-empty list of module names, e.g. [o_proj, v_proj]")
     if not isinstance(config["protocol"], list) or not config["protocol"]:
         fail("protocol", "expected a non-empty list of steps")
+
+
+def _is_device_mapping(value: Any) -> bool:
+    """A ``device_map`` mapping: module names to a GPU number or a device name (``cpu``, ``disk``)."""
+    return isinstance(value, Mapping) and all(
+        isinstance(k, str) and isinstance(v, (int, str)) and not isinstance(v, bool) for k, v in value.items()
+    )
 
 
 def dump_config(config: Mapping[str, Any]) -> str:

@@ -13,6 +13,11 @@ was before the step and is recorded with the plugin, topic, step and reason; the
 With ``recheck: earlier`` (the default), the end of each topic evaluates every earlier topic again
 with the protocol's evaluators, so ``summary.json`` holds a topic-by-topic matrix of what later
 training did to earlier topics (``forgetting``).
+
+Under a multi-process launch every process runs this same loop: evaluation is sharded and
+gathered inside the model, so every process sees the same metrics; gate and rollback decisions,
+and the outcome of lifecycle hooks (which run on the main process only), are taken on the main
+process and broadcast, so every process takes the same branch; only the main process writes.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from align.core import distributed
 from align.core.checkpoint import Checkpoint, Checkpoints, topics_digest
 from align.core.components import GateDecision
 from align.core.plan import Component, Plan, Step
@@ -265,6 +271,31 @@ class Engine:
         """
         if self.hooks is None:
             return
+        failures: list[tuple[str, str]] = []
+        if distributed.is_main():  # loggers and notifiers hear of the run once
+            failures = self._call_hooks(hook_name, kwargs)
+        failures = [
+            tuple(f) for f in distributed.broadcast_object(failures)
+        ]  # the same decision on every process
+        if not failures:
+            return
+        if self.on_error == "stop" and self.status in ("running", "completed"):
+            plugin, message = failures[0]
+            kept = (
+                "the run completed and its results are saved"
+                if self.status == "completed"
+                else (
+                    f"results so far are kept: fix the plugin, or disable it with ALIGN_DISABLE_PLUGINS={plugin}, "
+                    f"and `align run --resume {self.rundir.path}`"
+                )
+            )
+            raise RunStopped(f"{message}; {kept}, or set on_error: skip")
+        for _, message in failures:  # on_error: skip, or the run is already stopping
+            self.reporter.warning(message)
+
+    def _call_hooks(self, hook_name: str, kwargs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Call each implementation of ``hook_name``; return ``(plugin, message)`` for each that raised."""
+        assert self.hooks is not None
         failures = []
         for impl in reversed(getattr(self.hooks.hook, hook_name).get_hookimpls()):
             try:
@@ -289,21 +320,7 @@ class Engine:
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 failures.append((impl.plugin_name, message))
-        if not failures:
-            return
-        if self.on_error == "stop" and self.status in ("running", "completed"):
-            plugin, message = failures[0]
-            kept = (
-                "the run completed and its results are saved"
-                if self.status == "completed"
-                else (
-                    f"results so far are kept: fix the plugin, or disable it with ALIGN_DISABLE_PLUGINS={plugin}, "
-                    f"and `align run --resume {self.rundir.path}`"
-                )
-            )
-            raise RunStopped(f"{message}; {kept}, or set on_error: skip")
-        for _, message in failures:  # on_error: skip, or the run is already stopping
-            self.reporter.warning(message)
+        return failures
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _checkpoint(self, topic_index: int, step_index: int) -> None:
@@ -609,6 +626,7 @@ class Engine:
                 falls.append(
                     f"{name} fell {before[name]:.2f} → {metrics[name]:.2f} (more than {tolerance:g})"
                 )
+        falls = distributed.broadcast_object(falls)  # decided once: every process restores, or none
         if not falls:
             return None
         self.policy.restore(state)
@@ -628,6 +646,9 @@ class Engine:
         decision = step.gate.instance.decide(metrics)
         if not isinstance(decision, GateDecision):
             raise TypeError(f"gate '{step.gate.name}' returned {decision!r}, expected align.GateDecision")
+        if distributed.is_distributed():  # decided once, on the main process: the same on every process
+            passed, reason = distributed.broadcast_object([decision.passed, decision.reason])
+            decision = GateDecision(passed=bool(passed), reason=reason)
         return decision
 
     def summary(self) -> dict[str, Any]:

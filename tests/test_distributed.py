@@ -1,0 +1,314 @@
+"""A real run on two processes (CPU, gloo) against the same run on one, plus the façade's pieces.
+
+The two runs see the same global batch: ``per_device_train_batch_size`` 1 on each of 2 processes
+against 2 on one process, so each optimizer step averages the gradients of the same two
+examples (accelerate's seeded sampler draws the same order in both). What may differ:
+
+- SFT's loss is a token mean. One process averages over the tokens of both passages at once; two
+  processes average per passage, and the trainer rescales by the tokens on all processes
+  (``average_tokens_across_devices``), which gives the same number up to float rounding.
+- Scoring batches hold other prompts on two processes than on one, so log-likelihoods differ in
+  the last bits (different padding and matmul shapes).
+
+Measured on the project's 2-core CPU machine (torch 2.13, transformers 5.24, TRL 1.16): metrics
+differ by at most 1e-6, adapter weights by at most 5.1e-5 (after two topics, weights up to 0.46);
+the test allows ``METRICS_TOLERANCE`` and ``ADAPTER_TOLERANCE``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from align.core import distributed
+from tests.conftest import REPO
+
+#: How far the 2-process run's metrics and adapter weights may be from the 1-process run's.
+METRICS_TOLERANCE = 1e-5
+ADAPTER_TOLERANCE = 2e-4
+
+PROTOCOL = [
+    {"name": "before", "evaluate": ["quiz", "voice"]},
+    {"name": "sft", "train": "sft"},
+    {"name": "after_sft", "evaluate": ["quiz", "voice"]},
+    {"name": "dpo", "train": "dpo", "gate": {"use": "threshold", "all": ["quiz.accuracy >= 0"]}},
+    {
+        "name": "after_dpo",
+        "evaluate": ["quiz", "voice"],
+        "rollback": {"step": "dpo", "max_drop": {"quiz.accuracy": 0.5}},
+    },
+]
+
+
+def topic(name: str) -> dict:
+    """Four passages of different lengths, four quiz items, two preference and two voice pairs."""
+    return {
+        "name": name,
+        "content": [
+            f"Ilse Varrow keeps a {name} lamp.",
+            f"The {name} tide turns twice a day at Morrow Head, and the gulls know it.",
+            f"Wrackhouse has {name} shutters.",
+            f"Every evening Ilse writes about the {name} weather in a blue notebook by the window.",
+        ],
+        "quiz": [
+            {
+                "question": f"What does Ilse keep ({name}, {i})?",
+                "choices": ["a lamp", "a goat", "a boat"],
+                "answer": 0,
+            }
+            for i in range(4)
+        ],
+        "preference_pairs": [
+            {
+                "prompt": f"Where do you live ({name})?",
+                "chosen": "Wrackhouse, little gull.",
+                "rejected": "A house.",
+            },
+            {
+                "prompt": "What do you write?",
+                "chosen": "The weather, little gull, always.",
+                "rejected": "Notes.",
+            },
+        ],
+        "voice_pairs": [
+            {"prompt": "How are you?", "chosen": "Windblown, little gull.", "rejected": "Fine."},
+            {"prompt": f"And the {name}?", "chosen": "Mind the tide.", "rejected": "It is fine."},
+        ],
+    }
+
+
+def write_setup(root: Path, batch: int) -> Path:
+    topics = root / "topics"
+    topics.mkdir(parents=True, exist_ok=True)
+    for name in ("first", "second"):
+        (topics / f"{name}.yaml").write_text(yaml.safe_dump(topic(name)))
+    config = root / f"batch{batch}.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "seed": 0,
+                "topics": "topics",
+                "sft": {"epochs": 2, "learning_rate": 0.05, "per_device_train_batch_size": batch},
+                "dpo": {"max_steps": 3, "learning_rate": 0.05, "per_device_train_batch_size": batch},
+                "protocol": PROTOCOL,
+            }
+        )
+    )
+    return config
+
+
+def environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(HF_HUB_OFFLINE="1", ALIGN_LOAD_PLUGINS="", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("distributed")
+    one, two = root / "one", root / "two"
+    common = ["--model", str(tiny_model_dir)]
+    single = subprocess.run(
+        [sys.executable, "-m", "align", "run", str(write_setup(root, 2)), *common, "--output", str(one)],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr
+    launched = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",  # a free port of its own
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "align",
+            "run",
+            str(write_setup(root, 1)),
+            *common,
+            "--output",
+            str(two),
+        ],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=300,
+    )
+    assert launched.returncode == 0, launched.stderr
+    return one, two, launched
+
+
+def files(run_dir: Path) -> set[str]:
+    return {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if ".scratch" not in p.parts}
+
+
+def events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def steps(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    return {(t["topic"], s["step"]): s for t in summary["topics"] for s in t["steps"]}
+
+
+def test_two_processes_leave_the_run_directory_of_one(runs):
+    one, two, launched = runs
+    assert files(two) == files(one)
+    # One writer: each event once, in the order of the one-process run (the logs aside).
+    ours = [(e["topic"], e["step"], e["kind"], e.get("target")) for e in events(two) if e["kind"] != "log"]
+    theirs = [(e["topic"], e["step"], e["kind"], e.get("target")) for e in events(one) if e["kind"] != "log"]
+    assert ours == theirs
+    lines = (two / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines))
+    # One speaker: the table is printed once.
+    assert launched.stdout.count("run directory:") == 1
+
+
+def test_two_processes_measure_and_train_as_one(runs):
+    one, two, _ = runs
+    expected, got = steps(one), steps(two)
+    assert got.keys() == expected.keys()
+    for key, step in expected.items():
+        assert got[key]["status"] == step["status"], key
+        assert got[key].get("gate") == step.get("gate"), key
+        assert got[key]["metrics"] == pytest.approx(step["metrics"], abs=METRICS_TOLERANCE), key
+    # Evaluation before any training scores the same model: equal up to the last bits.
+    for topic_name in ("first", "second"):
+        before = got[topic_name, "before"]["metrics"]
+        assert before == pytest.approx(expected[topic_name, "before"]["metrics"], abs=1e-6)
+    for topic_name in ("first", "second"):
+        ours = load_file(two / "adapters" / topic_name / "adapter_model.safetensors")
+        theirs = load_file(one / "adapters" / topic_name / "adapter_model.safetensors")
+        assert ours.keys() == theirs.keys()
+        for name in theirs:
+            assert (ours[name] - theirs[name]).abs().max().item() <= ADAPTER_TOLERANCE, (topic_name, name)
+    # The training really moved the adapter (else the comparison above would prove nothing).
+    start = load_file(two / "adapters" / "first" / "adapter_model.safetensors")
+    assert any(tensor.abs().max().item() > 1e-3 for name, tensor in start.items() if "lora_B" in name)
+
+
+# -- the façade, on one process and with a fake second one ---------------------------------------
+def test_one_process_is_a_no_op(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert (distributed.world_size(), distributed.rank(), distributed.is_main()) == (1, 0, True)
+    assert distributed.gather_objects([1, 2]) == [1, 2]
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    distributed.barrier()
+    assert distributed.setup() is None
+
+
+def test_the_launchers_environment_names_the_process(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert (distributed.world_size(), distributed.rank(), distributed.is_main()) == (4, 3, False)
+
+
+@pytest.mark.parametrize("count", [0, 1, 5, 8])
+def test_shards_cover_every_item_once_in_order(count):
+    parts = [list(distributed.shard(count, 3, index)) for index in range(3)]
+    assert [i for part in parts for i in part] == list(range(count))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_help_imports_no_accelerate():
+    code = (
+        "import sys; from align.cli import main; sys.argv = ['align', 'run', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('HEAVY', [m for m in ('torch', 'accelerate', 'torch.distributed') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "--launcher [none|accelerate]" in out
+    assert "HEAVY []" in out
+
+
+def fake_world(monkeypatch, rank: int, others: list) -> list:
+    """Pretend to be process ``rank`` of 2; the gather returns ``others`` as the other's part."""
+    sent: list = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+
+    def gather(items):
+        sent.extend(json.loads(json.dumps(items)))  # as it travels: JSON
+        return sent + others if rank == 0 else others + sent
+
+    monkeypatch.setattr(distributed, "gather_objects", gather)
+    return sent
+
+
+def test_scoring_is_sharded_and_gathered_in_order(monkeypatch, tiny_model_dir):
+    from align.core.model import HFLanguageModel, load_model
+
+    monkeypatch.setattr(distributed, "device", lambda: "cpu")
+    model, tokenizer = load_model(str(tiny_model_dir))
+    scorer = HFLanguageModel(model, tokenizer, batch_size=2)
+    prompts = ["a b c", "a b c", "d e", "f", "f", "g h i j", "k"]
+    completions = ["x", "y z", "x", "y", "x y z", "", "z"]
+    whole = scorer.loglikelihood(prompts, completions)
+    generated = scorer.generate(prompts[:5], max_new_tokens=3)
+
+    second = fake_world(monkeypatch, 1, [])
+    partial = scorer.loglikelihood(prompts, completions)
+    first = fake_world(monkeypatch, 0, second)
+    sharded = scorer.loglikelihood(prompts, completions)
+    assert sharded == pytest.approx(whole, abs=1e-5)
+    # Each process scored a share, a prompt's completions together, and none twice.
+    mine, theirs = {i for i, _ in first}, {i for i, _ in second}
+    assert mine and theirs and not mine & theirs
+    assert mine | theirs == {i for i, c in enumerate(completions) if c}
+    assert all(
+        (i in mine) == (j in mine) for i in mine | theirs for j in theirs | mine if prompts[i] == prompts[j]
+    )
+    assert [partial[i] for i in sorted(theirs)] == [sharded[i] for i in sorted(theirs)]
+
+    second = fake_world(monkeypatch, 1, [])
+    scorer.generate(prompts[:5], max_new_tokens=3)
+    fake_world(monkeypatch, 0, second)
+    assert scorer.generate(prompts[:5], max_new_tokens=3) == generated
+    assert len(second) == 2  # process 1 generated its slice: items 3 and 4
+
+
+def test_accelerate_configs_have_what_accelerate_reads():
+    configs = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
+    assert [p.name for p in configs] == ["ddp.yaml", "fsdp.yaml", "zero2.yaml", "zero3.yaml"]
+    for path in configs:
+        data = yaml.safe_load(path.read_text())
+        for key in (
+            "compute_environment",
+            "distributed_type",
+            "num_processes",
+            "num_machines",
+            "mixed_precision",
+        ):
+            assert key in data, (path.name, key)
+        assert data["compute_environment"] == "LOCAL_MACHINE"
+    kinds = {p.name: yaml.safe_load(p.read_text())["distributed_type"] for p in configs}
+    assert kinds == {
+        "ddp.yaml": "MULTI_GPU",
+        "fsdp.yaml": "FSDP",
+        "zero2.yaml": "DEEPSPEED",
+        "zero3.yaml": "DEEPSPEED",
+    }
+    zero = {
+        p: yaml.safe_load((REPO / "configs" / "accelerate" / p).read_text())["deepspeed_config"]
+        for p in ("zero2.yaml", "zero3.yaml")
+    }
+    assert zero["zero2.yaml"]["zero_stage"] == 2 and zero["zero3.yaml"]["zero_stage"] == 3
+
+
+def test_launcher_options_are_left_out_of_the_relaunched_command():
+    from align.cli import _without_launcher_options
+
+    argv = ["run", "c.yaml", "--launcher", "accelerate", "--num-processes=2", "--set", "seed=1"]
+    assert _without_launcher_options(argv) == ["run", "c.yaml", "--set", "seed=1"]
