@@ -227,10 +227,10 @@ _LAUNCHER_OPTIONS = {"--launcher": True, "--num-processes": True}
 
 def _relaunch(num_processes: int | None) -> int:
     """Run this same ``align run`` (less the launcher options) under ``accelerate launch``."""
-    import shutil
+    import importlib.util
     import subprocess
 
-    if shutil.which("accelerate") is None:
+    if importlib.util.find_spec("accelerate") is None:
         raise AlignError(
             "--launcher accelerate: the `accelerate` command is not installed; `pip install accelerate`"
         )
@@ -238,7 +238,9 @@ def _relaunch(num_processes: int | None) -> int:
     if num_processes is not None:
         command += ["--num_processes", str(num_processes)]
         if num_processes > 1:
-            command += ["--multi_gpu"] if _cuda_devices() > 1 else ["--cpu", "--multi_gpu"]
+            # accelerate's multi-GPU launcher is torchrun's: on a machine without GPUs each process
+            # joins over gloo on the CPU (its --cpu would want MPI instead).
+            command += ["--multi_gpu", "--main_process_port", str(_free_port())]
     command += ["-m", "align", *_without_launcher_options(sys.argv[1:])]
     return subprocess.call(command)
 
@@ -259,10 +261,12 @@ def _without_launcher_options(argv: list[str]) -> list[str]:
     return kept
 
 
-def _cuda_devices() -> int:
-    import torch
+def _free_port() -> int:
+    import socket
 
-    return torch.cuda.device_count()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _resume_conflicts(config, topics, model, overrides, output) -> list[tuple[str, Any]]:

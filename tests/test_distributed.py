@@ -148,6 +148,24 @@ def runs(tmp_path_factory, tiny_model_dir):
     return one, two, launched
 
 
+@pytest.fixture(scope="module")
+def accelerated(runs, tiny_model_dir):
+    """The two-process run again, through ``align run --launcher accelerate``."""
+    _, two, _ = runs
+    out = two.parent / "accelerated"
+    config = two.parent / "batch1.yaml"
+    command = [sys.executable, "-m", "align", "run", str(config), "--model", str(tiny_model_dir)]
+    launched = subprocess.run(
+        [*command, "--output", str(out), "--launcher", "accelerate", "--num-processes", "2"],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=300,
+    )
+    assert launched.returncode == 0, launched.stderr
+    return out, launched
+
+
 def files(run_dir: Path) -> set[str]:
     return {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if ".scratch" not in p.parts}
 
@@ -196,6 +214,19 @@ def test_two_processes_measure_and_train_as_one(runs):
     # The training really moved the adapter (else the comparison above would prove nothing).
     start = load_file(two / "adapters" / "first" / "adapter_model.safetensors")
     assert any(tensor.abs().max().item() > 1e-3 for name, tensor in start.items() if "lora_B" in name)
+
+
+def test_align_run_relaunches_itself_under_accelerate(runs, accelerated):
+    _, two, _ = runs
+    out, launched = accelerated
+    assert launched.stdout.count("run directory:") == 1
+    assert files(out) == files(two)
+    # The same two processes as torchrun's: the same numbers, to the bit.
+    assert {k: s["metrics"] for k, s in steps(out).items()} == {
+        k: s["metrics"] for k, s in steps(two).items()
+    }
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["output"] == str(out)
 
 
 # -- the façade, on one process and with a fake second one ---------------------------------------
