@@ -430,6 +430,72 @@ def _(c):
     return c.run("--set", "lora.target_modules=[o_proj,c_attn]")
 
 
+# -- model options for large models (what a CPU machine can check) -------------------------------
+def no_gpu(c):
+    c.monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+
+
+@case("gradient-checkpointing-not-bool")
+def _(c):
+    return [
+        "validate",
+        c.config(""),
+        "--set",
+        "model.gradient_checkpointing=sometimes",
+        "--topics",
+        c.topics(),
+    ]
+
+
+@case("quantization-unknown")
+def _(c):
+    return ["validate", c.config(""), "--set", "model.quantization=4bits", "--topics", c.topics()]
+
+
+@case("quantization-without-bitsandbytes")
+def _(c):
+    c.monkeypatch.setattr("align.core.model.bitsandbytes_available", lambda: False)
+    return ["validate", c.config(""), "--set", "model.quantization=4bit", "--topics", c.topics()]
+
+
+@case("quantization-without-gpu")
+def _(c):
+    c.monkeypatch.setattr("align.core.model.bitsandbytes_available", lambda: True)
+    no_gpu(c)
+    return c.run("--set", "model.quantization=8bit")
+
+
+@case("float16-without-gpu")
+def _(c):
+    no_gpu(c)
+    return c.run("--set", "model.dtype=float16")
+
+
+@case("bfloat16-on-a-gpu-without-it")
+def _(c):
+    c.monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    c.monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda *a, **k: False)
+    c.monkeypatch.setattr("torch.cuda.get_device_name", lambda *a, **k: "Tesla V100-SXM2-16GB")
+    return c.run("--set", "model.dtype=bfloat16")
+
+
+@case("device-map-not-a-mapping")
+def _(c):
+    return ["validate", c.config(""), "--set", "model.device_map=[0, 1]", "--topics", c.topics()]
+
+
+@case("device-map-with-several-processes")
+def _(c):
+    c.monkeypatch.setenv("WORLD_SIZE", "2")
+    c.monkeypatch.setenv("RANK", "0")
+    return ["validate", c.config(""), "--set", "model.device_map=auto", "--topics", c.topics()]
+
+
+@case("num-processes-without-launcher")
+def _(c):
+    return c.run("--num-processes", "2")
+
+
 # -- the run directory --------------------------------------------------------------------------
 @case("output-not-empty")
 def _(c):
