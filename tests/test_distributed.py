@@ -331,6 +331,10 @@ def test_accelerate_configs_have_what_accelerate_reads():
         "zero2.yaml": "DEEPSPEED",
         "zero3.yaml": "DEEPSPEED",
     }
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    for path in configs:  # what `accelerate launch --config_file` reads them with
+        assert load_config_from_file(str(path)).num_processes == 8
     zero = {
         p: yaml.safe_load((REPO / "configs" / "accelerate" / p).read_text())["deepspeed_config"]
         for p in ("zero2.yaml", "zero3.yaml")
