@@ -199,30 +199,38 @@ def run(
         verbose + click.get_current_context().meta.get("align.verbose", 0) if main_process else 0
     )
 
-    if resume:
-        given = [flag for flag, value in _resume_conflicts(config, topics, model, overrides, output) if value]
-        if given:
-            raise AlignError(
-                f"--resume continues {resume} with the config and topics it started with; "
-                f"leave out {', '.join(given)}"
-            )
-        if run_status(resume) == "completed":
-            click.echo(f"{resume}: the run completed; nothing to resume")
-            return
-        plugins, plan = _load_plan(strict_plugins, **resume_plan_options(resume))
-    else:
-        plugins, plan = _load_plan(
-            strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
-        )
-    reporter = ConsoleReporter(quiet=quiet or not main_process)
     try:
-        execute(plan, reporter=reporter, hooks=plugins.manager, resume=bool(resume))
-    finally:
-        reporter.close()  # the progress bars, also when the run stops
+        if resume:
+            given = [
+                flag for flag, value in _resume_conflicts(config, topics, model, overrides, output) if value
+            ]
+            if given:
+                raise AlignError(
+                    f"--resume continues {resume} with the config and topics it started with; "
+                    f"leave out {', '.join(given)}"
+                )
+            if run_status(resume) == "completed":
+                if main_process:
+                    click.echo(f"{resume}: the run completed; nothing to resume")
+                return
+            plugins, plan = _load_plan(strict_plugins, **resume_plan_options(resume))
+        else:
+            plugins, plan = _load_plan(
+                strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
+            )
+        reporter = ConsoleReporter(quiet=quiet or not main_process)
+        try:
+            execute(plan, reporter=reporter, hooks=plugins.manager, resume=bool(resume))
+        finally:
+            reporter.close()  # the progress bars, also when the run stops
+    except AlignError as exc:
+        if main_process:
+            raise
+        sys.exit(exc.exit_code)  # the main process says what went wrong, once
 
 
 #: ``align run`` options that choose the launcher; the relaunched processes run without them.
-_LAUNCHER_OPTIONS = {"--launcher": True, "--num-processes": True}
+_LAUNCHER_OPTIONS = frozenset({"--launcher", "--num-processes"})
 
 
 def _relaunch(num_processes: int | None) -> int:

@@ -491,6 +491,19 @@ def _(c):
     return ["validate", c.config(""), "--set", "model.device_map=auto", "--topics", c.topics()]
 
 
+@case("launched-with-fsdp")
+def _(c):
+    c.monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    return c.run()
+
+
+@case("launched-with-zero3")
+def _(c):
+    c.monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    c.monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    return c.run()
+
+
 @case("num-processes-without-launcher")
 def _(c):
     return c.run("--num-processes", "2")

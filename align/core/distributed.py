@@ -50,6 +50,35 @@ def is_distributed() -> bool:
     return world_size() > 1
 
 
+def sharded_parameters() -> str | None:
+    """The launcher's parameter sharding (FSDP, DeepSpeed ZeRO-3), named, or ``None`` without it."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("true", "1"):
+        return "FSDP"
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("true", "1")
+    if deepspeed and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def check_launch() -> None:
+    """Refuse a launch that shards the model's weights across processes.
+
+    Between training steps align evaluates on every process's own copy of the model, each on its
+    share of the items; with FSDP or ZeRO-3 the trainer leaves the weights sharded in place, so a
+    forward pass would need every process at once and the shares would wait on each other forever.
+    """
+    from align.errors import AlignError
+
+    sharding = sharded_parameters()
+    if sharding is not None:
+        raise AlignError(
+            f"launched with {sharding}, which shards the model's weights across processes; align's evaluation "
+            "between training steps needs each process to hold the whole model: launch with "
+            "configs/accelerate/ddp.yaml or zero2.yaml, and set model.quantization: 4bit for a model too large "
+            "for one GPU (docs/scaling.md)"
+        )
+
+
 def setup() -> Any:
     """Join the other processes (once): accelerate's ``PartialState``, which the trainers share.
 

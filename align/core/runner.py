@@ -137,6 +137,7 @@ def execute(
     all of them check the run directory and read the checkpoint before the main process writes
     anything, and only the main process writes.
     """
+    distributed.check_launch()
     distributed.setup()
     rundir = RunDir(output_dir(plan))
     checkpoints = Checkpoints(rundir.checkpoint_dir, policy)
