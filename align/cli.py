@@ -223,10 +223,17 @@ def run(
             execute(plan, reporter=reporter, hooks=plugins.manager, resume=bool(resume))
         finally:
             reporter.close()  # the progress bars, also when the run stops
+        distributed.shutdown()
     except AlignError as exc:
-        if main_process:
+        if not distributed.is_distributed() or (main_process and debug):
             raise
-        sys.exit(exc.exit_code)  # the main process says what went wrong, once
+        # Every process stops at the same place (the engine decides failures once): the main one
+        # says why, once, and all leave together, so the launcher kills none before it has spoken.
+        if main_process:
+            click.echo(f"Error: {exc}", err=True)
+        distributed.setup()
+        distributed.shutdown()
+        sys.exit(exc.exit_code)
 
 
 #: ``align run`` options that choose the launcher; the relaunched processes run without them.

@@ -148,6 +148,17 @@ def runs(tmp_path_factory, tiny_model_dir):
     return one, two, launched
 
 
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return subprocess.run(
+        [*command, "-m", "align", "run", *args],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=300,
+    )
+
+
 @pytest.fixture(scope="module")
 def accelerated(runs, tiny_model_dir):
     """The two-process run again, through ``align run --launcher accelerate``."""
@@ -214,6 +225,36 @@ def test_two_processes_measure_and_train_as_one(runs):
     # The training really moved the adapter (else the comparison above would prove nothing).
     start = load_file(two / "adapters" / "first" / "adapter_model.safetensors")
     assert any(tensor.abs().max().item() > 1e-3 for name, tensor in start.items() if "lora_B" in name)
+
+
+def test_a_non_finite_step_stops_every_process_and_the_run_resumes_on_two(runs, tiny_model_dir):
+    """The NaN guard sees the same (gathered) loss on every process, so all stop at one step; the
+    resumed run (both processes read the main one's checkpoint) ends as the uninterrupted one."""
+    _, two, _ = runs
+    out = two.parent / "stopped"
+    config = str(two.parent / "batch1.yaml")
+    stopped = torchrun(
+        config, "--model", str(tiny_model_dir), "--output", str(out), "--set", "dpo.learning_rate=1e30"
+    )
+    assert stopped.returncode != 0
+    errors = [line for line in stopped.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "training became non-finite" in errors[0], stopped.stderr
+    recorded = out / "config.yaml"
+    recorded.write_text(recorded.read_text().replace("learning_rate: 1.0e+30", "learning_rate: 0.05"))
+    resumed = torchrun("--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.count("resuming at topic 'first', step 'dpo'") == 1
+    expected, got = steps(two), steps(out)
+    assert got.keys() == expected.keys()
+    for key, step in expected.items():
+        assert got[key]["metrics"] == pytest.approx(step["metrics"], abs=1e-5), key
+    for topic_name in ("first", "second"):
+        ours = load_file(out / "adapters" / topic_name / "adapter_model.safetensors")
+        theirs = load_file(two / "adapters" / topic_name / "adapter_model.safetensors")
+        for name in theirs:
+            assert (ours[name] - theirs[name]).abs().max().item() <= 1e-5, (topic_name, name)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines))
 
 
 def test_align_run_relaunches_itself_under_accelerate(runs, accelerated):

@@ -168,6 +168,20 @@ def barrier() -> None:
     dist.barrier()
 
 
+def shutdown() -> None:
+    """Leave the process group once every process is done, so none exits while another still
+    talks to it (gloo aborts a process whose peer vanished mid-teardown)."""
+    global _state
+    if _state is None:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _state = None
+
+
 def shard(count: int, parts: int | None = None, index: int | None = None) -> range:
     """The contiguous slice of ``range(count)`` that process ``index`` of ``parts`` takes.
 
