@@ -579,7 +579,8 @@ class EnginePolicy:
 
         assert self.tensorboard_dir is not None
         directory = self.tensorboard_dir / f"{self._topic}-{step}"
-        shutil.rmtree(directory, ignore_errors=True)
+        if distributed.is_main():  # the callback writes on the main process only
+            shutil.rmtree(directory, ignore_errors=True)
         callback = TensorBoardCallback()
         callback.logging_dir = str(directory)
         return callback
