@@ -319,6 +319,48 @@ def fake_world(monkeypatch, rank: int, others: list) -> list:
     return sent
 
 
+def test_another_process_follows_the_main_ones_decisions_and_writes_nothing(tmp_path, monkeypatch):
+    """Process 1 of 2 with stub components: its own gate would block, the main process's passes."""
+    from align.core.plan import resolve_plan
+    from align.core.runner import execute
+    from align.plugins.manager import load_plugins
+    from align.testing import StubPlugin, StubPolicy
+    from tests.conftest import write_topic
+    from tests.core.test_engine import PROTOCOL, CountingObjective, LevelEvaluator
+
+    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
+    plugins = load_plugins(
+        extra=[StubPlugin(objectives={"bump": CountingObjective}, evaluators={"level": LevelEvaluator})]
+    )
+    (tmp_path / "topics").mkdir()
+    write_topic(tmp_path / "topics", "t1")
+    plan = resolve_plan(
+        {"protocol": PROTOCOL, "output": str(tmp_path / "run")},
+        "test.yaml",
+        plugins.registry,
+        topics=tmp_path / "topics",
+    )
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    for name in ("setup", "barrier", "shutdown"):
+        monkeypatch.setattr(distributed, name, lambda: None)
+    received = []
+
+    def from_main(obj):
+        received.append(obj)
+        if isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], bool):
+            return [True, "decided on the main process"]
+        return obj
+
+    monkeypatch.setattr(distributed, "broadcast_object", from_main)
+    summary = execute(plan, policy=StubPolicy())
+    extra = next(step for step in summary["topics"][0]["steps"] if step["step"] == "extra")
+    assert received[0] == [False, "level.level 0.25 < 0.50"]  # what this process would have decided
+    assert extra["status"] == "ran" and extra["gate"]["reason"] == "decided on the main process"
+    assert plan.steps[1].components[0].instance.trained == ["t1"]
+    assert not (tmp_path / "run").exists()  # nothing written: no run directory, no adapter
+
+
 def test_scoring_is_sharded_and_gathered_in_order(monkeypatch, tiny_model_dir):
     from align.core.model import HFLanguageModel, load_model
 

@@ -460,7 +460,8 @@ class Engine:
             )
             self.reporter.recheck_end(topic, result.recheck)
         adapter_dir = self.rundir.adapter_dir(topic.name)
-        self.policy.save_adapter(adapter_dir)
+        if self.rundir.writer:  # the main process of a multi-process run; every process holds the same
+            self.policy.save_adapter(adapter_dir)
         logger.debug("topic '%s': adapter saved to %s", topic.name, adapter_dir)
         result.adapter = str(adapter_dir.relative_to(self.rundir.path))
         return result

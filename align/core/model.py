@@ -661,10 +661,7 @@ class EnginePolicy:
         set_seed(self.seed + offset)
 
     def save_adapter(self, directory: Path) -> None:
-        """Save the ``default`` adapter as a PEFT directory (safetensors), written atomically; by
-        the main process only, under a multi-process launch."""
-        if not distributed.is_main():
-            return
+        """Save the ``default`` adapter as a PEFT directory (safetensors), written atomically."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
