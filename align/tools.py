@@ -24,13 +24,13 @@ from align.core.topics import Topic
 from align.errors import AlignError, ConfigError, ModelError, closest
 
 ADAPTER_CONFIG = "adapter_config.json"
-#: The model settings an adapter is loaded with when its run recorded none.
-DEFAULT_MODEL_SETTINGS: dict[str, Any] = {
-    "path": "smollm2",
-    "dtype": "float32",
-    "trust_remote_code": False,
-    "eval_batch_size": 16,
-}
+
+
+def default_model_settings() -> dict[str, Any]:
+    """The model settings an adapter is loaded with when its run recorded none: the config's."""
+    from align.core.config import BASE_DEFAULTS
+
+    return dict(BASE_DEFAULTS["model"])
 
 
 # -- reading a run ------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def run_of_adapter(adapter: str | Path) -> Path | None:
 def model_settings(adapter: str | Path | None = None, model: str | None = None) -> dict[str, Any]:
     """The ``model:`` settings to load with: the adapter's run's (``config.yaml``), else the
     packaged default; ``model`` (``--model``) replaces the path only."""
-    settings = dict(DEFAULT_MODEL_SETTINGS)
+    settings = default_model_settings()
     run = run_of_adapter(adapter) if adapter is not None else None
     if run is not None:
         recorded = (read_run_config(run) or {}).get("model")
@@ -183,18 +183,30 @@ class LoadedModel:
             yield
 
 
-def load(adapter: str | Path | None = None, model: str | None = None) -> LoadedModel:
+def load(
+    adapter: str | Path | None = None, model: str | None = None, *, full_precision: bool = False
+) -> LoadedModel:
     """Load the base model (the adapter's run's, ``model``, or the packaged default) and attach
-    ``adapter`` when given. Errors are one-line :class:`ModelError` s."""
+    ``adapter`` when given. Errors are one-line :class:`ModelError` s.
+
+    ``full_precision`` loads the base weights unquantized and on one device whatever the run used
+    (4-bit training, ``device_map``): what merging needs."""
     from align.core.model import load_model
     from align.core.runner import quiet_libraries
 
     if adapter is not None:
         adapter = check_adapter(adapter)
     settings = model_settings(adapter, model)
+    if full_precision:
+        settings.update(quantization="none", device_map=None)
     quiet_libraries()
     base, tokenizer = load_model(
-        settings["path"], dtype=settings["dtype"], trust_remote_code=bool(settings["trust_remote_code"])
+        settings["path"],
+        dtype=settings["dtype"],
+        trust_remote_code=bool(settings["trust_remote_code"]),
+        chat_template=settings.get("chat_template", "auto"),
+        quantization=settings.get("quantization", "none"),
+        device_map=settings.get("device_map"),
     )
     base.eval()
     loaded = LoadedModel(base, tokenizer, settings)
@@ -503,7 +515,7 @@ def merge(run: str | Path, output: str | Path, *, topic: str | None = None, mode
     """
     output = check_empty_output(output)
     adapter = run_adapter(run, topic)
-    loaded = load(adapter, model)
+    loaded = load(adapter, model, full_precision=True)  # a QLoRA run merges into the full weights
     merged = loaded.model.merge_and_unload()
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))

@@ -52,9 +52,11 @@ def findings(source: Path, root: Path = REPO) -> list[str]:
             }:
                 found.append(f"{where}: {name} without use_safetensors=True")
             for keyword in node.keywords:
-                if keyword.arg == "trust_remote_code" and not (
-                    isinstance(keyword.value, ast.Name | ast.Attribute | ast.Subscript)
-                    or (isinstance(keyword.value, ast.Constant) and keyword.value.value is False)
+                # Passed on from the user's config is fine; a literal other than False is not.
+                if (
+                    keyword.arg == "trust_remote_code"
+                    and isinstance(keyword.value, ast.Constant)
+                    and keyword.value.value is not False
                 ):
                     found.append(f"{where}: trust_remote_code={ast.unparse(keyword.value)}")
                 if keyword.arg in ("safe_serialization", "use_safetensors") and not (
