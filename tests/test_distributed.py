@@ -29,22 +29,14 @@ from safetensors.torch import load_file
 
 from align.core import distributed
 from tests.conftest import REPO
+from tests.test_resume import PROTOCOL as RESUME_PROTOCOL
 
 #: How far the 2-process run's metrics and adapter weights may be from the 1-process run's.
 METRICS_TOLERANCE = 1e-5
 ADAPTER_TOLERANCE = 2e-4
 
-PROTOCOL = [
-    {"name": "before", "evaluate": ["quiz", "voice"]},
-    {"name": "sft", "train": "sft"},
-    {"name": "after_sft", "evaluate": ["quiz", "voice"]},
-    {"name": "dpo", "train": "dpo", "gate": {"use": "threshold", "all": ["quiz.accuracy >= 0"]}},
-    {
-        "name": "after_dpo",
-        "evaluate": ["quiz", "voice"],
-        "rollback": {"step": "dpo", "max_drop": {"quiz.accuracy": 0.5}},
-    },
-]
+# The protocol of the kill-and-resume tests: every kind of step, a gate that passes, a guard.
+PROTOCOL = RESUME_PROTOCOL
 
 
 def topic(name: str) -> dict:
