@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from align import Policy, Topic, hookimpl, require
-from align.core.training import conversation, reference_from_policy, train_and_summarise
+from align.core.training import (
+    completion_tokens_only,
+    conversation,
+    reference_from_policy,
+    train_and_summarise,
+)
 
 #: The loss types TRL's DPOTrainer implements.
 LOSS_TYPES = (
@@ -154,7 +159,7 @@ def add_reference_logps(trainer: Any, batch_size: int) -> None:
     rejected: list[float] = []
     for batch in loader:
         batch = {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}
-        with torch.no_grad():
+        with torch.no_grad(), completion_tokens_only():
             batch_chosen, batch_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
         chosen += batch_chosen.float().cpu().tolist()
         rejected += batch_rejected.float().cpu().tolist()

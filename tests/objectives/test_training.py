@@ -1,5 +1,6 @@
 """Real training on a tiny random Llama model: the DPO reference, and the adapter the run saves."""
 
+import contextlib
 import math
 
 import pytest
@@ -182,3 +183,44 @@ def test_precomputed_reference_gives_the_loss_curve_of_a_per_step_reference(poli
     assert len(precomputed) == 3
     assert precomputed == pytest.approx(per_step, abs=1e-5)
     assert precomputed[-1] != pytest.approx(precomputed[0], abs=1e-3)  # it trained
+
+
+def test_dpo_scores_only_completion_tokens_with_the_same_loss_curve(policy, monkeypatch):
+    """TRL runs every position (prompt, padding) through its LM head on a CPU; align has it score
+    only the completion tokens: the same losses for less work, and TRL is left as it was."""
+    import trl.trainer.utils as trl_utils
+
+    from align.core import training
+
+    cpu = torch.device("cpu")
+    assert trl_utils._use_triton(cpu) is False
+    with training.completion_tokens_only():
+        assert trl_utils._use_triton(cpu) is True
+    assert trl_utils._use_triton(cpu) is False
+
+    rows = []
+    chunked = trl_utils._ChunkedLogProbFunction
+    real_apply = chunked.apply
+
+    def counting(hidden, *args):
+        rows.append(hidden.shape[0])
+        return real_apply(hidden, *args)
+
+    monkeypatch.setattr(chunked, "apply", counting)
+    start = policy.snapshot()
+
+    def run(compact):
+        policy.restore(start)
+        policy.logs.clear()
+        rows.clear()
+        if not compact:  # what TRL does on its own
+            monkeypatch.setattr(training, "completion_tokens_only", contextlib.nullcontext)
+            monkeypatch.setattr("align.objectives.dpo.completion_tokens_only", contextlib.nullcontext)
+        DPOObjective(max_steps=3, learning_rate=5e-2, per_device_train_batch_size=2).train(policy, TOPIC)
+        return [entry["loss"] for step, entry in policy.logs if "loss" in entry], sum(rows)
+
+    compact_losses, compact_rows = run(compact=True)
+    full_losses, full_rows = run(compact=False)
+    assert compact_losses == pytest.approx(full_losses, abs=1e-5)
+    assert compact_losses[-1] != pytest.approx(compact_losses[0], abs=1e-3)  # it trained
+    assert 0 < compact_rows < 0.8 * full_rows  # prompt and padding positions skipped
