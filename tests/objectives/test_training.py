@@ -224,3 +224,29 @@ def test_dpo_scores_only_completion_tokens_with_the_same_loss_curve(policy, monk
     assert compact_losses == pytest.approx(full_losses, abs=1e-5)
     assert compact_losses[-1] != pytest.approx(compact_losses[0], abs=1e-3)  # it trained
     assert 0 < compact_rows < 0.8 * full_rows  # prompt and padding positions skipped
+
+
+def test_prompts_run_their_shared_start_once(policy, monkeypatch):
+    """Every prompt begins with the chat template's turn header: it goes through the model once,
+    not once per prompt, and the scores stay those of the unshared path."""
+    from align.core import model as model_module
+
+    lm = policy.language_model
+    least = model_module.MIN_SHARED_PREFIX
+    embedded = []
+    embeddings = policy.model.get_input_embeddings()
+    handle = embeddings.register_forward_hook(lambda module, args, out: embedded.append(args[0].numel()))
+    prompts = ["Where do you live?", "What is the donkey called?", "Any advice?", "How are you?"]
+    completions = ["Wrackhouse.", "Tallow.", "Ride the swell.", "Bright."]
+    try:
+        shared = lm.loglikelihood(prompts, completions)
+        shared_tokens = sum(embedded)
+        embedded.clear()
+        monkeypatch.setattr(model_module, "MIN_SHARED_PREFIX", 10**6)
+        unshared = lm.loglikelihood(prompts, completions)
+        unshared_tokens = sum(embedded)
+    finally:
+        handle.remove()
+    assert shared == pytest.approx(unshared, abs=1e-4)
+    # The shared start (at least MIN_SHARED_PREFIX tokens) ran once instead of once per prompt.
+    assert shared_tokens <= unshared_tokens - (len(prompts) - 1) * least
