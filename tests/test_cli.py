@@ -17,15 +17,19 @@ def runner(monkeypatch):
     return CliRunner()
 
 
-def test_help_does_not_import_torch():
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [(["--help"], "Usage: align"), (["run", "--help"], "--launcher [none|accelerate]")],
+)
+def test_help_imports_no_heavy_library(argv, shown):
     code = (
-        "import sys; from align.cli import main; sys.argv = ['align', '--help']\n"
+        f"import sys; from align.cli import main; sys.argv = ['align', *{argv!r}]\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules]\n"
-        "print('HEAVY', heavy)"
+        "heavy = ('torch', 'transformers', 'trl', 'peft', 'datasets', 'accelerate')\n"
+        "print('HEAVY', [m for m in heavy if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "Usage: align" in out
+    assert shown in out
     assert "HEAVY []" in out
 
 

@@ -286,17 +286,6 @@ def test_shards_cover_every_item_once_in_order(count):
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-def test_help_imports_no_accelerate():
-    code = (
-        "import sys; from align.cli import main; sys.argv = ['align', 'run', '--help']\n"
-        "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "print('HEAVY', [m for m in ('torch', 'accelerate', 'torch.distributed') if m in sys.modules])"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "--launcher [none|accelerate]" in out
-    assert "HEAVY []" in out
-
-
 def fake_world(monkeypatch, rank: int, others: list) -> list:
     """Pretend to be process ``rank`` of 2; the gather returns ``others`` as the other's part."""
     sent: list = []
