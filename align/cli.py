@@ -71,6 +71,7 @@ def _load_plan(strict_flag: bool, config: Any, **options: Any) -> tuple[Any, Any
     return plugins, plan
 
 
+_debug_option = click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 _config_argument = click.argument("config", required=False, type=click.Path())
 _plan_options = [
     click.option(
@@ -96,7 +97,7 @@ _plan_options = [
         is_flag=True,
         help="Refuse to run when an installed plugin fails to load (config: strict_plugins: true).",
     ),
-    click.option("--debug", is_flag=True, help="Show tracebacks for errors."),
+    _debug_option,
 ]
 
 
@@ -344,7 +345,7 @@ def plugins(debug: bool = False):
     show_default=True,
     help="Where to create align-NAME/.",
 )
-@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@_debug_option
 @_handle_errors
 def new_plugin(name, kind, directory, debug):
     """Write a plugin package align-NAME with one working component, tests and a README.
@@ -361,7 +362,9 @@ def new_plugin(name, kind, directory, debug):
 
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-_debug_option = click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+_base_model_option = click.option(
+    "--model", help="The base model (default: the adapter's run's model, else the packaged SmolLM2)."
+)
 
 
 @cli.command("eval")
@@ -382,9 +385,7 @@ _debug_option = click.option("--debug", is_flag=True, help="Show tracebacks for 
     show_default=True,
     help="Registered evaluators to score with, comma-separated (`align plugins` lists them).",
 )
-@click.option(
-    "--model", help="The base model (default: the adapter's run's model, else the packaged SmolLM2)."
-)
+@_base_model_option
 @_json_option
 @_debug_option
 @_handle_errors
@@ -442,9 +443,7 @@ def compare(run_a, run_b, as_json, debug):
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="The sampling seed (with --temperature > 0)."
 )
-@click.option(
-    "--model", help="The base model (default: the adapter's run's model, else the packaged SmolLM2)."
-)
+@_base_model_option
 @_debug_option
 @_handle_errors
 def sample(adapter, prompt, base, max_new_tokens, temperature, seed, model, debug):
@@ -493,7 +492,7 @@ def merge(run_dir, topic, output, model, debug):
     from align.tools import run_adapter
 
     adapter = run_adapter(run_dir, topic)
-    path = merge_adapter(run_dir, output, topic=adapter.name, model=model)
+    path = merge_adapter(adapter, output, model=model)
     click.echo(f"Merged {adapter} into the base model: {path} (safetensors, tokenizer, chat template)")
 
 

@@ -64,15 +64,18 @@ class ConsoleReporter(Reporter):
         self._step_bar_name: str | None = None
 
     def _say(self, text: str) -> None:
-        if self.quiet:
-            return
+        if not self.quiet:
+            self._write(text, self.stream)
+
+    def _write(self, text: str, stream: TextIO) -> None:
+        """A line on ``stream``; while bars are up, above them (tqdm draws them again below)."""
         if self._topics_bar is not None or self._step_bar is not None:
             from tqdm import tqdm
 
-            tqdm.write(text, file=self.stream)  # above the bars, which are drawn again below
+            tqdm.write(text, file=stream)
         else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+            stream.write(text + "\n")
+        stream.flush()
 
     def _bar(self, **options: Any) -> Any:
         from tqdm import tqdm
@@ -153,13 +156,7 @@ class ConsoleReporter(Reporter):
             self._say(f"  {'recheck' if row == 0 else '':<10} {target}: {_metrics_text(metrics)}")
 
     def warning(self, message: str) -> None:
-        if self._topics_bar is not None or self._step_bar is not None:
-            from tqdm import tqdm
-
-            tqdm.write(f"Warning: {message}", file=sys.stderr)
-        else:
-            sys.stderr.write(f"Warning: {message}\n")
-        sys.stderr.flush()
+        self._write(f"Warning: {message}", sys.stderr)
 
     def note(self, message: str) -> None:
         self._say(message)

@@ -314,14 +314,15 @@ def evaluate_topics(
     language_model: Any, components: Sequence[Any], topics: Sequence[Topic]
 ) -> dict[str, dict[str, float]]:
     """``{topic: {"<evaluator>.<key>": value}}`` for every topic and evaluator."""
+    from align.core.engine import prefix_metrics
+
     results: dict[str, dict[str, float]] = {}
     for topic in topics:
         metrics: dict[str, float] = {}
         for component in components:
             try:
                 raw = component.instance.evaluate(language_model, topic)
-                items = dict(raw).items()
-                metrics.update({f"{component.name}.{key}": float(value) for key, value in items})
+                metrics.update(prefix_metrics(component.name, raw, f"evaluator '{component.name}'"))
             except Exception as exc:
                 plugin = f" (plugin '{component.plugin}')" if component.plugin else ""
                 raise AlignError(
@@ -505,8 +506,9 @@ def check_empty_output(output: str | Path) -> Path:
     return output
 
 
-def merge(run: str | Path, output: str | Path, *, topic: str | None = None, model: str | None = None) -> Path:
-    """Merge a run's adapter into its base model and save a standalone Hugging Face model.
+def merge(adapter: str | Path, output: str | Path, *, model: str | None = None) -> Path:
+    """Merge a saved adapter (:func:`run_adapter` finds a run's) into its base model and save a
+    standalone Hugging Face model.
 
     The directory holds safetensors weights, the config, the generation config and the
     tokenizer with its chat template; ``AutoModelForCausalLM.from_pretrained`` loads it. It is
@@ -514,7 +516,6 @@ def merge(run: str | Path, output: str | Path, *, topic: str | None = None, mode
     either absent or complete.
     """
     output = check_empty_output(output)
-    adapter = run_adapter(run, topic)
     loaded = load(adapter, model, full_precision=True)  # a QLoRA run merges into the full weights
     merged = loaded.model.merge_and_unload()
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -155,7 +155,9 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _prefixed(name: str, metrics: Mapping[str, Any], where: str) -> dict[str, float]:
+def prefix_metrics(name: str, metrics: Mapping[str, Any], where: str) -> dict[str, float]:
+    """``{key: value}`` returned by component ``name`` as ``{"name.key": float}``; ``where`` names
+    the component in the error when it returned something else than numbers."""
     if not isinstance(metrics, Mapping):
         raise TypeError(
             f"{where} returned {type(metrics).__name__}, expected a mapping of metric name to number"
@@ -281,15 +283,13 @@ class Engine:
             return
         if self.on_error == "stop" and self.status in ("running", "completed"):
             plugin, message = failures[0]
-            kept = (
-                "the run completed and its results are saved"
-                if self.status == "completed"
-                else (
-                    f"results so far are kept: fix the plugin, or disable it with ALIGN_DISABLE_PLUGINS={plugin}, "
-                    f"and `align run --resume {self.rundir.path}`"
+            if self.status == "completed":
+                raise RunStopped(
+                    f"{message}; the run completed and its results are saved, or set on_error: skip"
                 )
+            raise self._stopped(
+                message, f"fix the plugin, or disable it with ALIGN_DISABLE_PLUGINS={plugin},"
             )
-            raise RunStopped(f"{message}; {kept}, or set on_error: skip")
         for _, message in failures:  # on_error: skip, or the run is already stopping
             self.reporter.warning(message)
 
@@ -321,6 +321,13 @@ class Engine:
                 )
                 failures.append((impl.plugin_name, message))
         return failures
+
+    def _stopped(self, what: str, fix: str, also: str = "") -> RunStopped:
+        """The error that stops the run (``on_error: stop``): what failed, how to fix it and go on."""
+        return RunStopped(
+            f"{what}; results so far are kept: {fix} and `align run --resume {self.rundir.path}`, "
+            f"or set on_error: skip{also}"
+        )
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _checkpoint(self, topic_index: int, step_index: int) -> None:
@@ -438,9 +445,8 @@ class Engine:
                 fix = "fix the cause"
                 if step_result.error["exception"] == NonFiniteTraining.__name__:
                     fix = f"lower {step_result.error['component']}.learning_rate in {self.rundir.path / 'config.yaml'}"
-                raise RunStopped(
-                    f"topic '{topic.name}', step '{step.name}': {step_result.error['reason']}; results so far "
-                    f"are kept: {fix} and `align run --resume {self.rundir.path}`, or set on_error: skip"
+                raise self._stopped(
+                    f"topic '{topic.name}', step '{step.name}': {step_result.error['reason']}", fix
                 )
             self._checkpoint(index, step_index + 1)
             self.reporter.step_end(topic, step_result)
@@ -484,15 +490,14 @@ class Engine:
             for component in self.recheck_evaluators:
                 try:
                     raw = component.instance.evaluate(self.policy.language_model, target)
-                    metrics.update(_prefixed(component.name, raw, f"evaluator '{component.name}'"))
+                    metrics.update(prefix_metrics(component.name, raw, f"evaluator '{component.name}'"))
                 except Exception as exc:
                     error = self._record_error("recheck", topic, component, exc, target=target.name)
                     where = f"topic '{topic.name}', recheck of '{target.name}'"
                     if self.on_error == "stop":
                         self._checkpoint(index, len(self.plan.steps))  # keeps the error event
-                        raise RunStopped(
-                            f"{where}: {error['reason']}; results so far are kept: fix the cause and "
-                            f"`align run --resume {self.rundir.path}`, or set on_error: skip (or recheck: none)"
+                        raise self._stopped(
+                            f"{where}: {error['reason']}", "fix the cause", also=" (or recheck: none)"
                         ) from exc
                     self.reporter.warning(f"{where}: {error['reason']} (on_error: skip)")
             results[target.name] = metrics
@@ -550,7 +555,7 @@ class Engine:
                 else:
                     raw = component.instance.evaluate(self.policy.language_model, topic)
                     where = f"evaluator '{component.name}'"
-                metrics.update(_prefixed(component.name, raw, where))
+                metrics.update(prefix_metrics(component.name, raw, where))
             if step.kind == "train":
                 _check_finite(metrics)
         except Exception as exc:

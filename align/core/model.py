@@ -130,10 +130,9 @@ def pick_device() -> str:
     return distributed.device()
 
 
-def check_hardware(
-    source: str, dtype: str = "float32", quantization: str = "none", device_map: Any = None
-) -> None:
-    """Refuse model options this machine cannot run, as one line naming the key and the fix."""
+def check_hardware(source: str, dtype: str = "float32", quantization: str = "none") -> None:
+    """Refuse model options this machine cannot run, as one line naming the key and the fix.
+    (``model.device_map`` with several processes is refused by the config check, before this.)"""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -151,12 +150,6 @@ def check_hardware(
         raise ModelError(
             f"{source}: model.quantization: {quantization} base weights (bitsandbytes) need a CUDA GPU and "
             "this machine has none; set model.quantization: none"
-        )
-    if device_map is not None and distributed.is_distributed():
-        raise ModelError(
-            f"{source}: model.device_map: spreads one copy of the model over this process's devices, which a "
-            f"launch of {distributed.world_size()} processes cannot share; remove model.device_map, or run "
-            "one process"
         )
 
 
@@ -206,7 +199,7 @@ def load_model(
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_hardware(source, dtype, quantization, device_map)
+    check_hardware(source, dtype, quantization)
     path = resolve_model_path(spec)
     if Path(path).is_dir():
         check_model_dir(spec, Path(path))

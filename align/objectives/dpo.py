@@ -157,12 +157,12 @@ def add_reference_logps(trainer: Any, batch_size: int) -> None:
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=trainer.data_collator, shuffle=False)
     chosen: list[float] = []
     rejected: list[float] = []
-    for batch in loader:
-        batch = {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}
-        with torch.no_grad(), completion_tokens_only():
+    with torch.no_grad(), completion_tokens_only():
+        for batch in loader:
+            batch = {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}
             batch_chosen, batch_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
-        chosen += batch_chosen.float().cpu().tolist()
-        rejected += batch_rejected.float().cpu().tolist()
+            chosen += batch_chosen.float().cpu().tolist()
+            rejected += batch_rejected.float().cpu().tolist()
     trainer.train_dataset = dataset.add_column("ref_chosen_logps", chosen).add_column(
         "ref_rejected_logps", rejected
     )
