@@ -262,6 +262,84 @@ def test_align_run_relaunches_itself_under_accelerate(runs, accelerated):
     assert recorded["output"] == str(out)
 
 
+def fsdp_launch(*args: str) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file configs/accelerate/fsdp.yaml`` on 2 CPU processes, as a
+    user launches it on GPUs; ``tests/fsdp_on_cpu`` lifts accelerate's GPU-only check for FSDP."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    command += [str(REPO / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2"]
+    env = environment()
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO / "tests" / "fsdp_on_cpu"), env.get("PYTHONPATH")])
+    )
+    return subprocess.run(
+        [*command, "-m", "align", "-v", "run", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def sharded(runs, tiny_model_dir):
+    """The two-process run again, with the weights sharded by FSDP 2."""
+    _, two, _ = runs
+    out = two.parent / "fsdp"
+    launched = fsdp_launch(
+        str(two.parent / "batch1.yaml"), "--model", str(tiny_model_dir), "--output", str(out)
+    )
+    assert launched.returncode == 0, launched.stderr
+    return out, launched
+
+
+def test_fsdp_shards_the_model_and_measures_and_trains_as_one_process(runs, sharded):
+    """Evaluation runs in lock-step on the shards, the DPO reference is a sharded copy of the
+    adapter, snapshots and saves gather the shards: the same results as one process."""
+    one, _, _ = runs
+    out, launched = sharded
+    assert launched.stderr.count("model sharded across 2 processes (FSDP)") == 1
+    assert launched.stdout.count("run directory:") == 1
+    assert files(out) == files(one)
+    expected, got = steps(one), steps(out)
+    assert got.keys() == expected.keys()
+    for key, step in expected.items():
+        assert got[key]["status"] == step["status"], key
+        assert got[key].get("gate") == step.get("gate"), key
+        assert got[key]["metrics"] == pytest.approx(step["metrics"], abs=METRICS_TOLERANCE), key
+    # DPO's reference is the policy at the step's start: the first step's loss is log 2.
+    first_dpo = next(e for e in events(out) if e["kind"] == "log" and e["step"] == "dpo")
+    assert first_dpo["metrics"]["loss"] == pytest.approx(0.6931, abs=1e-4)
+    for topic_name in ("first", "second"):
+        ours = load_file(out / "adapters" / topic_name / "adapter_model.safetensors")
+        theirs = load_file(one / "adapters" / topic_name / "adapter_model.safetensors")
+        assert ours.keys() == theirs.keys()  # the whole adapter, not one process's shards
+        for name in theirs:
+            assert ours[name].shape == theirs[name].shape, name
+            assert (ours[name] - theirs[name]).abs().max().item() <= ADAPTER_TOLERANCE, (topic_name, name)
+
+
+def test_a_stopped_fsdp_run_resumes_to_the_uninterrupted_one(sharded, tiny_model_dir):
+    """A stop restores the adapter's shards from the gathered snapshot; a resumed run puts the
+    checkpoint's whole adapter back as shards on each process."""
+    done, _ = sharded
+    out = done.parent / "fsdp-stopped"
+    config = str(done.parent / "batch1.yaml")
+    stopped = fsdp_launch(
+        config, "--model", str(tiny_model_dir), "--output", str(out), "--set", "dpo.learning_rate=1e30"
+    )
+    assert stopped.returncode != 0
+    errors = [line for line in stopped.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "training became non-finite" in errors[0], stopped.stderr
+    recorded = out / "config.yaml"
+    recorded.write_text(recorded.read_text().replace("learning_rate: 1.0e+30", "learning_rate: 0.05"))
+    resumed = fsdp_launch("--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = steps(done), steps(out)
+    for key, step in expected.items():
+        assert got[key]["metrics"] == pytest.approx(step["metrics"], abs=1e-5), key
+    for topic_name in ("first", "second"):
+        ours = load_file(out / "adapters" / topic_name / "adapter_model.safetensors")
+        theirs = load_file(done / "adapters" / topic_name / "adapter_model.safetensors")
+        for name in theirs:
+            assert (ours[name] - theirs[name]).abs().max().item() <= 1e-5, (topic_name, name)
+
+
 # -- the façade, on one process and with a fake second one ---------------------------------------
 def test_one_process_is_a_no_op(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)

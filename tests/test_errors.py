@@ -491,10 +491,24 @@ def _(c):
     return ["validate", c.config(""), "--set", "model.device_map=auto", "--topics", c.topics()]
 
 
-@case("launched-with-fsdp")
+@case("launched-with-fsdp1")
 def _(c):
     c.monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     return c.run()
+
+
+@case("fsdp-on-one-process")
+def _(c):
+    c.monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    c.monkeypatch.setenv("FSDP_VERSION", "2")
+    return c.run()
+
+
+@case("quantization-with-fsdp")
+def _(c):
+    c.monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    c.monkeypatch.setenv("FSDP_VERSION", "2")
+    return ["validate", c.config(""), "--set", "model.quantization=4bit", "--topics", c.topics()]
 
 
 @case("launched-with-zero3")

@@ -241,6 +241,13 @@ def _check_base(config: dict[str, Any], source: str) -> None:
             f"expected one of {', '.join(QUANTIZATIONS)}, got {model['quantization']!r}"
             f"{closest(str(model['quantization']), QUANTIZATIONS)}",
         )
+    if model["quantization"] != "none" and distributed.lockstep():
+        fail(
+            "model.quantization",
+            f"{model['quantization']} base weights with FSDP: align shards only unquantized weights; launch "
+            f"with configs/accelerate/ddp.yaml (each GPU holds the {model['quantization']} model), or set "
+            "model.quantization: none and keep FSDP",
+        )
     if model["quantization"] != "none" and not bitsandbytes_available():
         fail(
             "model.quantization",

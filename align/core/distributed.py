@@ -60,22 +60,42 @@ def sharded_parameters() -> str | None:
     return None
 
 
-def check_launch() -> None:
-    """Refuse a launch that shards the model's weights across processes.
+def lockstep() -> bool:
+    """Whether every process must run every forward pass of an evaluation (FSDP).
 
-    Between training steps align evaluates on every process's own copy of the model, each on its
-    share of the items; with FSDP or ZeRO-3 the trainer leaves the weights sharded in place, so a
-    forward pass would need every process at once and the shares would wait on each other forever.
+    FSDP shards the weights across the processes and gathers each layer's for its forward pass, so
+    a forward pass needs every process at once: scoring is then not split across the processes
+    (each scores every item, in the same order) and generation runs in step (``synced_gpus``).
+    """
+    return sharded_parameters() is not None
+
+
+def check_launch() -> None:
+    """Refuse a sharded launch align cannot run: FSDP 1, FSDP on one process, DeepSpeed ZeRO-3.
+
+    align gathers the sharded adapter (snapshots, checks, saves) from FSDP 2's DTensors. FSDP 1
+    keeps flattened parameters and ZeRO-3 DeepSpeed's own partitions, which it does not gather;
+    FSDP 2 gives the same sharding.
     """
     from align.errors import AlignError
 
     sharding = sharded_parameters()
-    if sharding is not None:
+    if sharding == "FSDP" and os.environ.get("FSDP_VERSION", "1") != "2":
         raise AlignError(
-            f"launched with {sharding}, which shards the model's weights across processes; align's evaluation "
-            "between training steps needs each process to hold the whole model: launch with "
-            "configs/accelerate/ddp.yaml or zero2.yaml, and set model.quantization: 4bit for a model too large "
-            "for one GPU (docs/scaling.md)"
+            "launched with FSDP version 1, which align does not support (it gathers the sharded adapter "
+            "from FSDP 2's DTensors): set fsdp_version: 2 in the accelerate config, as "
+            "configs/accelerate/fsdp.yaml does (docs/scaling.md)"
+        )
+    if sharding == "FSDP" and not is_distributed():
+        raise AlignError(
+            "launched with FSDP on one process, which has nothing to shard the weights across: launch "
+            "with --num_processes 2 or more, or without FSDP (docs/scaling.md)"
+        )
+    if sharding == "DeepSpeed ZeRO-3":
+        raise AlignError(
+            "launched with DeepSpeed ZeRO-3, which align does not support (it gathers the sharded adapter "
+            "from FSDP 2's DTensors, not DeepSpeed's partitions): launch with configs/accelerate/fsdp.yaml "
+            "for the same sharding, or ddp.yaml / zero2.yaml (docs/scaling.md)"
         )
 
 

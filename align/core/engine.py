@@ -466,7 +466,9 @@ class Engine:
             )
             self.reporter.recheck_end(topic, result.recheck)
         adapter_dir = self.rundir.adapter_dir(topic.name)
-        if self.rundir.writer:  # the main process of a multi-process run; every process holds the same
+        # The main process of a multi-process run writes; every process holds the same adapter, but
+        # under FSDP each holds a shard, and gathering them takes every process.
+        if self.rundir.writer or distributed.lockstep():
             self.policy.save_adapter(adapter_dir)
         logger.debug("topic '%s': adapter saved to %s", topic.name, adapter_dir)
         result.adapter = str(adapter_dir.relative_to(self.rundir.path))

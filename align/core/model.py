@@ -238,7 +238,9 @@ def load_model(
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if "device_map" not in options:  # placed by from_pretrained otherwise
+    # Placed by from_pretrained with a device map; under FSDP, sharding moves each process's share
+    # of the weights to its device (the whole model never goes to one).
+    if "device_map" not in options and not distributed.lockstep():
         model.to(pick_device())
     return model, tokenizer
 
@@ -364,15 +366,17 @@ class HFLanguageModel:
         # Longest first, so batches hold prompts of similar length and padding stays small.
         unique = sorted(by_prompt, key=len, reverse=True)
         # Under a multi-process launch each process scores every world_size-th prompt (all of its
-        # completions, so the prompt still runs once), and the scores are gathered by index.
-        mine = unique[distributed.rank() :: distributed.world_size()]
+        # completions, so the prompt still runs once), and the scores are gathered by index. With
+        # sharded weights (FSDP) a forward pass takes every process, so each scores every prompt.
+        split = distributed.is_distributed() and not distributed.lockstep()
+        mine = unique[distributed.rank() :: distributed.world_size()] if split else unique
         with self._scoring():
             prefix = self._shared_prefix(mine)
             for start in range(0, len(mine), self.batch_size):
                 chunk = mine[start : start + self.batch_size]
                 members = [(row, i) for row, prompt in enumerate(chunk) for i in by_prompt[prompt]]
                 self._score_chunk([list(p) for p in chunk], members, rows, results, prefix)
-        if distributed.is_distributed():
+        if split:
             scored = [(i, results[i]) for prompt in mine for i in by_prompt[prompt]]
             for i, value in distributed.gather_objects(scored):
                 results[i] = value
@@ -462,8 +466,11 @@ class HFLanguageModel:
 
     def generate(self, prompts: list[str], max_new_tokens: int = 64) -> list[str]:
         """Greedy continuations of ``prompts``; under a multi-process launch each process generates
-        a contiguous slice and the slices are gathered in order."""
-        mine = [prompts[i] for i in distributed.shard(len(prompts))]
+        a contiguous slice and the slices are gathered in order. With sharded weights (FSDP) every
+        process generates every prompt, in step (``synced_gpus``: each goes on with forward passes
+        until all are done)."""
+        lockstep = distributed.is_distributed() and distributed.lockstep()
+        mine = prompts if lockstep else [prompts[i] for i in distributed.shard(len(prompts))]
         outputs: list[str] = []
         with self._scoring():
             for start in range(0, len(mine), self.batch_size):
@@ -475,10 +482,12 @@ class HFLanguageModel:
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=self.tokenizer.pad_token_id,
+                    synced_gpus=lockstep,
                 )
                 new_tokens = generated[:, input_ids.shape[1] :]
                 outputs.extend(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-        return distributed.gather_objects([text.strip() for text in outputs])
+        outputs = [text.strip() for text in outputs]
+        return outputs if lockstep else distributed.gather_objects(outputs)
 
     def _left_pad(self, sequences: list[list[int]]) -> tuple[Any, Any, Any]:
         import torch
@@ -501,11 +510,32 @@ class HFLanguageModel:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            # FSDP gathers each layer's weights into buffers it keeps for training's passes, which
+            # must not be made under inference mode: plain no_grad there.
+            with torch.no_grad() if distributed.lockstep() else torch.inference_mode():
                 yield
         finally:
             if was_training:
                 self.model.train()
+
+
+def whole(tensor: Any) -> Any:
+    """``tensor`` itself, or the whole tensor when FSDP has sharded it across the processes (a
+    DTensor: gathering it takes every process)."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else tensor
+
+
+def shard_like(value: Any, param: Any) -> Any:
+    """``value`` (a whole tensor) laid out like ``param``: as is, or this process's shard of it
+    when FSDP has sharded ``param`` (every process holds the same ``value``, so nothing moves)."""
+    if getattr(param, "device_mesh", None) is None:
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(
+        value.to(param.device_mesh.device_type), param.device_mesh, param.placements, src_data_rank=None
+    )
 
 
 def _select_rows(cache: Any, index: Any, config: Any) -> Any:
@@ -585,7 +615,7 @@ class EnginePolicy:
                 import torch
 
                 for name, param in policy._adapter_parameters().items():
-                    if not bool(torch.isfinite(param).all()):
+                    if not bool(torch.isfinite(whole(param)).all()):
                         raise NonFiniteTraining(
                             f"adapter weight {name} became non-finite at optimizer step {state.global_step}"
                         )
@@ -646,16 +676,20 @@ class EnginePolicy:
         }
 
     def snapshot(self) -> dict[str, Any]:
-        """A copy of the trained adapter's weights (a few KB at rank 1), for :meth:`restore`."""
-        return {name: param.detach().clone() for name, param in self._adapter_parameters().items()}
+        """A copy of the trained adapter's weights (a few KB at rank 1), for :meth:`restore`.
+
+        Under FSDP the adapter is sharded: its shards are gathered, so every process holds the
+        whole copy (which takes every process: they all take snapshots at the same points)."""
+        return {name: whole(param.detach()).clone() for name, param in self._adapter_parameters().items()}
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Put back the adapter weights from :meth:`snapshot`, exactly."""
+        """Put back the adapter weights from :meth:`snapshot`, exactly (each process its own shard
+        of them under FSDP)."""
         import torch
 
         with torch.no_grad():
             for name, param in self._adapter_parameters().items():
-                param.copy_(state[name])
+                param.copy_(shard_like(state[name], param))
 
     def save_snapshot(self, state: dict[str, Any], path: Path) -> Path:
         """Write a :meth:`snapshot` as ``<path>.safetensors`` (for checkpoints), atomically."""
@@ -688,12 +722,20 @@ class EnginePolicy:
         set_seed(self.seed + offset)
 
     def save_adapter(self, directory: Path) -> None:
-        """Save the ``default`` adapter as a PEFT directory (safetensors), written atomically."""
+        """Save the ``default`` adapter as a PEFT directory (safetensors), written atomically.
+
+        Every process calls this; the main process writes (under FSDP the adapter's shards are
+        first gathered, which takes every process)."""
+        state = self.snapshot()
+        if not distributed.is_main():
+            return
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
         try:
-            self.model.save_pretrained(staging, selected_adapters=["default"], safe_serialization=True)
+            self.model.save_pretrained(
+                staging, selected_adapters=["default"], safe_serialization=True, state_dict=state
+            )
             # PEFT nests non-default adapters in sub-folders; "default" lands at the top level.
             if directory.exists():
                 shutil.rmtree(directory)

@@ -107,6 +107,11 @@ def load_policy(plan: Plan, scratch_dir: Path, tensorboard_dir: Path | None = No
         lora["dropout"],
         ", ".join(lora["target_modules"]),
     )
+    if distributed.lockstep():
+        from align.core.training import shard_model
+
+        peft_model = shard_model(peft_model)
+        logger.info("model sharded across %d processes (FSDP)", distributed.world_size())
     return EnginePolicy(
         peft_model,
         tokenizer,

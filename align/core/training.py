@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -19,7 +20,26 @@ def reference_from_policy(model: Any) -> Iterator[None]:
     under the name ``ref``: a reference equal to the policy at the start of the step, for the
     price of a rank-1 adapter instead of a second model. The copy is removed afterwards (also
     after a failure), so the next step starts from its own reference, and ``default`` is active.
+
+    Under FSDP the ``ref`` adapter is made once, when the model is sharded (see
+    :func:`shard_model`), so that FSDP shards it like ``default``: an adapter added later would be
+    whole on each process beside sharded ones, which TRL's copy cannot mix. It then stays for the
+    run; the trainer is told it exists and copies the policy into it, shard by shard.
     """
+    if getattr(model, "align_sharded", False):
+        add_adapter = model.add_adapter
+
+        def add_unless_there(name: str, config: Any, *args: Any, **kwargs: Any) -> None:
+            if name not in model.peft_config:
+                add_adapter(name, config, *args, **kwargs)
+
+        model.add_adapter = add_unless_there
+        try:
+            yield
+        finally:
+            del model.add_adapter  # the class's method again
+            model.set_adapter("default")
+        return
     if REFERENCE_ADAPTER in model.peft_config:  # left over from an interrupted step
         model.delete_adapter(REFERENCE_ADAPTER)
     try:
@@ -28,6 +48,34 @@ def reference_from_policy(model: Any) -> Iterator[None]:
         if REFERENCE_ADAPTER in model.peft_config:
             model.delete_adapter(REFERENCE_ADAPTER)
         model.set_adapter("default")
+
+
+def shard_model(model: Any) -> Any:
+    """Shard a PEFT model across the processes with FSDP 2, as the launcher's config says
+    (accelerate's own preparation, which the trainers then find done), before anything runs on it.
+
+    Sharding now, not at the first training step, means no process ever holds the whole model on
+    its device: the evaluation before training already runs on the shards, and with
+    ``fsdp_cpu_ram_efficient_loading`` the other processes' empty (meta) weights are filled from
+    the main process's. The ``ref`` adapter of the preference trainers is added first, frozen, so
+    that it is sharded with the rest (see :func:`reference_from_policy`).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import fsdp2_prepare_model
+
+    if REFERENCE_ADAPTER not in model.peft_config:
+        model.add_adapter(REFERENCE_ADAPTER, model.peft_config["default"])
+    model.set_adapter("default")
+    for name, param in model.named_parameters():
+        if f".{REFERENCE_ADAPTER}." in name:
+            param.requires_grad_(False)
+    model = fsdp2_prepare_model(Accelerator(), model)
+    model.align_sharded = True
+    # Each trainer prepares the model again and finds it sharded, but first looks for the layers
+    # to wrap by class name, which sharding changed (LlamaDecoderLayer is FSDPLlamaDecoderLayer
+    # now): nothing is left to wrap, and its FSDP settings, read from the environment, say so.
+    os.environ["FSDP_AUTO_WRAP_POLICY"] = "NO_WRAP"
+    return model
 
 
 def conversation(prompt: str, answer: str, chat: bool) -> dict[str, Any]:
