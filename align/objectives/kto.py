@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from align import Policy, Topic, hookimpl, require
+from align.core import distributed
 from align.core.training import conversation, reference_from_policy, train_and_summarise
 
 
@@ -63,7 +64,9 @@ class KTOObjective:
                 undesirable_weight=self.undesirable_weight,
                 max_length=self.max_length,
                 lr_scheduler_type=self.lr_scheduler_type,
-                precompute_ref_log_probs=self.precompute_ref_log_probs,
+                # TRL's precompute fingerprints the model by reading every weight, which FSDP's
+                # shards do not allow; under FSDP the sharded reference adapter runs each step.
+                precompute_ref_log_probs=self.precompute_ref_log_probs and not distributed.lockstep(),
                 **policy.trainer_args(),
             )
             trainer = KTOTrainer(
