@@ -45,3 +45,33 @@ def test_quick_benchmark_suite_reports_every_section(tmp_path):
     assert results["eval"]["speedup"] > 0
     assert results["startup"]["help_s"] > 0
     assert "speed-up" in completed.stdout and "pairs/s" in completed.stdout
+
+
+def test_scale_benchmark_runs_both_variants_from_the_same_start(tmp_path):
+    """``benchmarks/scale.py`` (the GPU DPO benchmark) on its tiny shape on the CPU, so that a GPU
+    session can trust it: both variants train, report their numbers and the ratios, and start
+    from the same adapter with the base model as reference (the same first loss, ln 2)."""
+    out = tmp_path / "scale.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "scale.py"),
+            *("--shape", "tiny", "--steps", "2"),
+            *("--length", "32", "--out", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert {"date", "device", "versions", "cuda"} <= results.keys()
+    assert set(results["variants"]) == {"seed", "align"}
+    for row in results["variants"].values():
+        assert row["tokens_per_s"] > 0 and row["peak_memory_mb"] > 0
+        assert len(row["losses"]) == 2 and abs(row["losses"][0] - 0.6931) < 1e-3
+    seed, ours = results["variants"]["seed"], results["variants"]["align"]
+    assert ours["tokens"] == seed["tokens"]  # the same pairs, truncated the same way
+    assert max(abs(a - b) for a, b in zip(ours["losses"], seed["losses"])) < 2e-3
+    assert set(results["ratios"]) == {"align / seed tokens/s", "align / seed peak memory"}
+    assert "align / seed tokens/s" in completed.stdout
