@@ -518,6 +518,15 @@ def _(c):
     return c.run()
 
 
+@case("launched-with-zero3-config-file")
+def _(c):
+    ds_config = c.tmp / "ds_config.json"
+    ds_config.write_text('{"zero_optimization": {"stage": 3}}')
+    c.monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    c.monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds_config))
+    return c.run()
+
+
 @case("num-processes-without-launcher")
 def _(c):
     return c.run("--num-processes", "2")

@@ -55,9 +55,26 @@ def sharded_parameters() -> str | None:
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("true", "1"):
         return "FSDP"
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("true", "1")
-    if deepspeed and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+    if deepspeed and _zero_stage() == "3":
         return "DeepSpeed ZeRO-3"
     return None
+
+
+def _zero_stage() -> str | None:
+    """The DeepSpeed ZeRO stage of the launch: from accelerate's own settings, or, when the
+    accelerate config names a DeepSpeed config file (``deepspeed_config_file``), from that file."""
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage is not None:
+        return stage
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            stage = json.load(handle).get("zero_optimization", {}).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None  # DeepSpeed itself says what is wrong with the file
+    return None if stage is None else str(stage)
 
 
 def lockstep() -> bool:

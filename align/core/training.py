@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 #: The adapter name under which TRL's preference trainers copy the policy to use as reference.
 REFERENCE_ADAPTER = "ref"
@@ -135,6 +138,15 @@ def train_and_summarise(trainer: Any, keys: Mapping[str, str]) -> dict[str, floa
     quiet_trainer(trainer)
     with completion_tokens_only():
         output = trainer.train()
+    accelerator = trainer.accelerator
+    logger.info(
+        "%s: %d optimizer steps on %d process%s (%s)",
+        type(trainer).__name__,
+        output.global_step,
+        accelerator.num_processes,
+        "" if accelerator.num_processes == 1 else "es",
+        accelerator.distributed_type.value,
+    )
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     metrics = {
         "loss": float(output.training_loss),
