@@ -84,7 +84,7 @@ def lockstep() -> bool:
     a forward pass needs every process at once: scoring is then not split across the processes
     (each scores every item, in the same order) and generation runs in step (``synced_gpus``).
     """
-    return sharded_parameters() is not None
+    return sharded_parameters() == "FSDP"  # ZeRO-3, the other sharding, is refused (check_launch)
 
 
 def check_launch() -> None:
