@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -159,6 +161,13 @@ def cli(ctx: click.Context, verbose: int) -> None:
     type=click.IntRange(min=1),
     help="With --launcher accelerate: how many processes (default: accelerate's config).",
 )
+@click.option(
+    "--accelerate-config",
+    type=click.Path(exists=True, dir_okay=False),
+    metavar="FILE",
+    help="With --launcher accelerate: accelerate's config file, e.g. configs/accelerate/fsdp.yaml "
+    "(default: ACCELERATE_CONFIG_FILE, else the one `accelerate config` wrote).",
+)
 @_verbose_option
 @_handle_errors
 def run(
@@ -173,6 +182,7 @@ def run(
     quiet,
     launcher,
     num_processes,
+    accelerate_config,
     verbose,
 ):
     """Run the protocol over every topic. CONFIG defaults to the built-in demo.
@@ -180,17 +190,17 @@ def run(
     \b
     align run --resume runs/demo-20261125-101500   continue a killed or stopped run
     align run my.yaml --launcher accelerate --num-processes 8   one process per GPU
+    align run my.yaml --launcher accelerate --accelerate-config configs/accelerate/fsdp.yaml
     accelerate launch --config_file configs/accelerate/ddp.yaml -m align run my.yaml
     """
     from align.console import ConsoleReporter, configure_logging
     from align.core import distributed
 
     if launcher == "accelerate":
-        sys.exit(_relaunch(num_processes))
-    if num_processes is not None:
-        raise AlignError(
-            "--num-processes goes with --launcher accelerate; add it, or leave --num-processes out"
-        )
+        sys.exit(_relaunch(num_processes, accelerate_config))
+    for option, value in (("--num-processes", num_processes), ("--accelerate-config", accelerate_config)):
+        if value is not None:
+            raise AlignError(f"{option} goes with --launcher accelerate; add it, or leave {option} out")
 
     from align.core.runner import execute, resume_plan_options, run_status
 
@@ -238,31 +248,52 @@ def run(
 
 
 #: ``align run`` options that choose the launcher; the relaunched processes run without them.
-_LAUNCHER_OPTIONS = frozenset({"--launcher", "--num-processes"})
+_LAUNCHER_OPTIONS = frozenset({"--launcher", "--num-processes", "--accelerate-config"})
 
 
-def _relaunch(num_processes: int | None) -> int:
+def _relaunch(num_processes: int | None, config_file: str | None = None) -> int:
     """Run this same ``align run`` (less the launcher options) under ``accelerate launch``."""
-    import importlib.util
     import subprocess
+
+    return subprocess.call(_launch_command(num_processes, config_file, sys.argv[1:]))
+
+
+def _launch_command(num_processes: int | None, config_file: str | None, argv: list[str]) -> list[str]:
+    """The ``accelerate launch`` command that runs ``align`` with ``argv`` (less the launcher
+    options) on ``num_processes`` processes, set up by accelerate's ``config_file``."""
+    import importlib.util
 
     if importlib.util.find_spec("accelerate") is None:
         raise AlignError(
             "--launcher accelerate: the `accelerate` command is not installed; `pip install accelerate`"
         )
     command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config_file is not None:
+        command += ["--config_file", config_file]
     if num_processes is not None:
         command += ["--num_processes", str(num_processes)]
         if num_processes > 1:
-            # accelerate's multi-GPU launcher is torchrun's: on a machine without GPUs each process
-            # joins over gloo on the CPU (its --cpu would want MPI instead).
-            command += ["--multi_gpu", "--main_process_port", str(_free_port())]
-    command += ["-m", "align", *_without_launcher_options(sys.argv[1:])]
-    return subprocess.call(command)
+            command += ["--main_process_port", str(_free_port())]
+            if not _has_accelerate_config(config_file):
+                # accelerate's multi-GPU launcher is torchrun's: on a machine without GPUs each
+                # process joins over gloo on the CPU (its --cpu would want MPI instead). With a
+                # config, its distributed type decides: --multi_gpu would override FSDP or DeepSpeed.
+                command.append("--multi_gpu")
+    return [*command, "-m", "align", *_without_launcher_options(argv)]
+
+
+def _has_accelerate_config(config_file: str | None) -> bool:
+    """Whether ``accelerate launch`` will read a config file: the one given, ACCELERATE_CONFIG_FILE,
+    or the one ``accelerate config`` wrote."""
+    if config_file is not None or os.environ.get("ACCELERATE_CONFIG_FILE"):
+        return True
+    from accelerate.commands.config import default_config_file
+
+    return Path(default_config_file).is_file()
 
 
 def _without_launcher_options(argv: list[str]) -> list[str]:
-    """``argv`` without ``--launcher X`` / ``--num-processes N`` (also written ``--opt=value``)."""
+    """``argv`` without the launcher options and their values (also written ``--opt=value``)."""
     kept: list[str] = []
     skip = False
     for arg in argv:

@@ -501,4 +501,32 @@ def test_launcher_options_are_left_out_of_the_relaunched_command():
     from align.cli import _without_launcher_options
 
     argv = ["run", "c.yaml", "--launcher", "accelerate", "--num-processes=2", "--set", "seed=1"]
+    argv += ["--accelerate-config", "fsdp.yaml"]
     assert _without_launcher_options(argv) == ["run", "c.yaml", "--set", "seed=1"]
+
+
+@pytest.mark.parametrize(
+    ("config_file", "environment_file", "multi_gpu"),
+    [(None, None, True), ("fsdp.yaml", None, False), (None, "zero2.yaml", False)],
+)
+def test_the_relaunch_lets_an_accelerate_config_choose_the_distributed_type(
+    monkeypatch, tmp_path, config_file, environment_file, multi_gpu
+):
+    """--multi_gpu (what a machine without an accelerate config needs) would override a config's
+    FSDP or DeepSpeed, so it is passed only when accelerate reads no config file."""
+    import accelerate.commands.config as accelerate_config
+
+    from align.cli import _launch_command
+
+    monkeypatch.setattr(accelerate_config, "default_config_file", str(tmp_path / "none.yaml"))
+    if environment_file:
+        monkeypatch.setenv("ACCELERATE_CONFIG_FILE", environment_file)
+    else:
+        monkeypatch.delenv("ACCELERATE_CONFIG_FILE", raising=False)
+    command = _launch_command(2, config_file, ["run", "c.yaml", "--launcher", "accelerate"])
+    assert ("--multi_gpu" in command) is multi_gpu
+    assert ("--config_file" in command) is (config_file is not None)
+    if config_file:
+        assert command[command.index("--config_file") + 1] == config_file
+    assert command[command.index("--num_processes") + 1] == "2"
+    assert command[-4:] == ["-m", "align", "run", "c.yaml"]

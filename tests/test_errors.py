@@ -532,6 +532,11 @@ def _(c):
     return c.run("--num-processes", "2")
 
 
+@case("accelerate-config-without-launcher")
+def _(c):
+    return c.run("--accelerate-config", c.config(""))
+
+
 # -- the run directory --------------------------------------------------------------------------
 @case("output-not-empty")
 def _(c):
