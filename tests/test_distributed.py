@@ -324,6 +324,36 @@ def test_fsdp_shards_the_model_and_measures_and_trains_as_one_process(runs, shar
     assert_same_adapters(out, one, ADAPTER_TOLERANCE)  # whole, not one process's shards
 
 
+def test_fsdp_scoring_and_generation_split_unevenly_and_stay_in_step(tiny_model_dir):
+    """Under FSDP each process scores and generates its share and then makes throw-away forward
+    passes until it has made as many as the busiest one (a forward pass over sharded weights
+    needs every process). Three prompts and one prompt over two processes, in batches of one:
+    the numbers of passes differ, the results are the one-process results."""
+    script = [str(REPO / "tests" / "fsdp_on_cpu" / "scoring.py"), str(tiny_model_dir)]
+    alone = subprocess.run(
+        [sys.executable, *script], capture_output=True, text=True, env=environment(), timeout=300
+    )
+    assert alone.returncode == 0, alone.stderr
+    env = environment()
+    env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP")
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO / "tests" / "fsdp_on_cpu"), env.get("PYTHONPATH")])
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    sharded_run = subprocess.run([*command, *script], capture_output=True, text=True, env=env, timeout=300)
+    assert sharded_run.returncode == 0, sharded_run.stderr
+    expected = json.loads(alone.stdout.strip().splitlines()[-1])
+    got = json.loads(sharded_run.stdout.strip().splitlines()[-1])
+    assert got["generate3"] == expected["generate3"] and len(got["generate3"]) == 3
+    assert got["generate1"] == expected["generate1"] and len(got["generate1"]) == 1
+    assert got["score3"] == pytest.approx(expected["score3"], abs=1e-5)
+    assert got["score1"] == pytest.approx(expected["score1"], abs=1e-5)
+    # What makes the comparison mean something: six different scores, and answers that end after
+    # different numbers of tokens (the processes go on generating until all have ended).
+    assert len(set(expected["score3"])) == 6
+    assert sorted(map(len, expected["generate3"])) == [0, 0, 5], expected["generate3"]
+
+
 def test_a_stopped_fsdp_run_resumes_to_the_uninterrupted_one(sharded, tiny_model_dir):
     """A stop restores the adapter's shards from the gathered snapshot; a resumed run puts the
     checkpoint's whole adapter back as shards on each process."""

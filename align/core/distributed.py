@@ -195,6 +195,18 @@ def _decode(tensor: Any) -> Any:
     return json.loads(bytes(tensor.cpu().tolist()).decode("utf-8"))
 
 
+def max_over_processes(value: int) -> int:
+    """The largest of every process's ``value`` (``value`` itself with one process)."""
+    if not is_distributed():
+        return value
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.long, device=device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def barrier() -> None:
     """Wait until every process gets here."""
     if not is_distributed():

@@ -328,6 +328,7 @@ class HFLanguageModel:
         self.batch_size = batch_size
         self.chat_template = bool(tokenizer.chat_template) if chat_template is None else chat_template
         self._prompt_cache: dict[str, list[int]] = {}
+        self._forwards = 0
 
     def format_prompt(self, prompt: str) -> str:
         if not self.chat_template:
@@ -366,16 +367,26 @@ class HFLanguageModel:
         # Longest first, so batches hold prompts of similar length and padding stays small.
         unique = sorted(by_prompt, key=len, reverse=True)
         # Under a multi-process launch each process scores every world_size-th prompt (all of its
-        # completions, so the prompt still runs once), and the scores are gathered by index. With
-        # sharded weights (FSDP) a forward pass takes every process, so each scores every prompt.
-        split = distributed.is_distributed() and not distributed.lockstep()
+        # completions, so the prompt still runs once), and the scores are gathered by index.
+        split = distributed.is_distributed()
         mine = unique[distributed.rank() :: distributed.world_size()] if split else unique
+        chunks = [mine[start : start + self.batch_size] for start in range(0, len(mine), self.batch_size)]
+        members = [
+            [(row, i) for row, prompt in enumerate(chunk) for i in by_prompt[prompt]] for chunk in chunks
+        ]
+        # Under FSDP every process makes as many forward passes as the busiest one (_keep_step),
+        # so each must know that number before its first pass: the passes are counted ahead.
+        planned = self._planned_forwards(mine, members, rows) if split and distributed.lockstep() else None
+        most = distributed.max_over_processes(planned) if planned is not None else 0
         with self._scoring():
+            self._forwards = 0
             prefix = self._shared_prefix(mine)
-            for start in range(0, len(mine), self.batch_size):
-                chunk = mine[start : start + self.batch_size]
-                members = [(row, i) for row, prompt in enumerate(chunk) for i in by_prompt[prompt]]
-                self._score_chunk([list(p) for p in chunk], members, rows, results, prefix)
+            for chunk, chunk_members in zip(chunks, members):
+                self._score_chunk([list(p) for p in chunk], chunk_members, rows, results, prefix)
+            if planned is not None:
+                if self._forwards != planned:
+                    raise RuntimeError(f"made {self._forwards} forward passes where {planned} were planned")
+                self._keep_step(most - self._forwards)
         if split:
             scored = [(i, results[i]) for prompt in mine for i in by_prompt[prompt]]
             for i, value in distributed.gather_objects(scored):
@@ -389,19 +400,40 @@ class HFLanguageModel:
         score its completions' first token."""
         import torch
 
+        length = self._prefix_length(prompts)
+        if length is None:
+            return None
+        device = next(self.model.parameters()).device
+        out = self._forward(
+            input_ids=torch.tensor([prompts[0][:length]], device=device), use_cache=True, logits_to_keep=1
+        )
+        return length, out.past_key_values
+
+    @staticmethod
+    def _prefix_length(prompts: list[tuple[int, ...]]) -> int | None:
+        """How many tokens :meth:`_shared_prefix` runs once, or ``None``."""
         if len(prompts) < 2:
             return None
         length = min(len(p) for p in prompts) - 1
         first = prompts[0]
         for prompt in prompts[1:]:
             length = next((i for i in range(length) if prompt[i] != first[i]), length)
-        if length < MIN_SHARED_PREFIX:
-            return None
-        device = next(self.model.parameters()).device
-        out = self.model(
-            input_ids=torch.tensor([first[:length]], device=device), use_cache=True, logits_to_keep=1
-        )
-        return length, out.past_key_values
+        return length if length >= MIN_SHARED_PREFIX else None
+
+    def _planned_forwards(
+        self,
+        prompts: list[tuple[int, ...]],
+        members: list[list[tuple[int, int]]],
+        rows: list[tuple[list[int], list[int]]],
+    ) -> int:
+        """How many forward passes scoring ``prompts`` in chunks with ``members`` will make: the
+        shared prefix (if any), each chunk's prompts, and each batch of its completions longer than
+        one token (see :meth:`_score_chunk`)."""
+        count = 0 if self._prefix_length(prompts) is None else 1
+        for chunk_members in members:
+            lengths = sorted((len(rows[i][1]) for _, i in chunk_members), reverse=True)
+            count += 1 + sum(1 for begin in range(0, len(lengths), self.batch_size) if lengths[begin] > 1)
+        return count
 
     def _score_chunk(
         self,
@@ -423,7 +455,7 @@ class HFLanguageModel:
             past = _select_rows(past, rows_of_prefix, self.model.config)
             position_ids = position_ids + shared
             prompt_mask = torch.cat([torch.ones_like(prompt_mask[:, :1]).expand(-1, shared), prompt_mask], -1)
-        out = self.model(
+        out = self._forward(
             input_ids=input_ids,
             attention_mask=prompt_mask,
             position_ids=position_ids,
@@ -451,7 +483,7 @@ class HFLanguageModel:
             ids, mask = ids.to(device), mask.to(device)
             logprobs = first.index_select(0, index).gather(-1, ids[:, :1]).squeeze(-1)
             if width > 1:
-                logits = self.model(
+                logits = self._forward(
                     input_ids=ids[:, :-1],
                     attention_mask=torch.cat([prompt_mask.index_select(0, index), mask[:, :-1]], dim=-1),
                     position_ids=lengths.index_select(0, index)[:, None]
@@ -466,28 +498,92 @@ class HFLanguageModel:
 
     def generate(self, prompts: list[str], max_new_tokens: int = 64) -> list[str]:
         """Greedy continuations of ``prompts``; under a multi-process launch each process generates
-        a contiguous slice and the slices are gathered in order. With sharded weights (FSDP) every
-        process generates every prompt, in step (``synced_gpus``: each goes on with forward passes
-        until all are done)."""
+        a contiguous slice and the slices are gathered in order.
+
+        With sharded weights (FSDP) the processes generate in step, through the model's own
+        forward pass (:meth:`_greedy_in_step`), and a process with fewer batches than another
+        generates throw-away ones until both have made as many."""
         lockstep = distributed.is_distributed() and distributed.lockstep()
-        mine = prompts if lockstep else [prompts[i] for i in distributed.shard(len(prompts))]
+        mine = [prompts[i] for i in distributed.shard(len(prompts))]
+        batches = [mine[start : start + self.batch_size] for start in range(0, len(mine), self.batch_size)]
+        if lockstep:
+            batches += [prompts[:1]] * (distributed.max_over_processes(len(batches)) - len(batches))
         outputs: list[str] = []
         with self._scoring():
-            for start in range(0, len(mine), self.batch_size):
-                chunk = [self.prompt_ids(p) for p in mine[start : start + self.batch_size]]
-                input_ids, attention_mask, _ = self._left_pad(chunk)
-                generated = self.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    synced_gpus=lockstep,
-                )
-                new_tokens = generated[:, input_ids.shape[1] :]
+            for batch in batches:
+                chunk = [self.prompt_ids(p) for p in batch]
+                input_ids, attention_mask, position_ids = self._left_pad(chunk)
+                if lockstep:
+                    new_tokens = self._greedy_in_step(input_ids, attention_mask, position_ids, max_new_tokens)
+                else:
+                    generated = self.model.generate(
+                        input_ids=input_ids,
+                        attention_mask=attention_mask,
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                    )
+                    new_tokens = generated[:, input_ids.shape[1] :]
                 outputs.extend(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-        outputs = [text.strip() for text in outputs]
-        return outputs if lockstep else distributed.gather_objects(outputs)
+        return distributed.gather_objects([text.strip() for text in outputs[: len(mine)]])
+
+    def _greedy_in_step(
+        self, input_ids: Any, attention_mask: Any, position_ids: Any, max_new_tokens: int
+    ) -> Any:
+        """Greedy decoding, one forward pass of the whole model a token, in step with the other
+        processes: each goes on until every process's answers have ended (at an end-of-sequence
+        token, then padded) or ``max_new_tokens`` are made.
+
+        Under FSDP, transformers' ``generate`` (reached through PEFT) calls the inner model's
+        forward, not the sharded root's, which FSDP refuses; this loop calls the root. It picks the
+        same tokens as ``generate(do_sample=False)`` with no logits processors.
+        """
+        import torch
+
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        stops = torch.tensor(eos if isinstance(eos, list) else [eos], device=input_ids.device)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = self._forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True
+        )
+        positions = position_ids[:, -1:]
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        tokens = []
+        for step in range(max_new_tokens):
+            token = out.logits[:, -1].float().argmax(-1).masked_fill(finished, pad)
+            tokens.append(token)
+            finished |= torch.isin(token, stops)
+            if step == max_new_tokens - 1 or distributed.max_over_processes(int(not finished.all())) == 0:
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=-1)
+            positions = positions + 1
+            out = self._forward(
+                input_ids=token[:, None],
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+        return torch.stack(tokens, dim=1)
+
+    def _forward(self, **inputs: Any) -> Any:
+        """One forward pass of the model, counted (see :meth:`_keep_step`)."""
+        self._forwards += 1
+        return self.model(**inputs)
+
+    def _keep_step(self, missing: int) -> None:
+        """Under FSDP, after this process's share of a scoring call: make ``missing`` one-token
+        forward passes, as many as the busiest process made more. Every forward pass over sharded
+        weights gathers each layer's weights from all the processes, so each must make the same
+        number; what they compute does not matter to the gathering, only how many there are."""
+        import torch
+
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for _ in range(missing):
+            self.model(input_ids=torch.tensor([[pad]], device=device), use_cache=False, logits_to_keep=1)
 
     def _left_pad(self, sequences: list[list[int]]) -> tuple[Any, Any, Any]:
         import torch
