@@ -324,6 +324,24 @@ def test_fsdp_shards_the_model_and_measures_and_trains_as_one_process(runs, shar
     assert_same_adapters(out, one, ADAPTER_TOLERANCE)  # whole, not one process's shards
 
 
+def test_fsdp_in_bfloat16_trains_as_ddp(sharded, tiny_model_dir):
+    """bfloat16 base weights beside the float32 adapter in one FSDP unit (what a GPU run uses):
+    FSDP gives DDP's numbers. (Both differ more from one process than in float32: bfloat16 rounds
+    the differently shaped batches differently.)"""
+    done, _ = sharded
+    config, bf16 = str(done.parent / "batch1.yaml"), ("--set", "model.dtype=bfloat16")
+    common = ("--model", str(tiny_model_dir), *bf16)
+    ddp = torchrun(config, *common, "--output", str(done.parent / "ddp-bf16"))
+    assert ddp.returncode == 0, ddp.stderr
+    fsdp = fsdp_launch(config, *common, "--output", str(done.parent / "fsdp-bf16"))
+    assert fsdp.returncode == 0, fsdp.stderr
+    assert fsdp.stderr.count("model sharded across 2 processes (FSDP)") == 1
+    expected, got = steps(done.parent / "ddp-bf16"), steps(done.parent / "fsdp-bf16")
+    for key, step in expected.items():
+        assert got[key]["metrics"] == pytest.approx(step["metrics"], abs=1e-6), key
+    assert_same_adapters(done.parent / "fsdp-bf16", done.parent / "ddp-bf16", 1e-6)
+
+
 def test_fsdp_scoring_and_generation_split_unevenly_and_stay_in_step(tiny_model_dir):
     """Under FSDP each process scores and generates its share and then makes throw-away forward
     passes until it has made as many as the busiest one (a forward pass over sharded weights
