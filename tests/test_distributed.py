@@ -196,19 +196,28 @@ def test_two_processes_leave_the_run_directory_of_one(runs):
     assert launched.stdout.count("run directory:") == 1
 
 
-def test_two_processes_measure_and_train_as_one(runs):
-    one, two, _ = runs
-    expected, got = steps(one), steps(two)
+def assert_same_results(ours: Path, theirs: Path) -> None:
+    """``ours``, a run on two processes, left the run directory of ``theirs``, the one on one
+    process, with the same steps, statuses and gate decisions, metrics to METRICS_TOLERANCE and
+    adapters to ADAPTER_TOLERANCE."""
+    assert files(ours) == files(theirs)
+    expected, got = steps(theirs), steps(ours)
     assert got.keys() == expected.keys()
     for key, step in expected.items():
         assert got[key]["status"] == step["status"], key
         assert got[key].get("gate") == step.get("gate"), key
         assert got[key]["metrics"] == pytest.approx(step["metrics"], abs=METRICS_TOLERANCE), key
+    assert_same_adapters(ours, theirs, ADAPTER_TOLERANCE)
+
+
+def test_two_processes_measure_and_train_as_one(runs):
+    one, two, _ = runs
+    assert_same_results(two, one)
     # Evaluation before any training scores the same model: equal up to the last bits.
+    expected, got = steps(one), steps(two)
     for topic_name in ("first", "second"):
         before = got[topic_name, "before"]["metrics"]
         assert before == pytest.approx(expected[topic_name, "before"]["metrics"], abs=1e-6)
-    assert_same_adapters(two, one, ADAPTER_TOLERANCE)
     # The training really moved the adapter (else the comparison above would prove nothing).
     start = load_file(two / "adapters" / "first" / "adapter_model.safetensors")
     assert any(tensor.abs().max().item() > 1e-3 for name, tensor in start.items() if "lora_B" in name)
@@ -303,7 +312,7 @@ def sharded(runs, tiny_model_dir):
 
 
 def test_fsdp_shards_the_model_and_measures_and_trains_as_one_process(runs, sharded):
-    """Evaluation runs in lock-step on the shards, the DPO reference is a sharded copy of the
+    """Evaluation split and kept in step on the shards, the DPO reference a sharded copy of the
     adapter, snapshots and saves gather the shards: the same results as one process."""
     one, _, _ = runs
     out, launched = sharded
@@ -311,17 +320,10 @@ def test_fsdp_shards_the_model_and_measures_and_trains_as_one_process(runs, shar
     assert launched.stderr.count("SFTTrainer: 4 optimizer steps on 2 processes (FSDP)") == 2
     assert launched.stderr.count("DPOTrainer: 3 optimizer steps on 2 processes (FSDP)") == 2
     assert launched.stdout.count("run directory:") == 1
-    assert files(out) == files(one)
-    expected, got = steps(one), steps(out)
-    assert got.keys() == expected.keys()
-    for key, step in expected.items():
-        assert got[key]["status"] == step["status"], key
-        assert got[key].get("gate") == step.get("gate"), key
-        assert got[key]["metrics"] == pytest.approx(step["metrics"], abs=METRICS_TOLERANCE), key
+    assert_same_results(out, one)  # the adapters whole, not one process's shards
     # DPO's reference is the policy at the step's start: the first step's loss is log 2.
     first_dpo = next(e for e in events(out) if e["kind"] == "log" and e["step"] == "dpo")
     assert first_dpo["metrics"]["loss"] == pytest.approx(0.6931, abs=1e-4)
-    assert_same_adapters(out, one, ADAPTER_TOLERANCE)  # whole, not one process's shards
 
 
 def test_fsdp_in_bfloat16_trains_as_ddp(sharded, tiny_model_dir):
@@ -392,13 +394,7 @@ def test_deepspeed_zero2_measures_and_trains_as_one_process(runs, tiny_model_dir
     assert launched.returncode == 0, launched.stderr
     assert launched.stderr.count("DPOTrainer: 3 optimizer steps on 2 processes (DEEPSPEED)") == 2
     assert launched.stdout.count("run directory:") == 1
-    assert files(out) == files(one)
-    expected, got = steps(one), steps(out)
-    assert got.keys() == expected.keys()
-    for key, step in expected.items():
-        assert got[key].get("gate") == step.get("gate"), key
-        assert got[key]["metrics"] == pytest.approx(step["metrics"], abs=METRICS_TOLERANCE), key
-    assert_same_adapters(out, one, ADAPTER_TOLERANCE)
+    assert_same_results(out, one)
 
 
 # -- the façade, on one process and with a fake second one ---------------------------------------
