@@ -344,6 +344,35 @@ def test_fsdp_in_bfloat16_trains_as_ddp(sharded, tiny_model_dir):
     assert_same_adapters(done.parent / "fsdp-bf16", done.parent / "ddp-bf16", 1e-6)
 
 
+def test_kto_runs_on_two_processes_and_fsdp_trains_as_ddp(sharded, tiny_model_dir):
+    """KTO on two processes, where its reference adapter runs each step: TRL's precompute left its
+    results in the main process's temporary directory, so the other process failed and the main
+    one waited for ever (under DDP), and it reads every weight (which FSDP's shards do not allow).
+    FSDP gives DDP's numbers."""
+    done, _ = sharded
+    config = done.parent / "kto.yaml"
+    protocol = [
+        {"name": "sft", "train": "sft"},
+        {"name": "kto", "train": "kto"},
+        {"name": "after_kto", "evaluate": ["quiz", "voice"]},
+    ]
+    settings = {"max_steps": 3, "learning_rate": 0.05, "per_device_train_batch_size": 2}
+    sft = {"epochs": 1, "learning_rate": 0.05, "per_device_train_batch_size": 1}
+    config.write_text(
+        yaml.safe_dump({"seed": 0, "topics": "topics", "sft": sft, "kto": settings, "protocol": protocol})
+    )
+    common = (str(config), "--model", str(tiny_model_dir))
+    ddp = torchrun(*common, "--output", str(done.parent / "ddp-kto"))
+    assert ddp.returncode == 0, ddp.stderr
+    fsdp = fsdp_launch(*common, "--output", str(done.parent / "fsdp-kto"))
+    assert fsdp.returncode == 0, fsdp.stderr
+    assert fsdp.stderr.count("KTOTrainer: 3 optimizer steps on 2 processes (FSDP)") == 2
+    expected, got = steps(done.parent / "ddp-kto"), steps(done.parent / "fsdp-kto")
+    for key, step in expected.items():
+        assert got[key]["metrics"] == pytest.approx(step["metrics"], abs=1e-5), key
+    assert_same_adapters(done.parent / "fsdp-kto", done.parent / "ddp-kto", 1e-5)
+
+
 def test_fsdp_scoring_and_generation_split_unevenly_and_stay_in_step(tiny_model_dir):
     """Under FSDP each process scores and generates its share and then makes throw-away forward
     passes until it has made as many as the busiest one (a forward pass over sharded weights
@@ -475,6 +504,48 @@ def test_another_process_follows_the_main_ones_decisions_and_writes_nothing(tmp_
     assert extra["status"] == "ran" and extra["gate"]["reason"] == "decided on the main process"
     assert plan.steps[1].components[0].instance.trained == ["t1"]
     assert not (tmp_path / "run").exists()  # nothing written: no run directory, no adapter
+
+
+def test_a_step_that_fails_on_another_process_says_so_there(tmp_path, monkeypatch, caplog):
+    """Only the main process prints; a step that fails on another process alone (which leaves the
+    main one waiting for it) is logged by that process, with the error."""
+    from dataclasses import dataclass
+
+    from align.core.plan import resolve_plan
+    from align.core.runner import execute
+    from align.errors import RunStopped
+    from align.plugins.manager import load_plugins
+    from align.testing import StubPlugin, StubPolicy
+    from tests.conftest import write_topic
+
+    @dataclass
+    class Failing:
+        metrics = ("loss",)
+
+        def train(self, policy, topic):
+            raise FileNotFoundError("no such file: the main process's cache")
+
+    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
+    plugins = load_plugins(extra=[StubPlugin(objectives={"failing": Failing})])
+    (tmp_path / "topics").mkdir()
+    write_topic(tmp_path / "topics", "t1")
+    plan = resolve_plan(
+        {"protocol": [{"name": "train", "train": "failing"}], "output": str(tmp_path / "run")},
+        "test.yaml",
+        plugins.registry,
+        topics=tmp_path / "topics",
+    )
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    for name in ("setup", "barrier", "shutdown"):
+        monkeypatch.setattr(distributed, name, lambda: None)
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj: obj)
+    with caplog.at_level("WARNING", logger="align"), pytest.raises(RunStopped):
+        execute(plan, policy=StubPolicy())
+    assert (
+        "process 1 of 2: topic 't1', step 'train' failed here (FileNotFoundError: no such file: the main "
+        "process's cache); the other processes may wait for this one"
+    ) in caplog.text
 
 
 def test_scoring_is_sharded_and_gathered_in_order(monkeypatch, tiny_model_dir):

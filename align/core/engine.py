@@ -579,6 +579,17 @@ class Engine:
         seconds: float,
     ) -> StepResult:
         """Put the adapter back as it was before ``step``, and record why the step failed."""
+        if not distributed.is_main():  # only the main process prints: say it here, or nobody will
+            logger.warning(
+                "process %d of %d: topic '%s', step '%s' failed here (%s: %s); the other processes "
+                "may wait for this one",
+                distributed.rank(),
+                distributed.world_size(),
+                topic.name,
+                step.name,
+                type(exc).__name__,
+                exc,
+            )
         if before is not None:
             self.policy.restore(before)
         self._snapshots.pop(step.name, None)

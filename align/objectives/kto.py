@@ -64,9 +64,12 @@ class KTOObjective:
                 undesirable_weight=self.undesirable_weight,
                 max_length=self.max_length,
                 lr_scheduler_type=self.lr_scheduler_type,
-                # TRL's precompute fingerprints the model by reading every weight, which FSDP's
-                # shards do not allow; under FSDP the sharded reference adapter runs each step.
-                precompute_ref_log_probs=self.precompute_ref_log_probs and not distributed.lockstep(),
+                # On several processes the reference adapter runs each step instead: TRL's
+                # precompute writes its results to the main process's temporary directory, where
+                # the other processes do not look (an in-memory dataset's cache goes to a
+                # per-process temporary directory), and under FSDP its fingerprint would read
+                # every weight, which shards do not allow.
+                precompute_ref_log_probs=self.precompute_ref_log_probs and not distributed.is_distributed(),
                 **policy.trainer_args(),
             )
             trainer = KTOTrainer(
