@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -326,22 +327,32 @@ def test_fsdp_shards_the_model_and_measures_and_trains_as_one_process(runs, shar
     assert first_dpo["metrics"]["loss"] == pytest.approx(0.6931, abs=1e-4)
 
 
+def ddp_then_fsdp(root: Path, name: str, *args: str, tolerance: float) -> subprocess.CompletedProcess:
+    """Run ``align run *args`` on 2 processes under DDP (``root/ddp-<name>``) and under FSDP
+    (``root/fsdp-<name>``); check that FSDP sharded the model and gave DDP's metrics and adapters
+    to ``tolerance``. Returns the FSDP launch."""
+    ddp, fsdp = root / f"ddp-{name}", root / f"fsdp-{name}"
+    launched = torchrun(*args, "--output", str(ddp))
+    assert launched.returncode == 0, launched.stderr
+    launched = fsdp_launch(*args, "--output", str(fsdp))
+    assert launched.returncode == 0, launched.stderr
+    assert launched.stderr.count("model sharded across 2 processes (FSDP)") == 1
+    expected, got = steps(ddp), steps(fsdp)
+    assert got.keys() == expected.keys()
+    for key, step in expected.items():
+        assert got[key]["metrics"] == pytest.approx(step["metrics"], abs=tolerance), key
+    assert_same_adapters(fsdp, ddp, tolerance)
+    return launched
+
+
 def test_fsdp_in_bfloat16_trains_as_ddp(sharded, tiny_model_dir):
     """bfloat16 base weights beside the float32 adapter in one FSDP unit (what a GPU run uses):
     FSDP gives DDP's numbers. (Both differ more from one process than in float32: bfloat16 rounds
     the differently shaped batches differently.)"""
     done, _ = sharded
-    config, bf16 = str(done.parent / "batch1.yaml"), ("--set", "model.dtype=bfloat16")
-    common = ("--model", str(tiny_model_dir), *bf16)
-    ddp = torchrun(config, *common, "--output", str(done.parent / "ddp-bf16"))
-    assert ddp.returncode == 0, ddp.stderr
-    fsdp = fsdp_launch(config, *common, "--output", str(done.parent / "fsdp-bf16"))
-    assert fsdp.returncode == 0, fsdp.stderr
-    assert fsdp.stderr.count("model sharded across 2 processes (FSDP)") == 1
-    expected, got = steps(done.parent / "ddp-bf16"), steps(done.parent / "fsdp-bf16")
-    for key, step in expected.items():
-        assert got[key]["metrics"] == pytest.approx(step["metrics"], abs=1e-6), key
-    assert_same_adapters(done.parent / "fsdp-bf16", done.parent / "ddp-bf16", 1e-6)
+    config = str(done.parent / "batch1.yaml")
+    bf16 = ("--set", "model.dtype=bfloat16")
+    ddp_then_fsdp(done.parent, "bf16", config, "--model", str(tiny_model_dir), *bf16, tolerance=1e-6)
 
 
 def test_kto_runs_on_two_processes_and_fsdp_trains_as_ddp(sharded, tiny_model_dir):
@@ -361,16 +372,8 @@ def test_kto_runs_on_two_processes_and_fsdp_trains_as_ddp(sharded, tiny_model_di
     config.write_text(
         yaml.safe_dump({"seed": 0, "topics": "topics", "sft": sft, "kto": settings, "protocol": protocol})
     )
-    common = (str(config), "--model", str(tiny_model_dir))
-    ddp = torchrun(*common, "--output", str(done.parent / "ddp-kto"))
-    assert ddp.returncode == 0, ddp.stderr
-    fsdp = fsdp_launch(*common, "--output", str(done.parent / "fsdp-kto"))
-    assert fsdp.returncode == 0, fsdp.stderr
+    fsdp = ddp_then_fsdp(done.parent, "kto", str(config), "--model", str(tiny_model_dir), tolerance=1e-5)
     assert fsdp.stderr.count("KTOTrainer: 3 optimizer steps on 2 processes (FSDP)") == 2
-    expected, got = steps(done.parent / "ddp-kto"), steps(done.parent / "fsdp-kto")
-    for key, step in expected.items():
-        assert got[key]["metrics"] == pytest.approx(step["metrics"], abs=1e-5), key
-    assert_same_adapters(done.parent / "fsdp-kto", done.parent / "ddp-kto", 1e-5)
 
 
 def test_fsdp_scoring_and_generation_split_unevenly_and_stay_in_step(tiny_model_dir):
@@ -464,23 +467,19 @@ def fake_world(monkeypatch, rank: int, others: list) -> list:
     return sent
 
 
-def test_another_process_follows_the_main_ones_decisions_and_writes_nothing(tmp_path, monkeypatch):
-    """Process 1 of 2 with stub components: its own gate would block, the main process's passes."""
+def plan_on_another_process(tmp_path, monkeypatch, protocol: list, plugin) -> Any:
+    """A plan of ``protocol`` over one topic, with ``plugin``'s stub components only, run as
+    process 1 of 2 (joining, waiting and leaving do nothing)."""
     from align.core.plan import resolve_plan
-    from align.core.runner import execute
     from align.plugins.manager import load_plugins
-    from align.testing import StubPlugin, StubPolicy
     from tests.conftest import write_topic
-    from tests.core.test_engine import PROTOCOL, CountingObjective, LevelEvaluator
 
     monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
-    plugins = load_plugins(
-        extra=[StubPlugin(objectives={"bump": CountingObjective}, evaluators={"level": LevelEvaluator})]
-    )
+    plugins = load_plugins(extra=[plugin])
     (tmp_path / "topics").mkdir()
     write_topic(tmp_path / "topics", "t1")
     plan = resolve_plan(
-        {"protocol": PROTOCOL, "output": str(tmp_path / "run")},
+        {"protocol": protocol, "output": str(tmp_path / "run")},
         "test.yaml",
         plugins.registry,
         topics=tmp_path / "topics",
@@ -489,6 +488,17 @@ def test_another_process_follows_the_main_ones_decisions_and_writes_nothing(tmp_
     monkeypatch.setenv("RANK", "1")
     for name in ("setup", "barrier", "shutdown"):
         monkeypatch.setattr(distributed, name, lambda: None)
+    return plan
+
+
+def test_another_process_follows_the_main_ones_decisions_and_writes_nothing(tmp_path, monkeypatch):
+    """Process 1 of 2 with stub components: its own gate would block, the main process's passes."""
+    from align.core.runner import execute
+    from align.testing import StubPlugin, StubPolicy
+    from tests.core.test_engine import PROTOCOL, CountingObjective, LevelEvaluator
+
+    plugin = StubPlugin(objectives={"bump": CountingObjective}, evaluators={"level": LevelEvaluator})
+    plan = plan_on_another_process(tmp_path, monkeypatch, PROTOCOL, plugin)
     received = []
 
     def from_main(obj):
@@ -511,12 +521,9 @@ def test_a_step_that_fails_on_another_process_says_so_there(tmp_path, monkeypatc
     main one waiting for it) is logged by that process, with the error."""
     from dataclasses import dataclass
 
-    from align.core.plan import resolve_plan
     from align.core.runner import execute
     from align.errors import RunStopped
-    from align.plugins.manager import load_plugins
     from align.testing import StubPlugin, StubPolicy
-    from tests.conftest import write_topic
 
     @dataclass
     class Failing:
@@ -525,20 +532,10 @@ def test_a_step_that_fails_on_another_process_says_so_there(tmp_path, monkeypatc
         def train(self, policy, topic):
             raise FileNotFoundError("no such file: the main process's cache")
 
-    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
-    plugins = load_plugins(extra=[StubPlugin(objectives={"failing": Failing})])
-    (tmp_path / "topics").mkdir()
-    write_topic(tmp_path / "topics", "t1")
-    plan = resolve_plan(
-        {"protocol": [{"name": "train", "train": "failing"}], "output": str(tmp_path / "run")},
-        "test.yaml",
-        plugins.registry,
-        topics=tmp_path / "topics",
+    protocol = [{"name": "train", "train": "failing"}]
+    plan = plan_on_another_process(
+        tmp_path, monkeypatch, protocol, StubPlugin(objectives={"failing": Failing})
     )
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    for name in ("setup", "barrier", "shutdown"):
-        monkeypatch.setattr(distributed, name, lambda: None)
     monkeypatch.setattr(distributed, "broadcast_object", lambda obj: obj)
     with caplog.at_level("WARNING", logger="align"), pytest.raises(RunStopped):
         execute(plan, policy=StubPolicy())
