@@ -623,6 +623,9 @@ def test_the_catalogue_and_the_cases_name_the_same_rows():
     documented = catalogue()
     assert len(documented) >= 30
     assert sorted(documented) == sorted(CASES)
+    # The README counts them too.
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    assert f"[docs/errors.md](docs/errors.md) lists {len(documented)} bad inputs" in readme
 
 
 @pytest.mark.parametrize("case_id", sorted(CASES))
