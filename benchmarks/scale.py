@@ -185,19 +185,15 @@ def worker(
 def environment() -> dict[str, Any]:
     import torch
 
+    from align.core.runner import library_versions
+
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    versions = {}
-    for name in ("torch", "transformers", "peft", "trl"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = None
     return {
         "date": _dt.date.today().isoformat(),
         "device": device,
         "cuda": torch.cuda.is_available(),
         "cpu_count": os.cpu_count(),
-        "versions": versions,
+        "versions": library_versions(),
     }
 
 

@@ -330,6 +330,11 @@ class HFLanguageModel:
         self._prompt_cache: dict[str, list[int]] = {}
         self._forwards = 0
 
+    @property
+    def pad_id(self) -> int:
+        """The token that pads batches: the tokenizer's pad token, else 0 (always masked out)."""
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
     def format_prompt(self, prompt: str) -> str:
         if not self.chat_template:
             return prompt
@@ -431,9 +436,17 @@ class HFLanguageModel:
         one token (see :meth:`_score_chunk`)."""
         count = 0 if self._prefix_length(prompts) is None else 1
         for chunk_members in members:
-            lengths = sorted((len(rows[i][1]) for _, i in chunk_members), reverse=True)
-            count += 1 + sum(1 for begin in range(0, len(lengths), self.batch_size) if lengths[begin] > 1)
+            batches = self._completion_batches(chunk_members, rows)
+            count += 1 + sum(1 for batch in batches if max(len(rows[i][1]) for _, i in batch) > 1)
         return count
+
+    def _completion_batches(
+        self, members: list[tuple[int, int]], rows: list[tuple[list[int], list[int]]]
+    ) -> list[list[tuple[int, int]]]:
+        """The completions ``members`` of a chunk in the batches :meth:`_score_chunk` scores them
+        in: similar lengths together, longest first, at most ``batch_size`` a batch."""
+        members = sorted(members, key=lambda member: -len(rows[member[1]][1]))
+        return [members[begin : begin + self.batch_size] for begin in range(0, len(members), self.batch_size)]
 
     def _score_chunk(
         self,
@@ -467,14 +480,11 @@ class HFLanguageModel:
         cache = out.past_key_values
         lengths = prompt_mask.sum(-1)
         device = input_ids.device
-        # Completions with similar lengths together, in batches of at most batch_size.
-        members = sorted(members, key=lambda member: -len(rows[member[1]][1]))
-        for begin in range(0, len(members), self.batch_size):
-            batch = members[begin : begin + self.batch_size]
+        for batch in self._completion_batches(members, rows):
             index = torch.tensor([row for row, _ in batch], device=device)
             completions = [rows[i][1] for _, i in batch]
             width = max(len(c) for c in completions)
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            pad = self.pad_id
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for n, completion in enumerate(completions):
@@ -544,7 +554,7 @@ class HFLanguageModel:
         if eos is None:
             eos = self.tokenizer.eos_token_id
         stops = torch.tensor(eos if isinstance(eos, list) else [eos], device=input_ids.device)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = self.pad_id
         out = self._forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True
         )
@@ -581,7 +591,7 @@ class HFLanguageModel:
         import torch
 
         device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = self.pad_id
         for _ in range(missing):
             self.model(input_ids=torch.tensor([[pad]], device=device), use_cache=False, logits_to_keep=1)
 
@@ -590,7 +600,7 @@ class HFLanguageModel:
 
         device = next(self.model.parameters()).device
         width = max(len(s) for s in sequences)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = self.pad_id
         input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
         for row, sequence in enumerate(sequences):
