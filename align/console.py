@@ -242,6 +242,13 @@ def forgetting_table(forgetting: Mapping[str, Any] | None) -> list[str]:
         change = now - own
         forgot = ", forgot" if -change > FORGOT_THRESHOLD + 1e-9 else ""
         lines.append(f"{name:<16}{own:4.2f} -> {now:4.2f}  ({change:+.2f}{forgot})")
+    acc = (forgetting.get("acc") or {}).get(FORGETTING_METRIC)
+    bwt = (forgetting.get("bwt") or {}).get(FORGETTING_METRIC)
+    if acc is not None and bwt is not None:
+        lines.append(
+            f"{FORGETTING_METRIC}: ACC {acc:.2f} (mean over topics, now), "
+            f"BWT {bwt:+.2f} (mean change of earlier topics since their own training)"
+        )
     return lines
 
 

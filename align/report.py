@@ -309,7 +309,8 @@ def sample_answers(
     run: Path, summary: Mapping[str, Any], max_new_tokens: int = 48
 ) -> dict[str, list[dict[str, str]]]:
     """For each topic with a saved adapter, its first voice prompts answered by the bare model
-    and with the topic's adapter: ``{topic: [{prompt, bare, adapter}]}``."""
+    and with the topic's adapter, beside the person's own answer (the voice pair's ``chosen``):
+    ``{topic: [{prompt, bare, adapter, person}]}``."""
     from align.tools import generate, load, read_run_topics
 
     topics = {t.name: t for t in read_run_topics(run)}
@@ -325,11 +326,15 @@ def sample_answers(
     for index, (topic, adapter) in enumerate(wanted):
         if index:  # the first is attached by load(); each added one becomes the active adapter
             loaded.add_adapter(adapter, f"topic{index}")
-        prompts = [pair.prompt for pair in topics[topic].voice_pairs[:SAMPLE_PROMPTS]]
+        pairs = topics[topic].voice_pairs[:SAMPLE_PROMPTS]
+        prompts = [pair.prompt for pair in pairs]
         tuned = generate(loaded, prompts, max_new_tokens=max_new_tokens)
         with loaded.bare():
             bare = generate(loaded, prompts, max_new_tokens=max_new_tokens)
-        answers[topic] = [{"prompt": p, "bare": b, "adapter": a} for p, b, a in zip(prompts, bare, tuned)]
+        answers[topic] = [
+            {"prompt": pair.prompt, "bare": b, "adapter": a, "person": pair.chosen}
+            for pair, b, a in zip(pairs, bare, tuned)
+        ]
     return answers
 
 
@@ -407,6 +412,7 @@ def write_report(run: str | Path, *, html_report: bool = False, samples: bool = 
                         report.add("p", f"Prompt: {row['prompt']}")
                         report.add("quote", "bare model:", row["bare"])
                         report.add("quote", f"with the {topic} adapter:", row["adapter"])
+                        report.add("quote", "the person (held out, never trained on):", row["person"])
                 if not answers:
                     report.add("p", "No topic has both a saved adapter and voice pairs.")
 

@@ -186,6 +186,31 @@ def _(c):
     return ["validate", c.config(""), "--set", "on_error=ignore", "--topics", c.topics()]
 
 
+@case("replay-out-of-range")
+def _(c):
+    return ["validate", c.config("replay:\n  content: -0.5\n"), "--topics", c.topics()]
+
+
+@case("replay-unknown-key")
+def _(c):
+    return ["validate", c.config("replay:\n  contents: 1\n"), "--topics", c.topics()]
+
+
+@case("voice-set-unknown")
+def _(c):
+    return ["validate", c.config("voice_set: persons\n"), "--topics", c.topics()]
+
+
+@case("dpo-rejected-unknown")
+def _(c):
+    return ["validate", c.config("dpo:\n  rejected: model\n"), "--topics", c.topics()]
+
+
+@case("sft-answers-unknown")
+def _(c):
+    return ["validate", c.config("sft:\n  answers: all\n"), "--topics", c.topics()]
+
+
 @case("recheck-unknown")
 def _(c):
     return ["validate", c.config("recheck: earler\n"), "--topics", c.topics()]

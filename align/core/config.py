@@ -42,6 +42,8 @@ ON_ERROR = ("stop", "skip")
 RECHECK = ("earlier", "none")
 #: The values of ``report_to``: where the trainers also log (``tensorboard``: event files in the run).
 REPORT_TO = ("none", "tensorboard")
+#: The values of ``voice_set``: which held-out voice pairs score a topic's voice.
+VOICE_SETS = ("person", "topic")
 
 BASE_DEFAULTS: dict[str, Any] = {
     "name": None,
@@ -57,6 +59,12 @@ BASE_DEFAULTS: dict[str, Any] = {
     "recheck": "earlier",
     #: Where the trainers log besides metrics.jsonl: ``none`` or ``tensorboard``.
     "report_to": "none",
+    #: The held-out voice pairs that score each topic's voice: every topic's (``person``: a voice
+    #: belongs to the person, and more pairs give a score that can show something) or its own.
+    "voice_set": "person",
+    #: Earlier topics' training items mixed into each later topic's training steps, as a multiple
+    #: of the topic's own count (align/core/replay.py): passages for SFT, preference pairs for DPO.
+    "replay": {"content": 0.0, "preference_pairs": 0.0},
     "model": {
         "path": "smollm2",
         "dtype": "float32",
@@ -80,7 +88,11 @@ BASE_DEFAULTS: dict[str, Any] = {
     },
     "protocol": DEFAULT_PROTOCOL,
 }
-SECTION_KEYS = {"model": BASE_DEFAULTS["model"], "lora": BASE_DEFAULTS["lora"]}
+SECTION_KEYS = {
+    "model": BASE_DEFAULTS["model"],
+    "lora": BASE_DEFAULTS["lora"],
+    "replay": BASE_DEFAULTS["replay"],
+}
 
 
 def demo_dir() -> Path:
@@ -210,7 +222,7 @@ def _check_base(config: dict[str, Any], source: str) -> None:
         fail("strict_plugins", f"expected true or false, got {config['strict_plugins']!r}")
     if config["on_error"] not in ON_ERROR:
         fail("on_error", f"expected one of {', '.join(ON_ERROR)}, got {config['on_error']!r}")
-    for key, valid in (("recheck", RECHECK), ("report_to", REPORT_TO)):
+    for key, valid in (("recheck", RECHECK), ("report_to", REPORT_TO), ("voice_set", VOICE_SETS)):
         if config[key] not in valid:
             fail(
                 key,
@@ -283,6 +295,14 @@ def _check_base(config: dict[str, Any], source: str) -> None:
     targets = lora["target_modules"]
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
         fail("lora.target_modules", "expected a non-empty list of module names, e.g. [o_proj, v_proj]")
+    for key in config["replay"]:
+        value = number(f"replay.{key}", config["replay"][key])
+        if not 0 <= value <= 100:
+            fail(
+                f"replay.{key}",
+                f"must be between 0 (no replay) and 100 earlier items per item of the topic (got {value:g})",
+            )
+        config["replay"][key] = value
     if not isinstance(config["protocol"], list) or not config["protocol"]:
         fail("protocol", "expected a non-empty list of steps")
 

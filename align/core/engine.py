@@ -34,6 +34,7 @@ from align.core import distributed
 from align.core.checkpoint import Checkpoint, Checkpoints, topics_digest
 from align.core.components import GateDecision
 from align.core.plan import Component, Plan, Step
+from align.core.replay import replay_topic, with_person_voice
 from align.core.rundir import RunDir
 from align.core.topics import Topic
 from align.errors import AlignError, NonFiniteTraining, RunStopped
@@ -202,6 +203,8 @@ class Engine:
         self.seed_step = seed_step
         self.on_error = plan.config.get("on_error", "stop")
         self.recheck = plan.config.get("recheck", "earlier")
+        self.replay = dict(plan.config.get("replay") or {})
+        self.voice_set = plan.config.get("voice_set", "topic")
         #: What a recheck runs on earlier topics: each evaluator of the protocol once, as its last
         #: evaluation step configures it (that step's values are the matrix's diagonal).
         self.recheck_evaluators = _evaluators(plan.steps)
@@ -221,6 +224,8 @@ class Engine:
         self._checkpoints = (
             Checkpoints(rundir.checkpoint_dir, policy) if hasattr(policy, "save_snapshot") else None
         )
+        if hasattr(policy, "set_recorder"):
+            policy.set_recorder(self._record_for_step)
         self._resume = resume
         self._start_at = (0, 0)
         if resume is not None:
@@ -255,6 +260,10 @@ class Engine:
             **extra,
         }
         self.rundir.record(event)
+
+    def _record_for_step(self, kind: str, data: Mapping[str, Any]) -> None:
+        """An event a component records through its policy, about the topic and step in progress."""
+        self._record(self._current_topic or "", self._current_step or "", kind, {}, **data)
 
     def on_trainer_log(self, topic: str) -> Callable[[str, dict[str, float]], None]:
         def forward(step: str, logs: dict[str, float]) -> None:
@@ -491,7 +500,7 @@ class Engine:
             metrics: dict[str, float] = {}
             for component in self.recheck_evaluators:
                 try:
-                    raw = component.instance.evaluate(self.policy.language_model, target)
+                    raw = component.instance.evaluate(self.policy.language_model, self._scored(target))
                     metrics.update(prefix_metrics(component.name, raw, f"evaluator '{component.name}'"))
                 except Exception as exc:
                     error = self._record_error("recheck", topic, component, exc, target=target.name)
@@ -526,7 +535,34 @@ class Engine:
             ]
             for metric in metric_names
         }
-        return {"topics": names, "metrics": matrix}
+        retention = {metric: retention_scores(m) for metric, m in matrix.items()}
+        return {
+            "topics": names,
+            "metrics": matrix,
+            "acc": {metric: r["acc"] for metric, r in retention.items()},
+            "bwt": {metric: r["bwt"] for metric, r in retention.items()},
+        }
+
+    def _training_topic(self, step: Step, topic: Topic) -> Topic:
+        """What a training step of ``topic`` trains on: the topic, plus a sample of every earlier
+        topic's training items when ``replay`` asks for them (recorded as a ``replay`` event)."""
+        index = next(i for i, t in enumerate(self.plan.topics) if t.name == topic.name)
+        if index == 0 or not any(self.replay.values()):
+            return topic
+        mixed, chosen = replay_topic(
+            topic, self.plan.topics[:index], self.replay, int(self.plan.config.get("seed", 0)), step.name
+        )
+        if chosen:
+            counts = {name: float(len(items)) for name, items in chosen.items()}
+            self._record(topic.name, step.name, "replay", counts, items=chosen)
+        return mixed
+
+    def _scored(self, topic: Topic) -> Topic:
+        """What an evaluator scores ``topic`` on: with ``voice_set: person``, the voice pairs of
+        every topic of the run (a voice belongs to the person), else the topic's own."""
+        if self.voice_set == "person":
+            return with_person_voice(topic, self.plan.topics)
+        return topic
 
     def run_step(self, step: Step, topic: Topic, so_far: TopicResult) -> StepResult:
         kind = "train" if step.kind == "train" else "eval"
@@ -552,10 +588,10 @@ class Engine:
             metrics: dict[str, float] = {}
             for component in step.components:
                 if step.kind == "train":
-                    raw = component.instance.train(self.policy, topic)
+                    raw = component.instance.train(self.policy, self._training_topic(step, topic))
                     where = f"objective '{component.name}'"
                 else:
-                    raw = component.instance.evaluate(self.policy.language_model, topic)
+                    raw = component.instance.evaluate(self.policy.language_model, self._scored(topic))
                     where = f"evaluator '{component.name}'"
                 metrics.update(prefix_metrics(component.name, raw, where))
             if step.kind == "train":
@@ -693,13 +729,38 @@ class Engine:
         return summary
 
 
+def retention_scores(matrix: list[list[float | None]]) -> dict[str, float | None]:
+    """ACC and BWT of a forgetting matrix (``M[i][j]``: topic ``j`` right after topic ``i``).
+
+    ``acc``: the mean over the topics trained so far of their value now (the last row). ``bwt``
+    (backward transfer): the mean over the earlier topics of their value now minus their value
+    right after their own training (``M[last][j] - M[j][j]``); negative is forgetting, ``None``
+    before a second topic. Values not measured are left out of either mean.
+    """
+    if not matrix:
+        return {"acc": None, "bwt": None}
+    last = len(matrix) - 1
+    now = [value for value in matrix[last][: last + 1] if value is not None]
+    changes = [
+        matrix[last][j] - matrix[j][j]
+        for j in range(last)
+        if matrix[last][j] is not None and matrix[j][j] is not None
+    ]
+    return {
+        "acc": sum(now) / len(now) if now else None,
+        "bwt": sum(changes) / len(changes) if changes else None,
+    }
+
+
 def _evaluators(steps: list[Step]) -> list[Component]:
-    """The protocol's evaluators, each once (by name, in order of first use), as last configured."""
+    """The protocol's evaluators, each once (by name, in order of first use), as last configured;
+    an evaluator whose class sets ``recheck = False`` (slow ones, like ``style``) is left out."""
     found: dict[str, Component] = {}
     for step in steps:
         if step.kind == "evaluate":
             for component in step.components:
-                found[component.name] = component
+                if getattr(component.instance, "recheck", True):
+                    found[component.name] = component
     return list(found.values())
 
 

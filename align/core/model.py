@@ -680,11 +680,22 @@ class EnginePolicy:
         #: ``report_to: tensorboard``: each training step logs to ``<tensorboard_dir>/<topic>-<step>``.
         self.tensorboard_dir = Path(tensorboard_dir) if tensorboard_dir is not None else None
         self._topic = "topic"
+        self._recorder: Callable[[str, dict[str, Any]], None] | None = None
         self._language_model = HFLanguageModel(model, tokenizer, batch_size=eval_batch_size)
 
     @property
     def language_model(self) -> HFLanguageModel:
         return self._language_model
+
+    def set_recorder(self, recorder: Callable[[str, dict[str, Any]], None] | None) -> None:
+        """Where :meth:`record` sends events (the engine: the run's ``metrics.jsonl``)."""
+        self._recorder = recorder
+
+    def record(self, kind: str, **data: Any) -> None:
+        """Record an event of ``kind`` about the step in progress (e.g. answers an objective
+        generated), as the engine records its own."""
+        if self._recorder is not None:
+            self._recorder(kind, data)
 
     def set_log_target(
         self, on_log: Callable[[str, dict[str, float]], None] | None, topic: str | None = None

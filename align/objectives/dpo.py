@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from align import Policy, Topic, hookimpl, require
+from align import Policy, PreferencePair, Topic, hookimpl, require
 from align.core.training import (
     completion_tokens_only,
     conversation,
@@ -43,6 +43,10 @@ LOSS_TYPES = (
 )
 
 
+#: Where ``rejected`` answers come from (``rejected:``).
+REJECTED_SOURCES = ("given", "policy")
+
+
 @dataclass
 class DPOObjective:
     """Prefer each pair's ``chosen`` answer over its ``rejected`` one, relative to the reference.
@@ -62,6 +66,12 @@ class DPOObjective:
     max_length: int = 256
     lr_scheduler_type: str = "linear"
     precompute_ref_log_probs: bool = True
+    #: Where each pair's dispreferred answer comes from: ``given`` (the pair's ``rejected``) or
+    #: ``policy``: the model's own greedy answer to the prompt, generated right before the step
+    #: (on-policy, as in SPIN): the person's answer is preferred over what the model would say.
+    rejected: str = "given"
+    #: The longest answer generated for ``rejected: policy``, in tokens.
+    rejected_max_new_tokens: int = 64
 
     metrics = (
         "loss",
@@ -82,6 +92,16 @@ class DPOObjective:
         require(self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "must be >= 1")
         require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
         require(self.max_length >= 8, "max_length", f"must be >= 8 (got {self.max_length})")
+        require(
+            self.rejected in REJECTED_SOURCES,
+            "rejected",
+            f"expected one of {', '.join(REJECTED_SOURCES)}, got {self.rejected!r}",
+        )
+        require(
+            1 <= self.rejected_max_new_tokens <= 4096,
+            "rejected_max_new_tokens",
+            f"must be between 1 and 4096 (got {self.rejected_max_new_tokens})",
+        )
         losses = self.loss_types
         require(bool(losses), "loss_type", "needs at least one loss type")
         for loss in losses:
@@ -106,6 +126,8 @@ class DPOObjective:
     def train(self, policy: Policy, topic: Topic) -> dict[str, float]:
         from trl import DPOConfig, DPOTrainer
 
+        if self.rejected == "policy":
+            topic = on_policy_rejected(policy, topic, self.rejected_max_new_tokens)
         model = policy.model
         with reference_from_policy(model):
             args = DPOConfig(
@@ -167,6 +189,30 @@ def add_reference_logps(trainer: Any, batch_size: int) -> None:
         "ref_rejected_logps", rejected
     )
     trainer.precompute_ref_logps = True
+
+
+def on_policy_rejected(policy: Policy, topic: Topic, max_new_tokens: int) -> Topic:
+    """``topic`` with each preference pair's ``rejected`` answer replaced by the policy's own greedy
+    answer to its prompt, as the policy stands now; each answer is recorded (a ``generated`` event).
+
+    A prompt the model answers with nothing keeps its written ``rejected`` answer.
+    """
+    import dataclasses
+
+    pairs = topic.preference_pairs
+    answers = policy.language_model.generate([pair.prompt for pair in pairs], max_new_tokens=max_new_tokens)
+    new_pairs = tuple(
+        PreferencePair(pair.prompt, pair.chosen, answer.strip() or pair.rejected)
+        for pair, answer in zip(pairs, answers)
+    )
+    record = getattr(policy, "record", None)
+    if record is not None:
+        record(
+            "generated",
+            purpose="rejected",
+            answers=[{"prompt": p.prompt, "answer": p.rejected} for p in new_pairs],
+        )
+    return dataclasses.replace(topic, preference_pairs=new_pairs)
 
 
 def preference_dataset(topic: Topic, chat: bool) -> Any:

@@ -6,7 +6,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from align import Policy, Topic, hookimpl, require
+from align.core.cloze import clozes
 from align.core.training import train_and_summarise
+
+#: The values of ``answers``.
+ANSWERS = ("none", "chosen", "rejected")
 
 
 @dataclass
@@ -25,6 +29,12 @@ class SFTObjective:
     max_length: int = 256
     lr_scheduler_type: str = "linear"
     warmup_steps: float = 0
+    #: Also train on the answers of the topic's preference pairs, as chat turns answering their
+    #: prompts: ``none``, ``chosen`` (the person's answers) or ``rejected`` (the plain ones).
+    answers: str = "none"
+    #: Also train on this many cloze restatements of each passage (align/core/cloze.py): the
+    #: passage with a fact (a name, a number) blanked, as a question whose answer is the fact.
+    cloze: int = 0
 
     #: What this objective records; the engine names them ``sft.<key>``.
     metrics = ("loss", "first_loss", "final_loss", "steps")
@@ -38,6 +48,12 @@ class SFTObjective:
         require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
         require(self.max_length >= 8, "max_length", f"must be >= 8 (got {self.max_length})")
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0 (a step count, or a fraction below 1)")
+        require(
+            0 <= self.cloze <= 8, "cloze", f"must be between 0 and 8 clozes per passage (got {self.cloze})"
+        )
+        require(
+            self.answers in ANSWERS, "answers", f"expected one of {', '.join(ANSWERS)}, got {self.answers!r}"
+        )
 
     def train(self, policy: Policy, topic: Topic) -> dict[str, float]:
         from datasets import Dataset
@@ -56,11 +72,30 @@ class SFTObjective:
         trainer = SFTTrainer(
             model=policy.model,
             args=args,
-            train_dataset=Dataset.from_list([{"text": passage} for passage in topic.content]),
+            train_dataset=Dataset.from_list([{"text": text} for text in self.texts(policy, topic)]),
             processing_class=policy.tokenizer,
             callbacks=policy.trainer_callbacks("sft"),
         )
         return train_and_summarise(trainer, {})
+
+    def texts(self, policy: Policy, topic: Topic) -> list[str]:
+        """What SFT trains on: the passages, then as chat turns their clozes (``cloze``) and the
+        pairs' answers (``answers``)."""
+        texts = list(topic.content)
+        turns = [(f"Fill in the blank: {text}", fact) for text, fact in clozes(topic.content, self.cloze)]
+        if self.answers != "none":
+            turns += [
+                (pair.prompt, pair.chosen if self.answers == "chosen" else pair.rejected)
+                for pair in topic.preference_pairs
+            ]
+        tokenizer = policy.tokenizer
+        for prompt, answer in turns:
+            if tokenizer.chat_template:
+                messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+                texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+            else:
+                texts.append(f"{prompt}\n{answer}")
+        return texts
 
 
 @hookimpl

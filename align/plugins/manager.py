@@ -28,6 +28,7 @@ DEFAULT_PLUGINS = (
     "align.objectives.kto",
     "align.evaluators.quiz",
     "align.evaluators.voice",
+    "align.evaluators.style",
     "align.gates.threshold",
 )
 

@@ -84,6 +84,9 @@ def test_the_forgetting_matrix_holds_each_topic_after_every_later_one(tmp_path):
                 [0.125, 0.25, 0.375],
             ],
         },
+        # ACC: the last row's mean; BWT: the earlier topics' mean change since their own training.
+        "acc": {"quiz.accuracy": 0.5, "voice.score": 0.25},
+        "bwt": {"quiz.accuracy": -0.375, "voice.score": -0.1875},
     }
     assert summary["topics"][2]["recheck"] == {
         "t1": {"quiz.accuracy": 0.25, "voice.score": 0.125},
@@ -142,6 +145,8 @@ def test_a_single_topic_has_a_one_cell_matrix(tmp_path):
     assert summary["forgetting"] == {
         "topics": ["t1"],
         "metrics": {"quiz.accuracy": [[0.75]], "voice.score": [[0.375]]},
+        "acc": {"quiz.accuracy": 0.75, "voice.score": 0.375},
+        "bwt": {"quiz.accuracy": None, "voice.score": None},
     }
 
 

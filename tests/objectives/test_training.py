@@ -250,3 +250,38 @@ def test_prompts_run_their_shared_start_once(policy, monkeypatch):
     assert shared == pytest.approx(unshared, abs=1e-4)
     # The shared start (at least MIN_SHARED_PREFIX tokens) ran once instead of once per prompt.
     assert shared_tokens <= unshared_tokens - (len(prompts) - 1) * least
+
+
+def test_rejected_policy_trains_against_the_policy_s_own_answers_and_records_them(policy):
+    events = []
+    policy.set_recorder(lambda kind, data: events.append((kind, data)))
+    own = policy.language_model.generate([pair.prompt for pair in TOPIC.preference_pairs], max_new_tokens=8)
+    metrics = DPOObjective(
+        max_steps=1, per_device_train_batch_size=2, rejected="policy", rejected_max_new_tokens=8
+    ).train(policy, TOPIC)
+    assert metrics["steps"] == 1
+    [(kind, data)] = events
+    assert kind == "generated" and data["purpose"] == "rejected"
+    # Greedy answers of the policy as it stood before the step, one per pair, in order.
+    assert [a["answer"] for a in data["answers"]] == [
+        text or pair.rejected for text, pair in zip(own, TOPIC.preference_pairs)
+    ]
+    assert [a["prompt"] for a in data["answers"]] == [pair.prompt for pair in TOPIC.preference_pairs]
+
+
+def test_rejected_must_be_given_or_policy():
+    from align.core.params import ParamError
+
+    with pytest.raises(ParamError, match="rejected"):
+        DPOObjective(rejected="model")
+
+
+@pytest.mark.parametrize("answers", ["chosen", "rejected"])
+def test_sft_answers_adds_each_pair_s_answer_as_a_chat_turn_after_the_passages(policy, answers):
+    texts = SFTObjective(answers=answers).texts(policy, TOPIC)
+    assert texts[:2] == list(TOPIC.content)
+    assert len(texts) == 2 + len(TOPIC.preference_pairs)
+    for text, pair in zip(texts[2:], TOPIC.preference_pairs):
+        assert pair.prompt in text and getattr(pair, answers) in text
+        assert "<|im_start|>assistant" in text  # the tiny tokenizer's chat template
+    assert SFTObjective().texts(policy, TOPIC) == list(TOPIC.content)

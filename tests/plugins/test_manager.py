@@ -11,7 +11,7 @@ from tests.conftest import make_distribution
 def test_builtins_are_registered_through_the_hooks(plugins):
     registry = plugins.registry
     assert registry.names("objective") == ["dpo", "kto", "sft"]
-    assert registry.names("evaluator") == ["quiz", "voice"]
+    assert registry.names("evaluator") == ["quiz", "style", "voice"]
     assert registry.names("gate") == ["threshold"]
     assert registry.get("evaluator", "quiz").plugin == "align.evaluators.quiz"
     registered = {name for name, _ in plugins.manager.list_name_plugin()}

@@ -1,0 +1,117 @@
+"""Cloze restatements of passages: a passage with one of its facts blanked out, and the fact.
+
+A fact stated once is memorised but hard to retrieve as an answer: a model trained on
+"Ilse's boat was called the Grey Wren" has seen "Grey Wren" continue a sentence, never answer a
+question. Rewording each fact as a question helps a model answer it later (Physics of Language
+Models, part 3.1: rephrasing beats repetition), and the cheapest rewording that needs no other
+model is a cloze: the passage with its fact replaced by a blank, answered by the fact. The blanks
+are the spans that carry facts: numbers, names (runs of capitalised words), quoted words; among
+them, the ones rarest in the passages around it, so a name every passage repeats (the person's
+own) is not the one blanked.
+
+Clozes are made from passages only, never from quiz items.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+
+BLANK = "____"
+_QUOTED = re.compile(r"[\"“]([^\"”]{2,60})[\"”]")
+_NUMBER = re.compile(r"(?<![\w.])\d(?:[\d,]*\d)?(?:\.\d+)?(?![\w])")
+_CONNECTOR = r"(?:of|the|de|van|von|and)"
+_NAME = re.compile(rf"\b[A-Z][\w’'-]*(?:\s+(?:{_CONNECTOR}\s+)?[A-Z][\w’'-]*)*")
+_POSSESSIVE = re.compile(r"['’]s$")
+#: Capitalised words that open a sentence or a phrase without being part of a name.
+_FUNCTION_WORDS = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "when",
+        "in",
+        "at",
+        "as",
+        "it",
+        "on",
+        "after",
+        "before",
+        "during",
+        "while",
+        "by",
+        "for",
+        "from",
+        "with",
+        "her",
+        "his",
+        "their",
+        "its",
+        "my",
+        "our",
+        "your",
+        "each",
+        "every",
+        "this",
+        "that",
+        "these",
+        "those",
+        "then",
+        "once",
+        "since",
+        "until",
+        "if",
+        "so",
+        "but",
+        "and",
+        "or",
+        "of",
+        "to",
+    ]
+)
+
+
+def _strip_function_words(span: str) -> str:
+    words = span.split()
+    while words and words[0].lower() in _FUNCTION_WORDS:
+        words.pop(0)
+    return " ".join(words)
+
+
+def fact_spans(passage: str) -> list[str]:
+    """The spans of ``passage`` that may carry a fact, in order of appearance (duplicates dropped):
+    quoted words, numbers, and names (a possessive ``'s`` left out)."""
+    found: list[tuple[int, str]] = []
+    for match in _QUOTED.finditer(passage):
+        found.append((match.start(1), match.group(1)))
+    for match in _NUMBER.finditer(passage):
+        found.append((match.start(), match.group()))
+    for match in _NAME.finditer(passage):
+        span = _strip_function_words(_POSSESSIVE.sub("", match.group()))
+        if span:
+            found.append((match.start(), span))
+    spans: list[str] = []
+    for _, span in sorted(found):
+        if len(span) >= 2 and span not in spans and not any(span in other for other in spans):
+            spans.append(span)
+    return spans
+
+
+def clozes(passages: Sequence[str], per_passage: int = 1) -> list[tuple[str, str]]:
+    """Up to ``per_passage`` clozes of each passage: ``(passage with the span blanked, span)``.
+
+    The spans blanked are those that occur in the fewest of ``passages`` (ties: the later in the
+    passage, where sentences tend to put what is new); a span in more than half of the passages
+    (the person's name) is never blanked, and a passage with no other span gives none.
+    """
+    spans = [fact_spans(passage) for passage in passages]
+    frequency: Counter[str] = Counter(span for found in spans for span in set(found))
+    common = max(2, len(passages) / 2)
+    made = []
+    for passage, found in zip(passages, spans):
+        candidates = [(i, span) for i, span in enumerate(found) if frequency[span] <= common]
+        ranked = sorted(candidates, key=lambda item: (frequency[item[1]], -item[0]))
+        for _, span in ranked[:per_passage]:
+            made.append((passage.replace(span, BLANK, 1), span))
+    return made

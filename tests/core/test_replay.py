@@ -1,0 +1,137 @@
+"""Replay, the person-level voice set, and ACC/BWT: the mechanics of learning that holds."""
+
+import json
+
+import pytest
+
+from align.core.engine import retention_scores
+from align.core.replay import replay_counts, replay_topic, with_person_voice
+from align.errors import ConfigError
+from align.testing import StubEvaluator, StubObjective, StubPlugin, make_topic, run_protocol
+
+
+def topic(name, passages, pairs=1):
+    return make_topic(
+        name=name,
+        content=[f"{name} passage {i}." for i in range(passages)],
+        preference_pairs=[
+            {"prompt": f"{name} q{i}?", "chosen": f"{name} yes {i}", "rejected": f"{name} no {i}"}
+            for i in range(pairs)
+        ],
+        voice_pairs=[{"prompt": f"{name} v?", "chosen": f"{name} mine", "rejected": f"{name} plain"}],
+    )
+
+
+TOPICS = [topic("t1", 4, 2), topic("t2", 4, 2), topic("t3", 2, 2)]
+
+
+def test_replay_counts_are_a_multiple_of_the_topic_s_own_items_bounded_by_the_pool():
+    assert replay_counts(own=4, pool=10, fraction=0.5) == 2
+    assert replay_counts(own=4, pool=3, fraction=1.0) == 3
+    assert replay_counts(own=4, pool=10, fraction=0.0) == 0
+    assert replay_counts(own=4, pool=0, fraction=1.0) == 0
+    assert replay_counts(own=1, pool=10, fraction=0.1) == 1  # any replay replays at least one item
+
+
+def test_replay_appends_a_seeded_sample_of_earlier_items_to_the_topic_s_own():
+    mixed, chosen = replay_topic(TOPICS[2], TOPICS[:2], {"content": 1.0, "preference_pairs": 0.5}, seed=3)
+    assert mixed.content[:2] == TOPICS[2].content  # its own passages first, all of them
+    replayed = mixed.content[2:]
+    assert len(replayed) == 2 and len(chosen["content"]) == 2
+    earlier = {(t.name, i): passage for t in TOPICS[:2] for i, passage in enumerate(t.content)}
+    assert replayed == tuple(earlier[tuple(item)] for item in chosen["content"])
+    assert len(mixed.preference_pairs) == 3 and len(chosen["preference_pairs"]) == 1
+    assert mixed.quiz == TOPICS[2].quiz and mixed.voice_pairs == TOPICS[2].voice_pairs  # never replayed
+    again, _ = replay_topic(TOPICS[2], TOPICS[:2], {"content": 1.0, "preference_pairs": 0.5}, seed=3)
+    assert again == mixed
+    samples = {
+        replay_topic(TOPICS[2], TOPICS[:2], {"content": 1.0}, seed=seed)[0].content for seed in range(8)
+    }
+    assert len(samples) > 1  # the seed draws the sample
+
+
+def test_replay_of_nothing_leaves_the_topic_as_it_is():
+    assert replay_topic(TOPICS[1], TOPICS[:1], {"content": 0.0}, seed=0) == (TOPICS[1], {})
+    assert replay_topic(TOPICS[0], [], {"content": 1.0}, seed=0) == (TOPICS[0], {})
+
+
+def test_the_person_voice_set_is_every_topic_s_voice_pairs():
+    pooled = with_person_voice(TOPICS[1], TOPICS)
+    assert [p.prompt for p in pooled.voice_pairs] == ["t1 v?", "t2 v?", "t3 v?"]
+    assert pooled.content == TOPICS[1].content
+
+
+def trained_on(**config):
+    seen = []
+    plugin = StubPlugin(
+        objectives={"sft": StubObjective(effect=lambda policy, t: seen.append(t))},
+        evaluators={"quiz": StubEvaluator(lambda model, t: {"accuracy": len(t.voice_pairs) / 10})},
+    )
+    protocol = [{"name": "sft", "train": "sft"}, {"name": "after", "evaluate": ["quiz"]}]
+    result = run_protocol(protocol, TOPICS, plugins=[plugin], builtins=False, config=config)
+    return seen, result
+
+
+def test_the_engine_replays_earlier_topics_into_training_and_records_what():
+    seen, result = trained_on(replay={"content": 1.0})
+    assert [len(t.content) for t in seen] == [4, 8, 4]  # t2: 4 of t1's 4; t3: 2 of the 8 earlier
+    events = [e for e in result.events if e["kind"] == "replay"]
+    assert [(e["topic"], e["step"], e["metrics"]) for e in events] == [
+        ("t2", "sft", {"content": 4.0}),
+        ("t3", "sft", {"content": 2.0}),
+    ]
+    assert all(name == "t1" for name, _ in events[0]["items"]["content"])
+    assert sorted(json.loads(json.dumps(events[0]["items"]["content"]))) == [["t1", i] for i in range(4)]
+
+
+def test_no_replay_by_default_trains_each_topic_on_its_own_items():
+    seen, result = trained_on()
+    assert [t.content for t in seen] == [t.content for t in TOPICS]
+    assert not [e for e in result.events if e["kind"] == "replay"]
+
+
+@pytest.mark.parametrize(("voice_set", "pairs"), [("person", 3), ("topic", 1)])
+def test_evaluators_score_the_person_s_voice_pairs_or_the_topic_s(voice_set, pairs):
+    _, result = trained_on(voice_set=voice_set)
+    assert result.metrics("t2", "after")["quiz.accuracy"] == pytest.approx(pairs / 10)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"replay": {"content": -1}}, "replay.content: must be between 0"),
+        ({"replay": {"content": float("nan")}}, "replay.content: must be between 0"),
+        ({"replay": {"contents": 1}}, "unknown key 'replay.contents'"),
+        ({"voice_set": "everyone"}, "voice_set: expected one of person, topic"),
+    ],
+)
+def test_bad_replay_and_voice_set_values_are_config_errors(config, message):
+    with pytest.raises(ConfigError, match=message):
+        trained_on(**config)
+
+
+def test_acc_is_the_mean_of_the_last_row_and_bwt_the_mean_change_of_earlier_topics():
+    matrix = [[0.8, None, None], [0.6, 1.0, None], [0.4, 0.9, 0.7]]
+    scores = retention_scores(matrix)
+    assert scores["acc"] == pytest.approx((0.4 + 0.9 + 0.7) / 3)
+    assert scores["bwt"] == pytest.approx(((0.4 - 0.8) + (0.9 - 1.0)) / 2)
+    assert retention_scores([[0.5]]) == {"acc": 0.5, "bwt": None}
+    assert retention_scores([]) == {"acc": None, "bwt": None}
+
+
+def test_the_summary_carries_acc_and_bwt_per_recheck_metric():
+    state = {"t1": 0.0, "t2": 0.0, "t3": 0.0}
+
+    def learn(policy, t):
+        for name in state:
+            state[name] = max(0.0, state[name] - 0.25)
+        state[t.name] = 1.0
+
+    plugin = StubPlugin(
+        objectives={"sft": StubObjective(effect=learn)},
+        evaluators={"quiz": StubEvaluator(lambda model, t: {"accuracy": state[t.name]})},
+    )
+    protocol = [{"name": "sft", "train": "sft"}, {"name": "after", "evaluate": ["quiz"]}]
+    summary = run_protocol(protocol, TOPICS, plugins=[plugin], builtins=False).summary
+    assert summary["forgetting"]["acc"]["quiz.accuracy"] == pytest.approx((0.5 + 0.75 + 1.0) / 3)
+    assert summary["forgetting"]["bwt"]["quiz.accuracy"] == pytest.approx((-0.5 - 0.25) / 2)
