@@ -91,6 +91,12 @@ def load_policy(plan: Plan, scratch_dir: Path, tensorboard_dir: Path | None = No
         device_map=model_cfg.get("device_map"),
     )
     logger.info("model loaded in %.1fs", time.perf_counter() - started)
+    # Loading may draw random numbers (the first use of the default model converts it, building a
+    # model from its config), so the adapter's initial weights come from a seed set here: the
+    # same seed gives the same adapter, whether or not this run converted the model.
+    from transformers import set_seed
+
+    set_seed(plan.config["seed"])
     peft_model = attach_adapter(
         model,
         rank=lora["rank"],
