@@ -625,6 +625,18 @@ def _(c):
     return ["run", "--resume", str(run)]
 
 
+@case("resume-link-out-of-run")
+def _(c):
+    run = c.tmp / "run"
+    config = {"model": {"path": str(c.model())}, "output": str(run)}
+    c.write("run/config.yaml", yaml.safe_dump(config))
+    c.write("run/topics.json", json.dumps([make_topic(name="alpha").to_dict()]))
+    c.write("run/metrics.jsonl", "")
+    c.write("elsewhere/alpha/adapter_model.safetensors", b"another directory's files")
+    (run / "adapters").symlink_to(c.tmp / "elsewhere")
+    return ["run", "--resume", str(run)]
+
+
 # -- the test -----------------------------------------------------------------------------------
 def catalogue() -> dict[str, tuple[str, int]]:
     """``docs/errors.md``'s rows: case id → (message, exit code)."""

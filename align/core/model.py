@@ -854,6 +854,11 @@ class EnginePolicy:
                 staging, selected_adapters=["default"], safe_serialization=True, state_dict=state
             )
             # PEFT nests non-default adapters in sub-folders; "default" lands at the top level.
+            if directory.is_symlink():  # never delete what a link leads to
+                raise ModelError(
+                    f"{directory}: a link to {directory.resolve()}, which align will not delete through; "
+                    "replace the link with the directory itself, then resume"
+                )
             if directory.exists():
                 shutil.rmtree(directory)
             os.replace(staging, directory)

@@ -109,6 +109,24 @@ class RunDir:
                 "choose another --output or fix the permissions"
             )
 
+    def check_no_links_out(self) -> None:
+        """Refuse a run directory holding a link that leads outside it (``adapters`` linked to
+        another directory, say): a resumed run rewrites and deletes files under its directory, and
+        must never do so in a directory it does not own."""
+        root = self.path.resolve()
+        for parent, dirs, files in os.walk(self.path):
+            for name in sorted(dirs + files):
+                entry = Path(parent) / name
+                if not entry.is_symlink():
+                    continue
+                target = entry.resolve()
+                if target != root and root not in target.parents:
+                    raise AlignError(
+                        f"{entry}: a link to {target}, outside the run directory, which align will not "
+                        "write or delete through; replace the link with the directory or file itself, "
+                        "then resume"
+                    )
+
     def create(self, config_yaml: str, topics: list[dict[str, Any]] | None = None) -> None:
         """Start a new run: the recorded config and (for ``--resume``) the topics it trains on."""
         if not self.writer:

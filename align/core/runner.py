@@ -152,6 +152,8 @@ def execute(
     distributed.setup()
     rundir = RunDir(output_dir(plan))
     checkpoints = Checkpoints(rundir.checkpoint_dir, policy)
+    if resume:
+        rundir.check_no_links_out()
     state = checkpoints.read_state() if resume else None
     if not resume:
         rundir.check_writable()

@@ -238,3 +238,34 @@ def test_a_full_disk_mid_run_stops_with_a_resume_hint_and_resume_finishes_the_ru
     resumed, state = run(tmp_path, resume=True)
     assert metrics_by_step(resumed) == metrics_by_step(expected)
     assert state == expected_state
+
+
+@pytest.mark.parametrize("linked", ["adapters", "checkpoint", "metrics.jsonl", "adapters/t1"])
+def test_resume_refuses_a_link_out_of_the_run_and_leaves_its_target_alone(tmp_path, linked):
+    with pytest.raises(RunStopped):
+        run(tmp_path, fail=("t2", "sft"))
+    # Someone moved part of the run elsewhere and linked it back: resume must not rewrite, cut or
+    # delete anything there (it used to rmtree an adapter directory through the link).
+    elsewhere = tmp_path / "elsewhere"
+    (tmp_path / "run" / linked).rename(elsewhere)
+    (tmp_path / "run" / linked).symlink_to(elsewhere)
+    before = {p: p.read_bytes() for p in [elsewhere, *elsewhere.rglob("*")] if p.is_file()}
+    with pytest.raises(AlignError, match="outside the run directory, which align will not write or delete"):
+        run(tmp_path, resume=True)
+    assert {p: p.read_bytes() for p in [elsewhere, *elsewhere.rglob("*")] if p.is_file()} == before
+
+
+def test_saving_an_adapter_never_deletes_through_a_link(tmp_path, tiny_model_dir):
+    from align.core.model import EnginePolicy, attach_adapter, load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    peft_model = attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=["q_proj"])
+    policy = EnginePolicy(peft_model, tokenizer, seed=0, scratch_dir=tmp_path / "scratch")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep.txt").write_text("not align's")
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / "adapters" / "t1").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(AlignError, match="which align will not delete through"):
+        policy.save_adapter(tmp_path / "adapters" / "t1")
+    assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "not align's"
+    assert not [p for p in (tmp_path / "adapters").iterdir() if p.name.startswith(".")]  # no staging left
