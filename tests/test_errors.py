@@ -637,6 +637,30 @@ def _(c):
     return ["run", "--resume", str(run)]
 
 
+@case("resume-lora-rank-changed")
+def _(c):
+    from align.core.config import DEFAULT_PROTOCOL, DEFAULT_TARGET_MODULES
+
+    run = c.tmp / "run"
+    model = str(c.model())
+    config = {"model": {"path": model}, "lora": {"rank": 2}, "output": str(run)}
+    c.write("run/config.yaml", yaml.safe_dump(config))  # edited from rank 1 after the run stopped
+    c.write("run/topics.json", json.dumps([make_topic(name="alpha").to_dict()]))
+    c.write("run/metrics.jsonl", "")
+    settings = {
+        "model.path": model,
+        "model.quantization": "none",
+        "lora.rank": 1,
+        "lora.alpha": 1.0,
+        "lora.dropout": 0.0,
+        "lora.target_modules": DEFAULT_TARGET_MODULES,
+        "protocol": [step["name"] for step in DEFAULT_PROTOCOL],
+    }
+    state = {"format": 1, "sequence": 3, "status": "failed", "settings": settings}
+    c.write("run/checkpoint/state.json", json.dumps(state))
+    return ["run", "--resume", str(run)]
+
+
 # -- the test -----------------------------------------------------------------------------------
 def catalogue() -> dict[str, tuple[str, int]]:
     """``docs/errors.md``'s rows: case id → (message, exit code)."""

@@ -24,7 +24,7 @@ from typing import Any
 from align.core import distributed
 from align.core.rundir import atomic_write_text
 from align.core.topics import Topic
-from align.errors import AlignError
+from align.errors import AlignError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,56 @@ def topics_digest(topics: Sequence[Topic]) -> str:
     """A fingerprint of the topics' content: a resumed run must train on what the run started with."""
     text = json.dumps([topic.to_dict() for topic in topics], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+#: The settings a checkpoint depends on: the base model and the adapter's shape (a rank-1 adapter
+#: read into rank 2 is broadcast, not trained), and the protocol's steps (the position it records).
+#: A resume with any of them changed is refused; the learning rates and other params may change.
+CHECKPOINT_SETTINGS = (
+    "model.path",
+    "model.quantization",
+    "lora.rank",
+    "lora.alpha",
+    "lora.dropout",
+    "lora.target_modules",
+    "protocol",
+)
+
+
+def checkpoint_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of :data:`CHECKPOINT_SETTINGS` in a resolved config, as ``state.json`` holds them
+    (``protocol``: the step names)."""
+    settings: dict[str, Any] = {}
+    for key in CHECKPOINT_SETTINGS:
+        section, _, name = key.partition(".")
+        value = config.get(section)
+        if name:
+            value = value.get(name) if isinstance(value, Mapping) else None
+        elif key == "protocol":
+            value = [step.get("name") for step in value or ()]
+        settings[key] = json.loads(json.dumps(value))  # as read back from state.json
+    return settings
+
+
+def check_settings(state: Mapping[str, Any], config: Mapping[str, Any], source: str | Path) -> None:
+    """Refuse to resume from ``state`` with a config whose :data:`CHECKPOINT_SETTINGS` differ from
+    those the checkpoint was made with (a checkpoint of an older align records none)."""
+    recorded = state.get("settings")
+    if not isinstance(recorded, Mapping):
+        return
+    for key, value in checkpoint_settings(config).items():
+        if key in recorded and recorded[key] != value:
+            was = _show(recorded[key])
+            raise ConfigError(
+                f"{source}: {key}: is {_show(value)}, but the run's checkpoint was made with {was}, "
+                f"which its adapter and position depend on; set it back to {was} to resume, or start a new run"
+            )
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(str(item) for item in value) + "]"
+    return str(value)
 
 
 @dataclass

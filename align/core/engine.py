@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from align.core import distributed
-from align.core.checkpoint import Checkpoint, Checkpoints, topics_digest
+from align.core.checkpoint import Checkpoint, Checkpoints, checkpoint_settings, topics_digest
 from align.core.components import GateDecision
 from align.core.plan import Component, Plan, Step
 from align.core.replay import replay_topic, with_person_voice
@@ -221,6 +221,7 @@ class Engine:
         self._guarded = {step.rollback.step for step in plan.steps if step.rollback is not None}
         self._snapshots: dict[str, tuple[Any, dict[str, float]]] = {}
         self._digest = topics_digest(plan.topics)
+        self._settings = checkpoint_settings(plan.config)
         self._checkpoints = (
             Checkpoints(rundir.checkpoint_dir, policy) if hasattr(policy, "save_snapshot") else None
         )
@@ -349,6 +350,7 @@ class Engine:
             "step_index": step_index,
             "next": self._describe_position(topic_index, step_index),
             "topics": self._digest,
+            "settings": self._settings,
             "results": [r.as_dict() for r in self.results],
             "current": self._in_progress.as_dict() if self._in_progress is not None else None,
             "metrics_offset": self.rundir.metrics_offset(),

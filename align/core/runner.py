@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from align.core import distributed
-from align.core.checkpoint import Checkpoints
+from align.core.checkpoint import Checkpoints, check_settings
 from align.core.config import dump_config
 from align.core.engine import Engine, Reporter
 from align.core.plan import Plan
@@ -155,6 +155,8 @@ def execute(
     if resume:
         rundir.check_no_links_out()
     state = checkpoints.read_state() if resume else None
+    if state is not None:
+        check_settings(state, plan.config, rundir.path / "config.yaml")
     if not resume:
         rundir.check_writable()
     distributed.barrier()  # every process has seen the directory as it was before the main one writes

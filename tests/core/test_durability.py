@@ -1,6 +1,7 @@
 """Failed steps, non-finite training, checkpoints, resume and the run-directory lock, with stubs."""
 
 import json
+import re
 
 import pytest
 
@@ -8,7 +9,7 @@ from align import hookimpl
 from align.core.plan import resolve_plan
 from align.core.rundir import RunDir
 from align.core.runner import execute
-from align.errors import AlignError, RunStopped
+from align.errors import AlignError, ConfigError, RunStopped
 from align.testing import PluginHarness, StubEvaluator, StubObjective, StubPlugin, StubPolicy, make_topic
 
 PROTOCOL = [
@@ -269,3 +270,35 @@ def test_saving_an_adapter_never_deletes_through_a_link(tmp_path, tiny_model_dir
         policy.save_adapter(tmp_path / "adapters" / "t1")
     assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "not align's"
     assert not [p for p in (tmp_path / "adapters").iterdir() if p.name.startswith(".")]  # no staging left
+
+
+@pytest.mark.parametrize(
+    ("key", "change", "message"),
+    [
+        ("lora.rank", {"lora": {"rank": 2}}, "lora.rank: is 2, but the run's checkpoint was made with 1"),
+        (
+            "lora.target_modules",
+            {"lora": {"target_modules": ["q_proj"]}},
+            "lora.target_modules: is [q_proj], but the run's checkpoint was made with [o_proj, v_proj, up_proj, down_proj]",
+        ),
+        (
+            "lora.alpha",
+            {"lora": {"alpha": 32}},
+            "lora.alpha: is 32.0, but the run's checkpoint was made with 1.0",
+        ),
+        ("model.path", {"model": {"path": "other/model"}}, "model.path: is other/model, but"),
+        ("protocol", {"protocol": PROTOCOL[:3]}, "protocol: is [before, sft, after_sft], but"),
+    ],
+)
+def test_resume_refuses_a_config_whose_adapter_settings_changed(tmp_path, key, change, message):
+    with pytest.raises(RunStopped):
+        run(tmp_path, fail=("t2", "sft"))
+    harness = harness_for({})
+    config = {"protocol": PROTOCOL, "output": str(tmp_path / "run"), **change}
+    plan = resolve_plan(config, "<test>", harness.registry, topics=TOPICS)
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'run' / 'config.yaml'}: {message}")):
+        execute(plan, policy=StubPolicy(), hooks=harness.manager, resume=True)
+    # Other settings may change (a learning rate is the fix a non-finite step advises).
+    config = {"protocol": PROTOCOL, "output": str(tmp_path / "run"), "on_error": "skip"}
+    plan = resolve_plan(config, "<test>", harness.registry, topics=TOPICS)
+    execute(plan, policy=StubPolicy(), hooks=harness.manager, resume=True)
