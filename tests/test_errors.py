@@ -661,6 +661,23 @@ def _(c):
     return ["run", "--resume", str(run)]
 
 
+@case("resume-adapter-not-finite")
+def _(c):
+    import torch
+    from safetensors.torch import save_file
+
+    run = c.tmp / "run"
+    c.write("run/config.yaml", yaml.safe_dump({"model": {"path": str(c.model())}, "output": str(run)}))
+    c.write("run/topics.json", json.dumps([make_topic(name="alpha").to_dict()]))
+    c.write("run/metrics.jsonl", "")
+    state = {"format": 1, "sequence": 1, "status": "failed", "metrics_offset": 0}
+    state.update(adapter="adapter-000001.safetensors", snapshots={})
+    c.write("run/checkpoint/state.json", json.dumps(state))
+    name = "base_model.model.model.layers.0.self_attn.o_proj.lora_A.default.weight"
+    save_file({name: torch.full((1, 32), float("nan"))}, str(run / "checkpoint" / state["adapter"]))
+    return ["run", "--resume", str(run)]
+
+
 # -- the test -----------------------------------------------------------------------------------
 def catalogue() -> dict[str, tuple[str, int]]:
     """``docs/errors.md``'s rows: case id → (message, exit code)."""

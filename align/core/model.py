@@ -826,10 +826,31 @@ class EnginePolicy:
         return target
 
     def load_snapshot(self, path: Path) -> dict[str, Any]:
+        """Read a :meth:`save_snapshot` file back, refusing one that does not fit this adapter
+        (another rank or set of modules) or holds NaN or infinite values: restored as it is, it
+        would be trained on and saved as if nothing were wrong."""
+        import torch
         from safetensors.torch import load_file
 
         device = next(self.model.parameters()).device
-        return load_file(str(path), device=str(device))
+        state = load_file(str(path), device=str(device))
+        expected = {name: list(param.shape) for name, param in self._adapter_parameters().items()}
+        damaged = "the checkpoint is damaged, so the run cannot be resumed: start a new run"
+        for name, tensor in sorted(state.items()):
+            if name not in expected:
+                raise ModelError(f"{path}: {name}: not a weight of this run's adapter; {damaged}")
+            if list(tensor.shape) != expected[name]:
+                raise ModelError(
+                    f"{path}: {name}: shape {list(tensor.shape)}, but this run's adapter has "
+                    f"{expected[name]}; {damaged}"
+                )
+            if not bool(torch.isfinite(tensor).all()):
+                raise ModelError(f"{path}: {name}: holds NaN or infinite values; {damaged}")
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ModelError(f"{path}: lacks the adapter weight {missing[0]}{more}; {damaged}")
+        return state
 
     def reseed(self, offset: int) -> None:
         """Seed every generator with ``seed + offset``: the engine does this before each step, so a

@@ -256,12 +256,17 @@ def test_resume_refuses_a_link_out_of_the_run_and_leaves_its_target_alone(tmp_pa
     assert {p: p.read_bytes() for p in [elsewhere, *elsewhere.rglob("*")] if p.is_file()} == before
 
 
-def test_saving_an_adapter_never_deletes_through_a_link(tmp_path, tiny_model_dir):
+def tiny_policy(tmp_path, tiny_model_dir, rank=1, target_modules=("q_proj",)):
+    """The engine's real policy on the tiny model."""
     from align.core.model import EnginePolicy, attach_adapter, load_model
 
     model, tokenizer = load_model(str(tiny_model_dir))
-    peft_model = attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=["q_proj"])
-    policy = EnginePolicy(peft_model, tokenizer, seed=0, scratch_dir=tmp_path / "scratch")
+    peft_model = attach_adapter(model, rank=rank, alpha=1.0, dropout=0.0, target_modules=list(target_modules))
+    return EnginePolicy(peft_model, tokenizer, seed=0, scratch_dir=tmp_path / "scratch")
+
+
+def test_saving_an_adapter_never_deletes_through_a_link(tmp_path, tiny_model_dir):
+    policy = tiny_policy(tmp_path, tiny_model_dir)
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "keep.txt").write_text("not align's")
     (tmp_path / "adapters").mkdir()
@@ -302,3 +307,27 @@ def test_resume_refuses_a_config_whose_adapter_settings_changed(tmp_path, key, c
     config = {"protocol": PROTOCOL, "output": str(tmp_path / "run"), "on_error": "skip"}
     plan = resolve_plan(config, "<test>", harness.registry, topics=TOPICS)
     execute(plan, policy=StubPolicy(), hooks=harness.manager, resume=True)
+
+
+def test_a_checkpoint_adapter_that_does_not_fit_or_is_not_finite_is_refused(tmp_path, tiny_model_dir):
+    import torch
+
+    policy = tiny_policy(tmp_path, tiny_model_dir)
+    good = policy.snapshot()
+    assert policy.load_snapshot(policy.save_snapshot(good, tmp_path / "good")).keys() == good.keys()
+    nan = {name: torch.full_like(tensor, float("nan")) for name, tensor in good.items()}  # header intact
+    with pytest.raises(
+        AlignError, match=r"lora_A.default.weight: holds NaN or infinite values; the checkpoint is damaged"
+    ):
+        policy.load_snapshot(policy.save_snapshot(nan, tmp_path / "nan"))
+    rank_two = tiny_policy(tmp_path, tiny_model_dir, rank=2).snapshot()
+    with pytest.raises(
+        AlignError, match=r"lora_A.default.weight: shape \[2, 32\], but this run's adapter has \[1, 32\]"
+    ):
+        policy.load_snapshot(policy.save_snapshot(rank_two, tmp_path / "rank-two"))
+    other_modules = tiny_policy(tmp_path, tiny_model_dir, target_modules=["v_proj"]).snapshot()
+    with pytest.raises(AlignError, match=r"v_proj.lora_A.default.weight: not a weight of this run's adapter"):
+        policy.load_snapshot(policy.save_snapshot(other_modules, tmp_path / "other"))
+    some = dict(list(good.items())[1:])
+    with pytest.raises(AlignError, match=r": lacks the adapter weight .*q_proj.lora_A.default.weight"):
+        policy.load_snapshot(policy.save_snapshot(some, tmp_path / "some"))
