@@ -657,6 +657,7 @@ def _(c):
         "protocol": [step["name"] for step in DEFAULT_PROTOCOL],
     }
     state = {"format": 1, "sequence": 3, "status": "failed", "settings": settings}
+    state.update(adapter="adapter-000003.safetensors", snapshots={})
     c.write("run/checkpoint/state.json", json.dumps(state))
     return ["run", "--resume", str(run)]
 
@@ -675,6 +676,18 @@ def _(c):
     c.write("run/checkpoint/state.json", json.dumps(state))
     name = "base_model.model.model.layers.0.self_attn.o_proj.lora_A.default.weight"
     save_file({name: torch.full((1, 32), float("nan"))}, str(run / "checkpoint" / state["adapter"]))
+    return ["run", "--resume", str(run)]
+
+
+@case("resume-state-names-a-file-outside")
+def _(c):
+    run = c.tmp / "run"
+    c.write("run/config.yaml", yaml.safe_dump({"model": {"path": str(c.model())}, "output": str(run)}))
+    c.write("run/topics.json", json.dumps([make_topic(name="alpha").to_dict()]))
+    c.write("run/metrics.jsonl", "")
+    state = {"format": 1, "sequence": 1, "status": "failed", "metrics_offset": 0}
+    state.update(adapter="../../../../etc/passwd", snapshots={})
+    c.write("run/checkpoint/state.json", json.dumps(state))
     return ["run", "--resume", str(run)]
 
 

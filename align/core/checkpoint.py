@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 #: Bumped when ``state.json`` changes in a way an older align could not read.
 FORMAT = 1
 STATE_FILE = "state.json"
+DAMAGED = "the checkpoint is damaged, so the run cannot be resumed: start a new run"
 
 
 def topics_digest(topics: Sequence[Topic]) -> str:
@@ -167,14 +168,33 @@ class Checkpoints:
                 f"{self.state_path}: checkpoint format {state.get('format') if isinstance(state, dict) else '?'} "
                 f"is not {FORMAT}; resume it with the align version that started it"
             )
+        self._file(state.get("adapter"), "adapter")
+        snapshots = state.get("snapshots", {})
+        if not isinstance(snapshots, Mapping):
+            raise AlignError(f"{self.state_path}: snapshots: not a mapping; {DAMAGED}")
+        for step, entry in snapshots.items():
+            self._file(entry.get("file") if isinstance(entry, Mapping) else None, f"snapshots.{step}.file")
         self.sequence = int(state["sequence"])
         return state
 
+    def _file(self, name: Any, key: str) -> Path:
+        """The file of ``checkpoint/`` that ``state.json`` names under ``key``: only a plain file
+        name is read (``../../etc/passwd`` names a file outside the run)."""
+        if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name:
+            shown = f"'{name[:200]}'" if isinstance(name, str) else json.dumps(name, default=str)[:200]
+            raise AlignError(
+                f"{self.state_path}: {key}: {shown} is not a file in {self.directory}; {DAMAGED}"
+            )
+        return self.directory / name
+
     def load(self, state: Mapping[str, Any]) -> Checkpoint:
         """The weights ``state`` names, read back through the policy."""
-        adapter = self.policy.load_snapshot(self.directory / state["adapter"])
+        adapter = self.policy.load_snapshot(self._file(state["adapter"], "adapter"))
         snapshots = {
-            step: (self.policy.load_snapshot(self.directory / entry["file"]), dict(entry["metrics"]))
+            step: (
+                self.policy.load_snapshot(self._file(entry["file"], f"snapshots.{step}.file")),
+                dict(entry["metrics"]),
+            )
             for step, entry in state["snapshots"].items()
         }
         return Checkpoint(state=dict(state), adapter=adapter, snapshots=snapshots)

@@ -331,3 +331,17 @@ def test_a_checkpoint_adapter_that_does_not_fit_or_is_not_finite_is_refused(tmp_
     some = dict(list(good.items())[1:])
     with pytest.raises(AlignError, match=r": lacks the adapter weight .*q_proj.lora_A.default.weight"):
         policy.load_snapshot(policy.save_snapshot(some, tmp_path / "some"))
+
+
+@pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd", "sub/adapter.json", "..", None, 7])
+def test_only_files_inside_checkpoint_are_read(tmp_path, name):
+    with pytest.raises(RunStopped):
+        run(tmp_path, fail=("t2", "sft"))
+    state_path = tmp_path / "run" / "checkpoint" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["adapter"] = name
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(
+        AlignError, match=r"state.json: adapter: .* is not a file in .*checkpoint; the checkpoint is damaged"
+    ):
+        run(tmp_path, resume=True)
