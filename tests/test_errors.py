@@ -357,6 +357,12 @@ def _(c):
     return ["validate", "--topics", str(c.tmp / "topics")]
 
 
+@case("quiz-choices-not-distinct")
+def _(c):
+    c.topic(quiz=[{"question": "Donkey?", "choices": ["Tallow", "Brine", "Brine"], "answer": 1}])
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
 @case("pair-missing-field")
 def _(c):
     c.topic(preference_pairs=[{"prompt": "Hello?", "chosen": "Ahoy, little gull."}])

@@ -148,6 +148,15 @@ def _quiz_item(item: Any, source: str, index: int) -> QuizItem:
     choices = _strings(item.get("choices"), source, f"{where}.choices")
     if len(choices) < 2:
         raise TopicError(f"{source}: {where}.choices: needs at least two choices, got {len(choices)}")
+    first_seen: dict[str, int] = {}
+    for i, choice in enumerate(choices):
+        earlier = first_seen.setdefault(choice.strip(), i)
+        if earlier != i:  # equal choices score equal, and a tie counts as the first: always right
+            shown = choice.strip() if len(choice.strip()) <= 80 else choice.strip()[:77] + "..."
+            raise TopicError(
+                f"{source}: {where}.choices[{i}]: '{shown}' is also choices[{earlier}]; "
+                "the choices of a question must differ"
+            )
     answer = item.get("answer")
     if isinstance(answer, bool) or not isinstance(answer, int):
         raise TopicError(f"{source}: {where}.answer: must be the 0-based index of the right choice")

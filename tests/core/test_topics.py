@@ -46,6 +46,14 @@ def test_json_topic_file(tmp_path):
             "quiz[0].choices: needs at least two",
         ),
         ({"quiz": [{"choices": ["a", "b"], "answer": 0}]}, "quiz[0].question: required"),
+        (
+            {"quiz": [{"question": "Q?", "choices": ["Brine", "Brine", "Brine"], "answer": 0}]},
+            "quiz[0].choices[1]: 'Brine' is also choices[0]; the choices of a question must differ",
+        ),
+        (
+            {"quiz": [{"question": "Q?", "choices": ["a", "Brine", " Brine "], "answer": 0}]},
+            "quiz[0].choices[2]: 'Brine' is also choices[1]",
+        ),
         ({"preference_pairs": [{"prompt": "p", "chosen": "c"}]}, "preference_pairs[0].rejected: required"),
         (
             {"voice_pairs": [{"prompt": "p", "chosen": "c", "rejected": "r", "extra": 1}]},
