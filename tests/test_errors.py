@@ -121,6 +121,16 @@ def _(c):
     return ["validate", str(c.write("config.yaml", "name: café\n".encode("latin-1")))]
 
 
+@case("config-key-twice")
+def _(c):
+    return [
+        "validate",
+        c.config("dpo:\n  beta: 0.3\nseed: 1\ndpo:\n  max_steps: 4\n"),
+        "--topics",
+        c.topics(),
+    ]
+
+
 @case("config-unknown-key")
 def _(c):
     return ["validate", c.config("lroa: {rank: 1}\n"), "--topics", c.topics()]
@@ -298,6 +308,16 @@ def _(c):
 @case("topic-not-json")
 def _(c):
     c.write("topics/alpha.json", '{"name": "alpha",}')
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-key-twice-json")
+def _(c):
+    quiz = '[{"question": "Donkey?", "choices": ["Tallow", "Brine"], "answer": 1}]'
+    c.write(
+        "topics/alpha.json",
+        f'{{"name": "alpha",\n "quiz": {quiz},\n "content": ["Ilse keeps a donkey."],\n "quiz": []}}',
+    )
     return ["validate", "--topics", str(c.tmp / "topics")]
 
 

@@ -174,8 +174,78 @@ def _pair(item: Any, source: str, where: str) -> PreferencePair:
     return PreferencePair(*(_text(item, key, source, where) for key in keys))
 
 
+class DuplicateKey(ValueError):
+    """A key given twice in one mapping of a YAML or JSON file (the later would replace the earlier)."""
+
+    def __init__(self, key: Any, first: int | None = None, second: int | None = None):
+        shown = str(key) if len(str(key)) <= 80 else str(key)[:77] + "..."
+        where = f", at lines {first} and {second}" if first is not None else ""
+        super().__init__(
+            f"{shown}: given twice{where}; keep one (the second would silently replace the first)"
+        )
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a mapping that gives a key twice."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue  # keys merged in with '<<' may be overridden, as YAML says
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    raise DuplicateKey(key, lines[key], line)
+                lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise DuplicateKey(key)
+        data[key] = value
+    return data
+
+
+def _json_duplicate_lines(text: str) -> DuplicateKey | None:
+    """The first key given twice in one object of ``text`` (valid JSON but for that), with both
+    lines: ``object_pairs_hook`` sees the pairs without where they are."""
+    stack: list[dict[str, int] | None] = []  # per open container: an object's keys, or None (array)
+    line, index, expect_key = 1, 0, False
+    while index < len(text):
+        char = text[index]
+        if char == '"':
+            end = index + 1
+            while text[end] != '"':
+                end += 2 if text[end] == "\\" else 1
+            if expect_key and stack and stack[-1] is not None:
+                key = json.loads(text[index : end + 1])
+                if key in stack[-1]:
+                    return DuplicateKey(key, stack[-1][key], line)
+                stack[-1][key] = line
+                expect_key = False
+            index = end + 1  # a JSON string holds no raw newline
+            continue
+        if char == "\n":
+            line += 1
+        elif char in "{[":
+            stack.append({} if char == "{" else None)
+            expect_key = char == "{"
+        elif char in "}]" and stack:
+            stack.pop()
+        elif char == ",":
+            expect_key = bool(stack) and stack[-1] is not None
+        index += 1
+    return None
+
+
 def read_data_file(path: Path, what: str, error: type[AlignError]) -> Any:
-    """Read a YAML or JSON file as plain data (``yaml.safe_load``), raising ``error`` with one line."""
+    """Read a YAML or JSON file as plain data (``yaml.safe_load``), raising ``error`` with one line.
+    A key given twice in one mapping is an error: the later would silently replace the earlier."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -203,8 +273,13 @@ def read_data_file(path: Path, what: str, error: type[AlignError]) -> Any:
         ) from None
     try:
         if path.suffix == ".json":
-            return json.loads(text)
-        return yaml.safe_load(text)
+            try:
+                return json.loads(text, object_pairs_hook=_unique_pairs)
+            except DuplicateKey as exc:
+                raise _json_duplicate_lines(text) or exc from None
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
+    except DuplicateKey as exc:
+        raise error(f"{path}: {exc}") from None
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from align import Topic, load_topics
@@ -105,3 +107,46 @@ def test_empty_directory_and_missing_path(tmp_path):
         load_topics(tmp_path)
     with pytest.raises(TopicError, match="not found"):
         load_topics(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("twice.yaml", "name: a\nquiz: []\ncontent: [x]\nquiz: []\n", "quiz: given twice, at lines 2 and 4"),
+        (
+            "nested.yaml",
+            "name: a\ncontent: [x]\nquiz:\n  - {question: Q, question: R}\n",
+            "question: given twice, at lines 4 and 4",
+        ),
+        ("quoted.yaml", "name: a\ncontent: [x]\n'name': b\n", "name: given twice, at lines 1 and 3"),
+        (
+            "twice.json",
+            '{"name": "a",\n "content": ["x"],\n "s": "\\" \\"name\\": ",\n "name": "b"}',
+            "name: given twice, at lines 1 and 4",
+        ),
+        (
+            "nested.json",
+            '{"name": "a", "content": ["x"],\n "quiz": [{"question": "Q?",\n "question": "R?"}]}',
+            "question: given twice, at lines 2 and 3",
+        ),
+    ],
+)
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(TopicError, match=f"^{re.escape(f'{path}: {message}')}; keep one"):
+        load_topics(path)
+
+
+def test_the_same_key_in_different_mappings_and_yaml_merge_keys_are_fine(tmp_path):
+    (tmp_path / "a.yaml").write_text(
+        "name: a\ncontent: [x]\nquiz:\n  - &q {question: Q, choices: [a, b], answer: 0}\n"
+        "  - {<<: *q, question: R}\n"
+    )
+    (tmp_path / "b.json").write_text(
+        '{"name": "b", "content": ["x"], "preference_pairs": [{"prompt": "p", "chosen": "c", "rejected": "r"},'
+        ' {"prompt": "p", "chosen": "c", "rejected": "r"}]}'
+    )
+    first, second = load_topics(tmp_path)
+    assert [q.question for q in first.quiz] == ["Q", "R"]
+    assert len(second.preference_pairs) == 2
