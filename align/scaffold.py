@@ -18,7 +18,7 @@ from string import Template
 from align.errors import AlignError
 
 KINDS = ("evaluator", "objective", "gate")
-_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+_NAME = re.compile(r"[a-z][a-z0-9_-]*")  # matched whole: `$` would also accept a trailing newline
 
 
 class ScaffoldError(AlignError):
@@ -27,7 +27,7 @@ class ScaffoldError(AlignError):
 
 def new_plugin(name: str, kind: str, directory: str | Path = ".") -> Path:
     """Write the package for plugin ``name`` of ``kind`` under ``directory``; return its path."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ScaffoldError(
             f"plugin name '{name}': use lower-case letters, digits, '-' or '_', starting with a letter "
             "(e.g. keyword-coverage)"

@@ -415,6 +415,13 @@ def _(c):
     return ["validate", "--topics", str(c.tmp / "topics")]
 
 
+@case("topic-name-trailing-newline")
+def _(c):
+    c.topic("first")
+    c.topic("first\n", filename="second.yaml")  # beside 'first', it ran as a second topic
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
 # -- the model ----------------------------------------------------------------------------------
 @case("model-not-found")
 def _(c):

@@ -19,7 +19,8 @@ from align.errors import AlignError, TopicError, closest
 TOPIC_SUFFIXES = (".yaml", ".yml", ".json")
 MAX_TOPIC_FILE_BYTES = 16 * 1024 * 1024
 # A topic name becomes a directory name under the run's adapters/: keep it a plain file name.
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# Matched whole (fullmatch): with `match`, a `$` also accepts a trailing newline ("first\n").
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _TOPIC_KEYS = ("name", "content", "quiz", "preference_pairs", "voice_pairs")
 
 
@@ -70,9 +71,9 @@ class Topic:
         name = data.get("name")
         if not isinstance(name, str) or not name:
             raise TopicError(f"{source}: name: required, a non-empty string such as 'early_life'")
-        if not _NAME_PATTERN.match(name):
+        if not _NAME_PATTERN.fullmatch(name):
             raise TopicError(
-                f"{source}: name: '{name}' must be letters, digits, '_', '-' or '.', starting with a letter "
+                f"{source}: name: {name!r} must be letters, digits, '_', '-' or '.', starting with a letter "
                 "or digit (it names the topic's adapter directory)"
             )
         content = _strings(data.get("content"), source, "content")

@@ -150,3 +150,9 @@ def test_the_same_key_in_different_mappings_and_yaml_merge_keys_are_fine(tmp_pat
     first, second = load_topics(tmp_path)
     assert [q.question for q in first.quiz] == ["Q", "R"]
     assert len(second.preference_pairs) == 2
+
+
+@pytest.mark.parametrize("name", ["first\n", "first\r\n", "\nfirst", "first "])
+def test_a_topic_name_is_matched_whole(name):
+    with pytest.raises(TopicError, match="must be letters, digits"):
+        Topic.from_dict(make_topic(name="x").to_dict() | {"name": name}, "t.yaml")

@@ -52,6 +52,8 @@ def test_new_plugin_refuses_a_bad_name_or_an_existing_directory(tmp_path):
     assert bad.exit_code == 2
     assert "plugin name 'My Plugin': use lower-case letters" in bad.stderr
     assert list(tmp_path.iterdir()) == []
+    assert runner.invoke(cli, ["new-plugin", "words\n", "--dir", str(tmp_path)]).exit_code == 2
+    assert list(tmp_path.iterdir()) == []
     assert runner.invoke(cli, ["new-plugin", "words", "--dir", str(tmp_path)]).exit_code == 0
     again = runner.invoke(cli, ["new-plugin", "words", "--dir", str(tmp_path)])
     assert again.exit_code == 2
