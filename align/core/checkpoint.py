@@ -141,7 +141,7 @@ class Checkpoints:
             "adapter": adapter_file,
             "snapshots": snapshot_entries,
         }
-        atomic_write_text(self.state_path, json.dumps(record, indent=1) + "\n")
+        atomic_write_text(self.state_path, json.dumps(record, indent=1, allow_nan=False) + "\n")
         keep = {STATE_FILE, adapter_file, *(entry["file"] for entry in snapshot_entries.values())}
         for path in self.directory.iterdir():
             if path.name not in keep and not path.name.startswith("."):

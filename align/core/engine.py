@@ -156,9 +156,13 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def prefix_metrics(name: str, metrics: Mapping[str, Any], where: str) -> dict[str, float]:
+def prefix_metrics(
+    name: str, metrics: Mapping[str, Any], where: str, allow_non_finite: bool = False
+) -> dict[str, float]:
     """``{key: value}`` returned by component ``name`` as ``{"name.key": float}``; ``where`` names
-    the component in the error when it returned something else than numbers."""
+    the component in the error when it returned something else than numbers, or a NaN or infinite
+    one (which strict JSON cannot hold) unless ``allow_non_finite`` (training: the engine reports
+    a non-finite loss as training that became non-finite)."""
     if not isinstance(metrics, Mapping):
         raise TypeError(
             f"{where} returned {type(metrics).__name__}, expected a mapping of metric name to number"
@@ -167,6 +171,8 @@ def prefix_metrics(name: str, metrics: Mapping[str, Any], where: str) -> dict[st
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{where} returned {key}={value!r}; metric values must be numbers")
+        if not allow_non_finite and not math.isfinite(value):
+            raise ValueError(f"{where} returned {key}={value}; metric values must be finite numbers")
         flat[f"{name}.{key}"] = float(value)
     return flat
 
@@ -595,7 +601,9 @@ class Engine:
                 else:
                     raw = component.instance.evaluate(self.policy.language_model, self._scored(topic))
                     where = f"evaluator '{component.name}'"
-                metrics.update(prefix_metrics(component.name, raw, where))
+                metrics.update(
+                    prefix_metrics(component.name, raw, where, allow_non_finite=step.kind == "train")
+                )
             if step.kind == "train":
                 _check_finite(metrics)
         except Exception as exc:

@@ -136,7 +136,9 @@ class RunDir:
         self.lock()
         atomic_write_text(self.path / "config.yaml", config_yaml)
         if topics is not None:
-            atomic_write_text(self.topics_path, json.dumps(topics, indent=1, ensure_ascii=False) + "\n")
+            atomic_write_text(
+                self.topics_path, json.dumps(topics, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+            )
         self._metrics = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def reopen(self, metrics_offset: int) -> None:
@@ -159,13 +161,14 @@ class RunDir:
     def record(self, event: dict[str, Any]) -> None:
         if not self.writer:
             return
-        self._metrics.write(json.dumps(event, sort_keys=False) + "\n")
+        # allow_nan=False: a NaN or infinity would be a bare NaN that strict JSON parsers reject.
+        self._metrics.write(json.dumps(event, sort_keys=False, allow_nan=False) + "\n")
         self._metrics.flush()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if not self.writer:
             return
-        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
 
     def close(self) -> None:
         metrics = getattr(self, "_metrics", None)

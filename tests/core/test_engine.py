@@ -161,3 +161,60 @@ def test_an_evaluator_returning_a_non_number_is_reported(stub_plugins, tmp_path)
     plugins = load_plugins(extra=[StubPlugin(evaluators={"bad": Bad})], entry_points=False)
     with pytest.raises(RunStopped, match="evaluator 'bad' returned x='high'"):
         run(plugins, tmp_path, protocol=[{"evaluate": ["bad"]}])
+
+
+def strict_json(text):
+    """``json.loads`` as strict parsers read: a bare NaN or Infinity is an error."""
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_an_evaluator_returning_a_non_finite_number_fails_its_step_and_no_invalid_json_is_written(
+    tmp_path, value
+):
+    class NonFinite:
+        def evaluate(self, model, topic):
+            return {"score": value, "fine": 0.5}
+
+    protocol = [{"name": "check", "evaluate": ["odd"]}, {"name": "train", "train": "bump"}]
+    stub = StubPlugin(objectives={"bump": CountingObjective}, evaluators={"odd": NonFinite})
+    plugins = load_plugins(extra=[stub], entry_points=False)
+    _, _, summary = run(plugins, tmp_path, protocol=protocol, on_error="skip")
+    step = summary["topics"][0]["steps"][0]
+    assert step["status"] == "failed" and step["metrics"] == {}
+    assert step["error"]["plugin"] == "StubPlugin"
+    assert (
+        f"evaluator 'odd' returned score={value}; metric values must be finite numbers"
+        in step["error"]["reason"]
+    )
+    run_dir = tmp_path / "run"
+    strict_json((run_dir / "summary.json").read_text())
+    strict_json((run_dir / "checkpoint" / "state.json").read_text())
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        strict_json(line)
+    (tmp_path / "stop").mkdir()
+    with pytest.raises(
+        RunStopped,
+        match=r"evaluator 'odd' \(plugin 'StubPlugin'\) failed: ValueError: evaluator 'odd' returned score=",
+    ):
+        run(plugins, tmp_path / "stop", protocol=protocol)
+
+
+def test_json_writers_refuse_non_finite_numbers_rather_than_write_invalid_json(tmp_path):
+    from align.core.rundir import RunDir
+
+    rundir = RunDir(tmp_path / "run")
+    rundir.create("seed: 0\n")
+    try:
+        with pytest.raises(ValueError, match="not JSON compliant"):
+            rundir.record({"metrics": {"x": float("nan")}})
+        with pytest.raises(ValueError, match="not JSON compliant"):
+            rundir.write_summary({"seconds": float("inf")})
+    finally:
+        rundir.close()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""
+    assert not (tmp_path / "run" / "summary.json").exists()
