@@ -316,7 +316,9 @@ class Engine:
         for impl in reversed(getattr(self.hooks.hook, hook_name).get_hookimpls()):
             try:
                 impl.function(**{name: kwargs[name] for name in impl.argnames})
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # SystemExit too (see run_step)
                 labels = [
                     f"{label} '{value}'"
                     for label, value in (("topic", self._current_topic), ("step", self._current_step))
@@ -510,7 +512,9 @@ class Engine:
                 try:
                     raw = component.instance.evaluate(self.policy.language_model, self._scored(target))
                     metrics.update(prefix_metrics(component.name, raw, f"evaluator '{component.name}'"))
-                except Exception as exc:
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:  # SystemExit too (see run_step)
                     error = self._record_error("recheck", topic, component, exc, target=target.name)
                     where = f"topic '{topic.name}', recheck of '{target.name}'"
                     if self.on_error == "stop":
@@ -606,7 +610,9 @@ class Engine:
                 )
             if step.kind == "train":
                 _check_finite(metrics)
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a plugin's SystemExit too: a failed step, not a silent exit 0
             return self._failed(step, topic, component, exc, before, gate_record, self.clock() - started)
         self._record(topic.name, step.name, kind, metrics)
         result = StepResult(step.name, kind, "ran", metrics, gate_record, self.clock() - started)
@@ -619,7 +625,7 @@ class Engine:
         step: Step,
         topic: Topic,
         component: Component | None,
-        exc: Exception,
+        exc: BaseException,
         before: Any,
         gate: dict[str, Any] | None,
         seconds: float,
@@ -652,7 +658,7 @@ class Engine:
         step_name: str,
         topic: Topic,
         component: Component | None,
-        exc: Exception,
+        exc: BaseException,
         restored: bool = False,
         **extra: Any,
     ) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 from align.core.config import apply_overrides, demo_dir, read_config, with_defaults
 from align.core.params import build_component, factory_defaults
 from align.core.topics import Topic, load_topics
-from align.errors import ConfigError, closest
+from align.errors import ConfigError, PluginError, closest
 from align.plugins.manager import Registry
 
 _STEP_KEYS = ("name", "train", "evaluate", "gate", "if_ran", "rollback")
@@ -189,9 +189,17 @@ def _build(
         raise ConfigError(
             f"{source}: {name}: must be a mapping of {kind} params, got {type(section).__name__}"
         )
-    instance, params = build_component(
-        registration.factory, {**section, **inline}, where if inline else name, source
-    )
+    try:
+        instance, params = build_component(
+            registration.factory, {**section, **inline}, where if inline else name, source
+        )
+    except (Exception, KeyboardInterrupt):
+        raise
+    except BaseException as exc:  # a plugin's SystemExit would end align with exit 0 and no word
+        raise PluginError(
+            f"{source}: {where}: plugin '{registration.plugin}' raised {type(exc).__name__}: {exc} while "
+            f"building {kind} '{name}'; fix the plugin, or disable it with ALIGN_DISABLE_PLUGINS={registration.plugin}"
+        ) from exc
     defaults = factory_defaults(registration.factory)
     converted_section = {key: params.get(key, value) for key, value in section.items() if key not in inline}
     return Component(

@@ -138,7 +138,11 @@ def load_entry_points(
             plugin = entry_point.load()
             manager.register(plugin, name=entry_point.name)
             manager.check_pending()
-        except Exception as exc:  # a broken plugin must never take the tool down
+        except KeyboardInterrupt:
+            raise
+        except (
+            BaseException
+        ) as exc:  # a broken plugin (even one calling sys.exit) must never take the tool down
             if manager.get_plugin(entry_point.name) is not None:
                 manager.unregister(name=entry_point.name)
             failures.append(
@@ -169,7 +173,15 @@ def build_registry(manager: pluggy.PluginManager) -> Registry:
             ) -> None:
                 registry.add(_kind, name, factory, _plugin)
 
-            impl.function(register=register)
+            try:
+                impl.function(register=register)
+            except (KeyboardInterrupt, PluginError):
+                raise
+            except BaseException as exc:  # SystemExit too: it would end align with exit 0 and no word
+                raise PluginError(
+                    f"plugin '{impl.plugin_name}' raised in {hook_name}: {type(exc).__name__}: {exc}; fix the "
+                    f"plugin, or disable it with ALIGN_DISABLE_PLUGINS={impl.plugin_name}"
+                ) from exc
     return registry
 
 

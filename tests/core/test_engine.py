@@ -1,6 +1,7 @@
 """The engine with stub objectives, evaluators and a stub policy: no torch model, milliseconds."""
 
 import json
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -218,3 +219,85 @@ def test_json_writers_refuse_non_finite_numbers_rather_than_write_invalid_json(t
         rundir.close()
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+class Exits:
+    """A plugin component that calls ``sys.exit(0)``: it used to end ``align run`` with exit 0."""
+
+    def __init__(self, **params):
+        if params.get("at") == "build":
+            raise SystemExit(0)
+
+    def evaluate(self, model, topic):
+        raise SystemExit(0)
+
+    def train(self, policy, topic):
+        raise SystemExit(0)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "message"),
+    [
+        (
+            [{"name": "check", "evaluate": ["exits"]}],
+            "step 'check': evaluator 'exits' (plugin 'StubPlugin') failed: SystemExit: 0",
+        ),
+        (
+            [{"name": "learn", "train": "exits"}],
+            "step 'learn': objective 'exits' (plugin 'StubPlugin') failed: SystemExit: 0",
+        ),
+    ],
+)
+def test_a_plugin_raising_system_exit_fails_its_step(tmp_path, protocol, message):
+    plugins = load_plugins(
+        extra=[StubPlugin(objectives={"exits": Exits}, evaluators={"exits": Exits})], entry_points=False
+    )
+    with pytest.raises(RunStopped, match=re.escape(message)):
+        run(plugins, tmp_path, protocol=protocol)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+
+
+def test_a_plugin_raising_system_exit_in_a_recheck_or_a_hook_is_reported(tmp_path):
+    from align import hookimpl
+
+    class ExitingHook:
+        @hookimpl
+        def on_topic_end(self, topic, result):
+            raise SystemExit(3)
+
+    class ExitsInRecheck:
+        def evaluate(self, model, topic):
+            if topic.name == "t1" and getattr(model, "level", 0.0) > 0.25:  # after t2's training
+                raise SystemExit(0)
+            return {"level": getattr(model, "level", 0.0)}
+
+    stub = StubPlugin(objectives={"bump": CountingObjective}, evaluators={"odd": ExitsInRecheck})
+    plugins = load_plugins(extra=[stub, ExitingHook()], entry_points=False)
+    protocol = [{"name": "train", "train": "bump"}, {"name": "check", "evaluate": ["odd"]}]
+    topic_dir = tmp_path / "topics"
+    topic_dir.mkdir()
+    for name in ("t1", "t2"):
+        write_topic(topic_dir, name)
+    data = {"protocol": protocol, "output": str(tmp_path / "run"), "on_error": "skip"}
+    plan = resolve_plan(data, "test.yaml", plugins.registry, topics=topic_dir)
+    summary = execute(plan, policy=StubPolicy(), hooks=plugins.manager)
+    assert summary["status"] == "completed"
+    kinds = [
+        (e["kind"], e.get("exception") or e.get("error"))
+        for e in events(tmp_path)
+        if e["kind"] in ("error", "hook_error")
+    ]
+    assert ("hook_error", "SystemExit: 3") in kinds
+    assert ("error", "SystemExit") in kinds  # the recheck of t1
+
+
+def test_a_plugin_raising_system_exit_while_built_is_an_error_naming_it(tmp_path):
+    from align.errors import PluginError
+
+    plugins = load_plugins(extra=[StubPlugin(evaluators={"exits": Exits})], entry_points=False)
+    protocol = [{"name": "check", "evaluate": [{"use": "exits", "at": "build"}]}]
+    with pytest.raises(
+        PluginError, match=r"plugin 'StubPlugin' raised SystemExit: 0 while building evaluator 'exits'"
+    ):
+        run(plugins, tmp_path, protocol=protocol)

@@ -115,3 +115,25 @@ def test_an_entry_point_plugin_is_used_in_a_run(site, tmp_path):
     )
     summary = execute(plan, policy=StubPolicy(StubModel(generate=lambda p: "x" * 7)))
     assert summary["topics"][0]["steps"][0]["metrics"] == {"length.mean_chars": 7.0}
+
+
+def test_a_plugin_calling_sys_exit_on_import_is_a_recorded_failure_not_an_exit(site):
+    make_distribution(site, "align_exits", "import sys\nsys.exit(0)\n")
+    make_distribution(site, "align_length", LENGTH)
+    plugins = load_plugins()
+    assert [(f.name, f.error) for f in plugins.failures] == [("align_exits", "SystemExit: 0")]
+    assert plugins.registry.get("evaluator", "length") is not None
+
+
+def test_a_registration_hook_that_exits_is_an_error_naming_the_plugin(monkeypatch):
+    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
+
+    class Exits:
+        @hookimpl
+        def register_evaluators(self, register):
+            raise SystemExit(0)
+
+    with pytest.raises(
+        PluginError, match=r"^plugin 'Exits' raised in register_evaluators: SystemExit: 0; fix"
+    ):
+        load_plugins(extra=[Exits()])
