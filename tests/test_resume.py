@@ -28,7 +28,7 @@ PROTOCOL = [
     {"name": "dpo", "train": "dpo", "gate": {"use": "threshold", "all": ["quiz.accuracy >= 0"]}},
     {
         "name": "after_dpo",
-        "evaluate": ["quiz", "voice"],
+        "evaluate": ["quiz", "voice", {"use": "style", "max_new_tokens": 8}],
         "rollback": {"step": "dpo", "max_drop": {"quiz.accuracy": 0.5}},
     },
 ]
@@ -45,8 +45,17 @@ def setup(tmp_path_factory, tiny_model_dir):
     config.write_text(
         yaml.safe_dump(
             {
-                "sft": {"epochs": 2, "learning_rate": 0.05},
-                "dpo": {"max_steps": 3, "learning_rate": 0.05},
+                "sft": {"epochs": 2, "learning_rate": 0.05, "cloze": 1},
+                # The DPO step generates its rejected answers from the policy, and the second topic
+                # replays the first one's passages and pairs: a kill mid-replay or mid-generation
+                # must resume to the same result.
+                "dpo": {
+                    "max_steps": 3,
+                    "learning_rate": 0.05,
+                    "rejected": "policy",
+                    "rejected_max_new_tokens": 8,
+                },
+                "replay": {"content": 1.0, "preference_pairs": 1.0},
                 "protocol": PROTOCOL,
             }
         )
@@ -98,8 +107,12 @@ def step_metrics(run_dir):
 KILL_POINTS = {
     # inside the second topic's SFT, after its first optimizer step
     "mid-sft": lambda e: e["topic"] == "second" and e["step"] == "sft" and e["kind"] == "log",
-    # as the first topic's DPO starts (building its trainer, precomputing the reference)
+    # as the first topic's DPO starts (generating its rejected answers, building its trainer)
     "dpo-start": lambda e: e["topic"] == "first" and e["kind"] == "gate",
+    # the second topic's DPO has replayed the first's pairs and is generating rejected answers
+    "mid-replay": lambda e: e["topic"] == "second" and e["step"] == "dpo" and e["kind"] == "replay",
+    # the second topic's DPO has generated its rejected answers and is training on them
+    "after-generation": lambda e: e["topic"] == "second" and e["kind"] == "generated",
     # after the first topic's last evaluation: its adapter is being saved
     "topic-end": lambda e: e["topic"] == "first" and e["step"] == "after_dpo" and e["kind"] == "eval",
 }
@@ -141,12 +154,25 @@ def test_a_killed_run_resumes_to_the_same_results(setup, point):
     assert rechecks(run_dir).keys() == rechecks(whole).keys() == {("second", "first")}
     for key, metrics in rechecks(whole).items():
         assert rechecks(run_dir)[key] == pytest.approx(metrics, abs=1e-5), key
+    # what was replayed and generated: each once, the same as in the uninterrupted run
+    for kind in ("replay", "generated"):
+        assert recorded(run_dir, kind) == recorded(whole, kind), kind
+    assert [key for key, _ in recorded(whole, "generated")] == [("first", "dpo"), ("second", "dpo")]
     expected_matrix = json.loads((whole / "summary.json").read_text())["forgetting"]
     assert summary["forgetting"]["topics"] == expected_matrix["topics"] == ["first", "second"]
     assert summary["forgetting"]["metrics"].keys() == expected_matrix["metrics"].keys()
     for metric, rows in expected_matrix["metrics"].items():
         for got, want in zip(summary["forgetting"]["metrics"][metric], rows, strict=True):
             assert [None if v is None else pytest.approx(v, abs=1e-5) for v in want] == got, metric
+
+
+def recorded(run_dir, kind):
+    """The ``kind`` events of a run as ``[((topic, step), event without its time)]``."""
+    found = []
+    for event in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        if event["kind"] == kind:
+            found.append(((event["topic"], event["step"]), {k: v for k, v in event.items() if k != "time"}))
+    return found
 
 
 def rechecks(run_dir):
