@@ -724,6 +724,35 @@ def _(c):
     return ["run", "--resume", str(run)]
 
 
+def stopped_run(c, metrics: str) -> Path:
+    """A run stopped after two events, its checkpoint accounting for them; ``metrics`` is what
+    ``metrics.jsonl`` holds now."""
+    import hashlib
+
+    run = c.tmp / "run"
+    c.write("run/config.yaml", yaml.safe_dump({"model": {"path": str(c.model())}, "output": str(run)}))
+    c.write("run/topics.json", json.dumps([make_topic(name="alpha").to_dict()]))
+    c.write("run/metrics.jsonl", metrics)
+    state = {"format": 1, "sequence": 1, "status": "failed", "metrics_offset": len(EVENTS)}
+    state.update(metrics_sha256=hashlib.sha256(EVENTS.encode()).hexdigest())
+    state.update(adapter="adapter-000001.safetensors", snapshots={})
+    c.write("run/checkpoint/state.json", json.dumps(state))
+    return run
+
+
+EVENTS = 2 * '{"topic": "alpha", "step": "before", "kind": "eval", "metrics": {"quiz.accuracy": 0.5}}\n'
+
+
+@case("resume-metrics-emptied")
+def _(c):
+    return ["run", "--resume", str(stopped_run(c, ""))]
+
+
+@case("resume-metrics-line-inserted")
+def _(c):
+    return ["run", "--resume", str(stopped_run(c, '{"kind": "note"}\n' + EVENTS))]
+
+
 # -- the test -----------------------------------------------------------------------------------
 def catalogue() -> dict[str, tuple[str, int]]:
     """``docs/errors.md``'s rows: case id → (message, exit code)."""

@@ -157,6 +157,7 @@ def execute(
     state = checkpoints.read_state() if resume else None
     if state is not None:
         check_settings(state, plan.config, rundir.path / "config.yaml")
+        rundir.check_metrics(state["metrics_offset"], state.get("metrics_sha256"))
     if not resume:
         rundir.check_writable()
     distributed.barrier()  # every process has seen the directory as it was before the main one writes

@@ -345,3 +345,37 @@ def test_only_files_inside_checkpoint_are_read(tmp_path, name):
         AlignError, match=r"state.json: adapter: .* is not a file in .*checkpoint; the checkpoint is damaged"
     ):
         run(tmp_path, resume=True)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda text: "",  # emptied: resuming went on silently over a log that lost its events
+        lambda text: '{"kind": "note"}\n' + text,  # a line inserted: the cut fell inside a real event
+        lambda text: text.replace('"sft.loss": 0.5', '"sft.loss": 0.9', 1),  # edited, same length
+    ],
+    ids=["emptied", "line-inserted", "edited"],
+)
+def test_resume_refuses_a_metrics_log_that_does_not_match_the_checkpoint(tmp_path, damage):
+    with pytest.raises(RunStopped):
+        run(tmp_path, fail=("t2", "sft"))
+    log = tmp_path / "run" / "metrics.jsonl"
+    log.write_text(damage(log.read_text()))
+    before = log.read_bytes()
+    with pytest.raises(AlignError, match=r"metrics\.jsonl: .* the run's checkpoint"):
+        run(tmp_path, resume=True)
+    assert log.read_bytes() == before  # nothing cut
+
+
+def test_the_checkpoint_records_the_digest_of_the_log_it_accounts_for(tmp_path):
+    import hashlib
+
+    with pytest.raises(Crash):
+        run(tmp_path, crash_at=("t2", "sft"))
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    prefix = (tmp_path / "run" / "metrics.jsonl").read_bytes()[: state["metrics_offset"]]
+    assert hashlib.sha256(prefix).hexdigest() == state["metrics_sha256"]
+    run(tmp_path, resume=True)  # and after a resume, the digest goes on from the cut log
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    prefix = (tmp_path / "run" / "metrics.jsonl").read_bytes()[: state["metrics_offset"]]
+    assert hashlib.sha256(prefix).hexdigest() == state["metrics_sha256"]
