@@ -753,6 +753,38 @@ def _(c):
     return ["run", "--resume", str(stopped_run(c, '{"kind": "note"}\n' + EVENTS))]
 
 
+# -- reading a run: compare, report, merge --------------------------------------------------------
+def summary_run(c, name: str, **entry) -> str:
+    """A run directory holding a summary.json of one topic, ``entry`` merged into that topic's."""
+    topic = {"topic": "alpha", "adapter": None, "steps": [{"step": "before", "kind": "eval"}]}
+    topic["steps"][0].update(status="ran", metrics={"quiz.accuracy": 0.5})
+    topic.update(entry)
+    summary = {"status": "completed", "steps": ["before"], "topics": [topic]}
+    c.write(f"{name}/summary.json", json.dumps(summary))
+    return str(c.tmp / name)
+
+
+@case("summary-topic-missing")
+def _(c):
+    damaged = summary_run(c, "b")
+    summary = json.loads(Path(damaged, "summary.json").read_text())
+    del summary["topics"][0]["topic"]
+    c.write("b/summary.json", json.dumps(summary))
+    return ["compare", summary_run(c, "a"), damaged]
+
+
+@case("summary-metric-not-a-number")
+def _(c):
+    steps = [{"step": "before", "kind": "eval", "status": "ran", "metrics": {"quiz.accuracy": "high"}}]
+    return ["report", summary_run(c, "run", steps=steps), "--no-samples"]
+
+
+@case("summary-adapter-outside-run")
+def _(c):
+    c.write("elsewhere/adapter_config.json", "{}")
+    return ["report", summary_run(c, "run", adapter="../elsewhere")]
+
+
 # -- the test -----------------------------------------------------------------------------------
 def catalogue() -> dict[str, tuple[str, int]]:
     """``docs/errors.md``'s rows: case id → (message, exit code)."""
