@@ -131,6 +131,27 @@ def _(c):
     ]
 
 
+BOMB = "".join(
+    f"{name}: &{name} [{', '.join([f'*{prev}' if prev else '1'] * 9)}]\n"
+    for prev, name in zip(["", *"abcdefgh"], "abcdefghi")
+)  # 378 bytes that expand to 9**9 values ("billion laughs")
+
+
+@case("config-alias-bomb")
+def _(c):
+    return ["validate", c.config(BOMB.replace("i: &i", "seed: &i")), "--topics", c.topics()]
+
+
+@case("config-nested-too-deep")
+def _(c):
+    return ["validate", c.config("seed: " + "[" * 100_000 + "]" * 100_000 + "\n"), "--topics", c.topics()]
+
+
+@case("set-nested-too-deep")
+def _(c):
+    return ["validate", c.config(""), "--set", "seed=" + "[" * 5000 + "]" * 5000, "--topics", c.topics()]
+
+
 @case("config-unknown-key")
 def _(c):
     return ["validate", c.config("lroa: {rank: 1}\n"), "--topics", c.topics()]
@@ -318,6 +339,12 @@ def _(c):
         "topics/alpha.json",
         f'{{"name": "alpha",\n "quiz": {quiz},\n "content": ["Ilse keeps a donkey."],\n "quiz": []}}',
     )
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-nested-too-deep")
+def _(c):
+    c.write("topics/alpha.json", '{"name": "alpha", "content": ' + "[" * 100_000 + "]" * 100_000 + "}")
     return ["validate", "--topics", str(c.tmp / "topics")]
 
 

@@ -13,7 +13,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from align.errors import ConfigError, closest
+from align.errors import ConfigError, brief, closest
 
 
 class ParamError(ValueError):
@@ -106,7 +106,7 @@ def coerce(value: Any, annotation: Any, path: str, source: str) -> Any:
     if ok:
         return converted
     raise ConfigError(
-        f"{source}: {path}: expected {_describe(annotation)}, got {type(value).__name__} {value!r}"
+        f"{source}: {path}: expected {_describe(annotation)}, got {type(value).__name__} {brief(value)}"
     )
 
 
