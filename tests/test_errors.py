@@ -207,6 +207,41 @@ def _(c):
     return ["validate", c.config(""), "--set", "lora.dropout=1.5", "--topics", c.topics()]
 
 
+@case("seed-not-finite")
+def _(c):
+    return ["validate", c.config(""), "--set", "seed=.nan", "--topics", c.topics()]
+
+
+@case("seed-out-of-range")
+def _(c):
+    return ["validate", c.config("seed: -1\n"), "--topics", c.topics()]
+
+
+@case("seed-too-large")
+def _(c):
+    return ["validate", c.config("seed: 1e30\n"), "--topics", c.topics()]
+
+
+@case("rank-infinite")
+def _(c):
+    return ["validate", c.config(""), "--set", "lora.rank=.inf", "--topics", c.topics()]
+
+
+@case("alpha-not-finite")
+def _(c):
+    return ["validate", c.config("lora:\n  alpha: .nan\n"), "--topics", c.topics()]
+
+
+@case("beta-infinite")
+def _(c):
+    return ["validate", c.config("dpo:\n  beta: .inf\n"), "--topics", c.topics()]
+
+
+@case("learning-rate-infinite")
+def _(c):
+    return ["validate", c.config("sft:\n  learning_rate: .inf\n"), "--topics", c.topics()]
+
+
 @case("dtype-unknown")
 def _(c):
     return ["validate", c.config(""), "--set", "model.dtype=float8", "--topics", c.topics()]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import math
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -215,11 +216,15 @@ def _check_base(config: dict[str, Any], source: str) -> None:
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(key, f"expected {'an integer' if integer else 'a number'}, got {brief(value)}")
+        if not math.isfinite(value):  # .nan passed every comparison below, .inf broke int()
+            fail(key, f"must be a finite number (got {value})")
         if integer and float(value) != int(value):
             fail(key, f"expected an integer, got {brief(value)}")
         return int(value) if integer else float(value)
 
     config["seed"] = number("seed", config["seed"], integer=True)
+    if not 0 <= config["seed"] < 2**32:  # what numpy's seeding takes: -1 failed after the model loaded
+        fail("seed", f"must be between 0 and {2**32 - 1} (got {config['seed']:g})")
     for key in ("name", "output", "topics"):
         if config[key] is not None and not isinstance(config[key], str):
             fail(key, f"expected a string, got {brief(config[key])}")

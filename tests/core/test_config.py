@@ -178,3 +178,26 @@ def test_aliases_within_the_bound_are_read_as_yaml_says(registry, tmp_path, topi
     data = "sft: &opts {learning_rate: 0.001}\nkto: *opts\n"
     plan = plan_from(registry, tmp_path, data, topics=topics_dir)
     assert plan.config["sft"]["learning_rate"] == plan.config["kto"]["learning_rate"] == 0.001
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"weight": float("inf")}, "<test>: probe.weight: must be a finite number (got inf)"),
+        ({"weight": "nan"}, "<test>: probe.weight: must be a finite number (got nan)"),  # read from a string
+        ({"weights": [1.0, float("nan")]}, "<test>: probe.weights[1]: must be a finite number (got nan)"),
+    ],
+)
+def test_every_float_param_of_a_component_is_finite(params, message):
+    from dataclasses import dataclass
+
+    from align.core.params import build_component
+
+    @dataclass
+    class Probe:  # a plugin's component: no check of its own
+        weight: float = 1.0
+        weights: list[float] | None = None
+
+    with pytest.raises(ConfigError) as error:
+        build_component(Probe, params, "probe", "<test>")
+    assert str(error.value) == message
