@@ -693,6 +693,19 @@ def _(c):
     return c.run()
 
 
+@case("output-inside-a-file")
+def _(c):
+    c.write("afile", "not a directory")
+    c.out = str(c.tmp / "afile" / "sub")
+    return c.run()
+
+
+@case("output-dangling-link")
+def _(c):
+    (c.tmp / "out").symlink_to(c.tmp / "gone")
+    return c.run()
+
+
 @case("resume-not-a-run")
 def _(c):
     (c.tmp / "somewhere").mkdir()
@@ -813,6 +826,47 @@ def _(c):
 @case("resume-metrics-line-inserted")
 def _(c):
     return ["run", "--resume", str(stopped_run(c, '{"kind": "note"}\n' + EVENTS))]
+
+
+@case("resume-lock-is-a-directory")
+def _(c):
+    run = stopped_run(c, EVENTS)
+    (run / ".lock").mkdir()
+    return ["run", "--resume", str(run)]
+
+
+@case("resume-state-without-status")
+def _(c):
+    run = stopped_run(c, EVENTS)
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    del state["status"]
+    c.write("run/checkpoint/state.json", json.dumps(state))
+    return ["run", "--resume", str(run)]
+
+
+@case("resume-topics-json-null")
+def _(c):
+    run = stopped_run(c, EVENTS)
+    c.write("run/topics.json", "null")
+    return ["run", "--resume", str(run)]
+
+
+@case("resume-checkpoint-adapter-missing")
+def _(c):
+    return ["run", "--resume", str(stopped_run(c, EVENTS))]  # state.json names an adapter not there
+
+
+@case("resume-checkpoint-adapter-truncated")
+def _(c):
+    import torch
+    from safetensors.torch import save_file
+
+    run = stopped_run(c, EVENTS)
+    adapter = run / "checkpoint" / "adapter-000001.safetensors"
+    name = "base_model.model.model.layers.0.self_attn.o_proj.lora_A.default.weight"
+    save_file({name: torch.zeros(1, 32)}, str(adapter))
+    adapter.write_bytes(adapter.read_bytes()[:100])  # a copy cut short
+    return ["run", "--resume", str(run)]
 
 
 # -- reading a run: compare, report, merge --------------------------------------------------------

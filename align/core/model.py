@@ -830,12 +830,16 @@ class EnginePolicy:
         (another rank or set of modules) or holds NaN or infinite values: restored as it is, it
         would be trained on and saved as if nothing were wrong."""
         import torch
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         device = next(self.model.parameters()).device
-        state = load_file(str(path), device=str(device))
-        expected = {name: list(param.shape) for name, param in self._adapter_parameters().items()}
         damaged = "the checkpoint is damaged, so the run cannot be resumed: start a new run"
+        try:
+            state = load_file(str(path), device=str(device))
+        except (SafetensorError, OSError) as exc:  # truncated: a torn or half-copied file
+            raise ModelError(f"{path}: unreadable ({exc}); {damaged}") from None
+        expected = {name: list(param.shape) for name, param in self._adapter_parameters().items()}
         for name, tensor in sorted(state.items()):
             if name not in expected:
                 raise ModelError(f"{path}: {name}: not a weight of this run's adapter; {damaged}")

@@ -78,6 +78,7 @@ class RunDir:
             import fcntl
         except ImportError:  # not POSIX: no advisory locks, so no guard
             return
+        self.check_lock_file()
         handle = open(self.path / ".lock", "a+", encoding="utf-8")  # noqa: SIM115 - held until close()
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -95,6 +96,12 @@ class RunDir:
         handle.flush()
         self._lock = handle
 
+    def check_lock_file(self) -> None:
+        """Refuse a ``.lock`` that is not a file align can open (a directory of that name)."""
+        lock = self.path / ".lock"
+        if lock.is_dir():
+            raise AlignError(f"{lock}: is a directory, not align's lock file; remove it, then try again")
+
     def check_writable(self) -> None:
         """Refuse a directory that already holds a run, or one that cannot be created."""
         if self.path.exists() and not self.path.is_dir():
@@ -106,7 +113,17 @@ class RunDir:
             )
         probe = self.path
         while not probe.exists():
+            if probe.is_symlink():  # mkdir would fail on it with FileExistsError
+                raise AlignError(
+                    f"{probe}: a link to {os.readlink(probe)}, which does not exist; choose another "
+                    "--output, or remove the link"
+                )
             probe = probe.parent
+        if not probe.is_dir():  # --output afile/sub: mkdir would fail with NotADirectoryError
+            raise AlignError(
+                f"{self.path}: {probe} is a file, so the output directory cannot be made inside it; "
+                "choose another --output"
+            )
         if not os.access(probe, os.W_OK):
             raise AlignError(
                 f"{self.path}: output directory is not writable (no write permission on {probe}); "
