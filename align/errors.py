@@ -46,6 +46,11 @@ class RunStopped(AlignError):
     """
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and ``docker stop`` send), raised where the run is so that it ends
+    as after Ctrl-C: every ``except KeyboardInterrupt`` records the run as interrupted."""
+
+
 class NonFiniteTraining(ArithmeticError):
     """Training produced a NaN or infinite loss, gradient norm or adapter weight.
 
