@@ -588,13 +588,16 @@ def merge(adapter: str | Path, output: str | Path, *, model: str | None = None) 
     written into a staging directory beside ``output`` and renamed into place, so ``output`` is
     either absent or complete.
     """
+    from align.core.model import safetensors_os_errors
+
     output = check_empty_output(output)
     loaded = load(adapter, model, full_precision=True)  # a QLoRA run merges into the full weights
     merged = loaded.model.merge_and_unload()
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
-        merged.save_pretrained(staging, safe_serialization=True)
+        with safetensors_os_errors(output / "model.safetensors"):
+            merged.save_pretrained(staging, safe_serialization=True)
         loaded.tokenizer.save_pretrained(staging)
         pickled = [p.name for p in staging.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
         if pickled:  # align writes no pickle; a library that did would be a bug to catch here
@@ -604,8 +607,15 @@ def merge(adapter: str | Path, output: str | Path, *, model: str | None = None) 
         if output.is_dir():
             output.rmdir()
         os.replace(staging, output)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        from align.core.runner import WRITE_ERRNOS
+
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:  # disk full: one line, nothing kept
+            raise AlignError(
+                f"{output}: could not write {exc.filename or 'the merged model'}: {exc.strerror}; "
+                "nothing was kept: fix that and merge again"
+            ) from exc
         raise
     return output
 

@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -656,6 +657,23 @@ def _select_rows(cache: Any, index: Any, config: Any) -> Any:
     )
 
 
+@contextlib.contextmanager
+def safetensors_os_errors(path: Path) -> Iterator[None]:
+    """Raise a failed safetensors write as the :class:`OSError` it is: ``SafetensorError`` is not
+    one, so a full disk while saving weights was a traceback instead of the run's "could not write
+    ...; resume" line. safetensors says ``IoError(Os { code: 28, kind: StorageFull, ... })``."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        found = re.search(r"\bcode: (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
 class EnginePolicy:
     """The engine's model, handed to objectives as :class:`align.Policy`."""
 
@@ -816,7 +834,8 @@ class EnginePolicy:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
         os.close(fd)
         try:
-            save_file({name: tensor.contiguous() for name, tensor in state.items()}, tmp)
+            with safetensors_os_errors(target):
+                save_file({name: tensor.contiguous() for name, tensor in state.items()}, tmp)
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
@@ -875,9 +894,10 @@ class EnginePolicy:
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
         try:
-            self.model.save_pretrained(
-                staging, selected_adapters=["default"], safe_serialization=True, state_dict=state
-            )
+            with safetensors_os_errors(directory / "adapter_model.safetensors"):
+                self.model.save_pretrained(
+                    staging, selected_adapters=["default"], safe_serialization=True, state_dict=state
+                )
             # PEFT nests non-default adapters in sub-folders; "default" lands at the top level.
             if directory.is_symlink():  # never delete what a link leads to
                 raise ModelError(

@@ -379,3 +379,30 @@ def test_the_checkpoint_records_the_digest_of_the_log_it_accounts_for(tmp_path):
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     prefix = (tmp_path / "run" / "metrics.jsonl").read_bytes()[: state["metrics_offset"]]
     assert hashlib.sha256(prefix).hexdigest() == state["metrics_sha256"]
+
+
+def test_a_full_disk_while_safetensors_writes_is_the_oserror_it_is(tmp_path, tiny_model_dir, monkeypatch):
+    """safetensors raises SafetensorError, not OSError, so a full disk while saving weights was a
+    traceback instead of the run's "could not write ...; resume" line."""
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    policy = tiny_policy(tmp_path, tiny_model_dir)
+    (tmp_path / "checkpoint").mkdir()
+    with pytest.raises(OSError) as error:
+        policy.save_snapshot(policy.snapshot(), tmp_path / "checkpoint" / "adapter-000001")
+    assert error.value.errno == errno.ENOSPC
+    assert error.value.filename == str(tmp_path / "checkpoint" / "adapter-000001.safetensors")
+    assert list((tmp_path / "checkpoint").iterdir()) == []  # the temporary file is gone too
+    with pytest.raises(OSError) as error:
+        policy.save_adapter(tmp_path / "adapters" / "t1")
+    assert error.value.errno == errno.ENOSPC
+    assert list((tmp_path / "adapters").iterdir()) == []
