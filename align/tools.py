@@ -574,6 +574,11 @@ def run_adapter(run: str | Path, topic: str | None = None) -> Path:
 def check_empty_output(output: str | Path) -> Path:
     """Refuse an output path that is a file or a directory with anything in it."""
     output = Path(output)
+    if output.is_symlink():  # to a directory, or to nothing: the rename into place would replace the link
+        target = os.readlink(output)
+        raise AlignError(
+            f"{output}: a link to {target}; give a directory (new or empty) itself as --output, not a link"
+        )
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise AlignError(f"{output}: output exists and is not empty; choose another --output or remove it")
     return output

@@ -901,6 +901,25 @@ def _(c):
     return ["report", summary_run(c, "run", adapter="../elsewhere")]
 
 
+def run_with_adapter(c) -> str:
+    c.write("run/config.yaml", yaml.safe_dump({"model": {"path": str(c.model())}}))
+    c.write("run/adapters/alpha/adapter_config.json", "{}")
+    return str(c.tmp / "run")
+
+
+@case("merge-output-link-to-a-directory")
+def _(c):
+    (c.tmp / "merged").mkdir()
+    (c.tmp / "link").symlink_to(c.tmp / "merged")
+    return ["merge", run_with_adapter(c), "--output", str(c.tmp / "link")]
+
+
+@case("merge-output-dangling-link")
+def _(c):
+    (c.tmp / "link").symlink_to(c.tmp / "gone")
+    return ["merge", run_with_adapter(c), "--output", str(c.tmp / "link")]
+
+
 # -- the test -----------------------------------------------------------------------------------
 def catalogue() -> dict[str, tuple[str, int]]:
     """``docs/errors.md``'s rows: case id → (message, exit code)."""
