@@ -394,7 +394,10 @@ def test_a_full_disk_while_safetensors_writes_is_the_oserror_it_is(tmp_path, tin
             'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
         )
 
+    import peft.peft_model
+
     monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full)  # PEFT's own name for it
     policy = tiny_policy(tmp_path, tiny_model_dir)
     (tmp_path / "checkpoint").mkdir()
     with pytest.raises(OSError) as error:
