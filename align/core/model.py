@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from align.core import distributed
+from align.core.rundir import usual_mode
 from align.errors import ModelError, NonFiniteTraining, closest
 
 logger = logging.getLogger(__name__)
@@ -836,6 +837,7 @@ class EnginePolicy:
         try:
             with safetensors_os_errors(target):
                 save_file({name: tensor.contiguous() for name, tensor in state.items()}, tmp)
+            usual_mode(Path(tmp))  # mkstemp's 0600, kept by the write
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
@@ -904,6 +906,9 @@ class EnginePolicy:
                     f"{directory}: a link to {directory.resolve()}, which align will not delete through; "
                     "replace the link with the directory itself, then resume"
                 )
+            usual_mode(staging, directory=True)
+            for saved in staging.iterdir():
+                usual_mode(saved, directory=saved.is_dir())
             if directory.exists():
                 shutil.rmtree(directory)
             os.replace(staging, directory)

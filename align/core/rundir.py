@@ -24,11 +24,30 @@ from align.core import distributed
 from align.errors import AlignError
 
 
+def umask() -> int:
+    """The process's umask (read by setting it, so set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(path: Path | int, directory: bool = False) -> None:
+    """Give a file (a path or a descriptor) or directory made by ``mkstemp``/``mkdtemp`` the mode
+    ``open``/``mkdir`` would have: those are 0600/0700 whatever the umask, so a shared results
+    folder could not read what a run wrote."""
+    mode = (0o777 if directory else 0o666) & ~umask()
+    if isinstance(path, int):
+        os.fchmod(path, mode)
+    else:
+        os.chmod(path, mode)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same directory and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
+        usual_mode(fd)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()

@@ -409,3 +409,28 @@ def test_a_full_disk_while_safetensors_writes_is_the_oserror_it_is(tmp_path, tin
         policy.save_adapter(tmp_path / "adapters" / "t1")
     assert error.value.errno == errno.ENOSPC
     assert list((tmp_path / "adapters").iterdir()) == []
+
+
+def test_files_a_run_writes_honour_the_umask(tmp_path, tiny_model_dir):
+    """mkstemp and mkdtemp make 0600 files and 0700 directories whatever the umask, so a shared
+    results folder could not read summary.json, state.json or the adapters."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        run(tmp_path)
+        policy = tiny_policy(tmp_path, tiny_model_dir)
+        policy.save_snapshot(policy.snapshot(), tmp_path / "run" / "checkpoint" / "adapter-real")
+        policy.save_adapter(tmp_path / "run" / "adapters" / "real")
+    finally:
+        os.umask(previous)
+    modes = {
+        str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode)
+        for p in (tmp_path / "run").rglob("*")
+        if p.name != ".lock"
+    }
+    assert modes["run/summary.json"] == modes["run/checkpoint/state.json"] == 0o644
+    assert modes["run/checkpoint/adapter-real.safetensors"] == 0o644
+    assert modes["run/adapters/real"] == 0o755
+    assert {mode for mode in modes.values()} <= {0o644, 0o755}, modes
