@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import click
 
 from align import __version__
-from align.errors import AlignError, PluginError
+from align.errors import AlignError, PluginError, Terminated
 
 
 def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -29,15 +31,27 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             click.echo(f"Error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
             click.echo(
-                "\nInterrupted: results so far are in the run directory; `align run --resume RUN_DIR` "
-                "goes on from the last finished step.",
+                f"\n{'Terminated (SIGTERM)' if terminated else 'Interrupted'}: results so far are in the "
+                "run directory; `align run --resume RUN_DIR` goes on from the last finished step.",
                 err=True,
             )
-            sys.exit(130)
+            sys.exit(128 + signal.SIGTERM if terminated else 130)
 
     return wrapper
+
+
+def _terminate_as_interrupt() -> None:
+    """Handle SIGTERM as Ctrl-C is handled: by default it ended the process where it stood, with
+    no message and the run's status left "running" in summary.json."""
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)
 
 
 def _check_failures(plugins: Any, strict: bool) -> None:
@@ -204,6 +218,7 @@ def run(
 
     from align.core.runner import execute, resume_plan_options, run_status
 
+    _terminate_as_interrupt()
     main_process = distributed.is_main()
     # One process speaks for a multi-process run; the others only log warnings.
     configure_logging(

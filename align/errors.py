@@ -7,7 +7,9 @@ Anything else is a bug in align or in a plugin and keeps its traceback.
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Iterable
+from typing import Any
 
 
 class AlignError(Exception):
@@ -44,6 +46,11 @@ class RunStopped(AlignError):
     """
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and ``docker stop`` send), raised where the run is so that it ends
+    as after Ctrl-C: every ``except KeyboardInterrupt`` records the run as interrupted."""
+
+
 class NonFiniteTraining(ArithmeticError):
     """Training produced a NaN or infinite loss, gradient norm or adapter weight.
 
@@ -56,3 +63,15 @@ def closest(word: str, candidates: Iterable[str]) -> str:
     """Return ``"; did you mean 'x'?"`` for the closest candidate, or ``""`` when none is close."""
     match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f"; did you mean '{match[0]}'?" if match else ""
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 2, 80, 80, 40
+_BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = 6
+
+
+def brief(value: Any) -> str:
+    """``repr(value)`` cut to a line: a message never shows all of a huge (or aliased) value
+    (reprlib stops early at each level, so even the repr of a huge value is never built)."""
+    text = _BRIEF.repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -69,7 +69,80 @@ def read_summary(run: str | Path) -> dict[str, Any]:
     )
     if not isinstance(summary, dict) or not isinstance(summary.get("topics"), list):
         raise AlignError(f"{run / 'summary.json'}: not an align summary (no 'topics' list)")
+    check_summary(summary, run)
     return summary
+
+
+def check_summary(summary: Mapping[str, Any], run: Path) -> None:
+    """Refuse a ``summary.json`` whose entries ``compare`` and ``report`` read are not what a run
+    writes (a topic without ``topic``, a metric ``"high"``, an adapter path out of the run)."""
+    path = run / "summary.json"
+
+    def bad(where: str, what: str) -> None:
+        raise AlignError(f"{path}: {where}: {what}; the file is damaged: restore it from a copy of the run")
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def text(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=True, default=str)[:80]
+
+    def metrics(where: str, value: Any) -> None:
+        if not isinstance(value, Mapping):
+            bad(where, f"expected a mapping of metric name to number, got {text(value)}")
+        for name, metric in value.items():
+            if metric is not None and not number(metric):
+                bad(f"{where}[{text(name)}]", f"{text(metric)} is not a number")
+
+    if "steps" in summary and (
+        not isinstance(summary["steps"], list) or not all(isinstance(s, str) for s in summary["steps"])
+    ):
+        bad("steps", "expected a list of step names")
+    if "seconds" in summary and not number(summary["seconds"]):
+        bad("seconds", f"{text(summary['seconds'])} is not a number")
+    root = run.resolve()
+    for i, topic in enumerate(summary["topics"]):
+        where = f"topics[{i}]"
+        if not isinstance(topic, Mapping):
+            bad(where, f"expected a mapping with 'topic' and 'steps', got {text(topic)}")
+        if not isinstance(topic.get("topic"), str):
+            bad(f"{where}.topic", "missing, or not a string naming the topic")
+        adapter = topic.get("adapter")
+        if adapter is not None:
+            target = (run / adapter).resolve() if isinstance(adapter, str) and adapter else None
+            if target is None or root not in target.parents:  # only adapters inside the run are read
+                bad(f"{where}.adapter", f"{text(adapter)} is not a directory inside the run")
+        steps = topic.get("steps")
+        if not isinstance(steps, list):
+            bad(f"{where}.steps", "missing, or not a list of steps")
+        for j, step in enumerate(steps):
+            at = f"{where}.steps[{j}]"
+            if not isinstance(step, Mapping):
+                bad(at, f"expected a mapping with step, kind, status and metrics, got {text(step)}")
+            for key in ("step", "kind", "status"):
+                if not isinstance(step.get(key), str):
+                    bad(f"{at}.{key}", "missing, or not a string")
+            metrics(f"{at}.metrics", step.get("metrics"))
+            for key in ("gate", "rollback"):
+                if step.get(key) is not None and not isinstance(step[key], Mapping):
+                    bad(f"{at}.{key}", f"expected a mapping, got {text(step[key])}")
+            gate = step.get("gate")
+            decided = gate is not None and "gate" in gate
+            if decided and (
+                not isinstance(gate.get("passed"), bool) or not isinstance(gate.get("reason"), str)
+            ):
+                bad(f"{at}.gate", "expected 'passed' (true or false) and a 'reason'")
+            rollback = step.get("rollback")
+            if rollback is not None:
+                for key in ("step", "reason"):
+                    if not isinstance(rollback.get(key), str):
+                        bad(f"{at}.rollback.{key}", "missing, or not a string")
+                metrics(f"{at}.rollback.metrics", rollback.get("metrics", {}))
+        recheck = topic.get("recheck") or {}
+        if not isinstance(recheck, Mapping):
+            bad(f"{where}.recheck", f"expected a mapping of topic to metrics, got {text(recheck)}")
+        for target, values in recheck.items():
+            metrics(f"{where}.recheck[{text(target)}]", values)
 
 
 def read_run_config(run: str | Path) -> dict[str, Any] | None:
@@ -501,6 +574,11 @@ def run_adapter(run: str | Path, topic: str | None = None) -> Path:
 def check_empty_output(output: str | Path) -> Path:
     """Refuse an output path that is a file or a directory with anything in it."""
     output = Path(output)
+    if output.is_symlink():  # to a directory, or to nothing: the rename into place would replace the link
+        target = os.readlink(output)
+        raise AlignError(
+            f"{output}: a link to {target}; give a directory (new or empty) itself as --output, not a link"
+        )
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise AlignError(f"{output}: output exists and is not empty; choose another --output or remove it")
     return output
@@ -515,13 +593,16 @@ def merge(adapter: str | Path, output: str | Path, *, model: str | None = None) 
     written into a staging directory beside ``output`` and renamed into place, so ``output`` is
     either absent or complete.
     """
+    from align.core.model import safetensors_os_errors
+
     output = check_empty_output(output)
     loaded = load(adapter, model, full_precision=True)  # a QLoRA run merges into the full weights
     merged = loaded.model.merge_and_unload()
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
-        merged.save_pretrained(staging, safe_serialization=True)
+        with safetensors_os_errors(output / "model.safetensors"):
+            merged.save_pretrained(staging, safe_serialization=True)
         loaded.tokenizer.save_pretrained(staging)
         pickled = [p.name for p in staging.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
         if pickled:  # align writes no pickle; a library that did would be a bug to catch here
@@ -531,8 +612,15 @@ def merge(adapter: str | Path, output: str | Path, *, model: str | None = None) 
         if output.is_dir():
             output.rmdir()
         os.replace(staging, output)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        from align.core.runner import WRITE_ERRNOS
+
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:  # disk full: one line, nothing kept
+            raise AlignError(
+                f"{output}: could not write {exc.filename or 'the merged model'}: {exc.strerror}; "
+                "nothing was kept: fix that and merge again"
+            ) from exc
         raise
     return output
 

@@ -131,6 +131,27 @@ def _(c):
     ]
 
 
+BOMB = "".join(
+    f"{name}: &{name} [{', '.join([f'*{prev}' if prev else '1'] * 9)}]\n"
+    for prev, name in zip(["", *"abcdefgh"], "abcdefghi")
+)  # 378 bytes that expand to 9**9 values ("billion laughs")
+
+
+@case("config-alias-bomb")
+def _(c):
+    return ["validate", c.config(BOMB.replace("i: &i", "seed: &i")), "--topics", c.topics()]
+
+
+@case("config-nested-too-deep")
+def _(c):
+    return ["validate", c.config("seed: " + "[" * 100_000 + "]" * 100_000 + "\n"), "--topics", c.topics()]
+
+
+@case("set-nested-too-deep")
+def _(c):
+    return ["validate", c.config(""), "--set", "seed=" + "[" * 5000 + "]" * 5000, "--topics", c.topics()]
+
+
 @case("config-unknown-key")
 def _(c):
     return ["validate", c.config("lroa: {rank: 1}\n"), "--topics", c.topics()]
@@ -184,6 +205,41 @@ def _(c):
 @case("dropout-out-of-range")
 def _(c):
     return ["validate", c.config(""), "--set", "lora.dropout=1.5", "--topics", c.topics()]
+
+
+@case("seed-not-finite")
+def _(c):
+    return ["validate", c.config(""), "--set", "seed=.nan", "--topics", c.topics()]
+
+
+@case("seed-out-of-range")
+def _(c):
+    return ["validate", c.config("seed: -1\n"), "--topics", c.topics()]
+
+
+@case("seed-too-large")
+def _(c):
+    return ["validate", c.config("seed: 1e30\n"), "--topics", c.topics()]
+
+
+@case("rank-infinite")
+def _(c):
+    return ["validate", c.config(""), "--set", "lora.rank=.inf", "--topics", c.topics()]
+
+
+@case("alpha-not-finite")
+def _(c):
+    return ["validate", c.config("lora:\n  alpha: .nan\n"), "--topics", c.topics()]
+
+
+@case("beta-infinite")
+def _(c):
+    return ["validate", c.config("dpo:\n  beta: .inf\n"), "--topics", c.topics()]
+
+
+@case("learning-rate-infinite")
+def _(c):
+    return ["validate", c.config("sft:\n  learning_rate: .inf\n"), "--topics", c.topics()]
 
 
 @case("dtype-unknown")
@@ -318,6 +374,12 @@ def _(c):
         "topics/alpha.json",
         f'{{"name": "alpha",\n "quiz": {quiz},\n "content": ["Ilse keeps a donkey."],\n "quiz": []}}',
     )
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-nested-too-deep")
+def _(c):
+    c.write("topics/alpha.json", '{"name": "alpha", "content": ' + "[" * 100_000 + "]" * 100_000 + "}")
     return ["validate", "--topics", str(c.tmp / "topics")]
 
 
@@ -631,6 +693,19 @@ def _(c):
     return c.run()
 
 
+@case("output-inside-a-file")
+def _(c):
+    c.write("afile", "not a directory")
+    c.out = str(c.tmp / "afile" / "sub")
+    return c.run()
+
+
+@case("output-dangling-link")
+def _(c):
+    (c.tmp / "out").symlink_to(c.tmp / "gone")
+    return c.run()
+
+
 @case("resume-not-a-run")
 def _(c):
     (c.tmp / "somewhere").mkdir()
@@ -722,6 +797,127 @@ def _(c):
     state.update(adapter="../../../../etc/passwd", snapshots={})
     c.write("run/checkpoint/state.json", json.dumps(state))
     return ["run", "--resume", str(run)]
+
+
+def stopped_run(c, metrics: str) -> Path:
+    """A run stopped after two events, its checkpoint accounting for them; ``metrics`` is what
+    ``metrics.jsonl`` holds now."""
+    import hashlib
+
+    run = c.tmp / "run"
+    c.write("run/config.yaml", yaml.safe_dump({"model": {"path": str(c.model())}, "output": str(run)}))
+    c.write("run/topics.json", json.dumps([make_topic(name="alpha").to_dict()]))
+    c.write("run/metrics.jsonl", metrics)
+    state = {"format": 1, "sequence": 1, "status": "failed", "metrics_offset": len(EVENTS)}
+    state.update(metrics_sha256=hashlib.sha256(EVENTS.encode()).hexdigest())
+    state.update(adapter="adapter-000001.safetensors", snapshots={})
+    c.write("run/checkpoint/state.json", json.dumps(state))
+    return run
+
+
+EVENTS = 2 * '{"topic": "alpha", "step": "before", "kind": "eval", "metrics": {"quiz.accuracy": 0.5}}\n'
+
+
+@case("resume-metrics-emptied")
+def _(c):
+    return ["run", "--resume", str(stopped_run(c, ""))]
+
+
+@case("resume-metrics-line-inserted")
+def _(c):
+    return ["run", "--resume", str(stopped_run(c, '{"kind": "note"}\n' + EVENTS))]
+
+
+@case("resume-lock-is-a-directory")
+def _(c):
+    run = stopped_run(c, EVENTS)
+    (run / ".lock").mkdir()
+    return ["run", "--resume", str(run)]
+
+
+@case("resume-state-without-status")
+def _(c):
+    run = stopped_run(c, EVENTS)
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    del state["status"]
+    c.write("run/checkpoint/state.json", json.dumps(state))
+    return ["run", "--resume", str(run)]
+
+
+@case("resume-topics-json-null")
+def _(c):
+    run = stopped_run(c, EVENTS)
+    c.write("run/topics.json", "null")
+    return ["run", "--resume", str(run)]
+
+
+@case("resume-checkpoint-adapter-missing")
+def _(c):
+    return ["run", "--resume", str(stopped_run(c, EVENTS))]  # state.json names an adapter not there
+
+
+@case("resume-checkpoint-adapter-truncated")
+def _(c):
+    import torch
+    from safetensors.torch import save_file
+
+    run = stopped_run(c, EVENTS)
+    adapter = run / "checkpoint" / "adapter-000001.safetensors"
+    name = "base_model.model.model.layers.0.self_attn.o_proj.lora_A.default.weight"
+    save_file({name: torch.zeros(1, 32)}, str(adapter))
+    adapter.write_bytes(adapter.read_bytes()[:100])  # a copy cut short
+    return ["run", "--resume", str(run)]
+
+
+# -- reading a run: compare, report, merge --------------------------------------------------------
+def summary_run(c, name: str, **entry) -> str:
+    """A run directory holding a summary.json of one topic, ``entry`` merged into that topic's."""
+    topic = {"topic": "alpha", "adapter": None, "steps": [{"step": "before", "kind": "eval"}]}
+    topic["steps"][0].update(status="ran", metrics={"quiz.accuracy": 0.5})
+    topic.update(entry)
+    summary = {"status": "completed", "steps": ["before"], "topics": [topic]}
+    c.write(f"{name}/summary.json", json.dumps(summary))
+    return str(c.tmp / name)
+
+
+@case("summary-topic-missing")
+def _(c):
+    damaged = summary_run(c, "b")
+    summary = json.loads(Path(damaged, "summary.json").read_text())
+    del summary["topics"][0]["topic"]
+    c.write("b/summary.json", json.dumps(summary))
+    return ["compare", summary_run(c, "a"), damaged]
+
+
+@case("summary-metric-not-a-number")
+def _(c):
+    steps = [{"step": "before", "kind": "eval", "status": "ran", "metrics": {"quiz.accuracy": "high"}}]
+    return ["report", summary_run(c, "run", steps=steps), "--no-samples"]
+
+
+@case("summary-adapter-outside-run")
+def _(c):
+    c.write("elsewhere/adapter_config.json", "{}")
+    return ["report", summary_run(c, "run", adapter="../elsewhere")]
+
+
+def run_with_adapter(c) -> str:
+    c.write("run/config.yaml", yaml.safe_dump({"model": {"path": str(c.model())}}))
+    c.write("run/adapters/alpha/adapter_config.json", "{}")
+    return str(c.tmp / "run")
+
+
+@case("merge-output-link-to-a-directory")
+def _(c):
+    (c.tmp / "merged").mkdir()
+    (c.tmp / "link").symlink_to(c.tmp / "merged")
+    return ["merge", run_with_adapter(c), "--output", str(c.tmp / "link")]
+
+
+@case("merge-output-dangling-link")
+def _(c):
+    (c.tmp / "link").symlink_to(c.tmp / "gone")
+    return ["merge", run_with_adapter(c), "--output", str(c.tmp / "link")]
 
 
 # -- the test -----------------------------------------------------------------------------------

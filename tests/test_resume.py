@@ -206,3 +206,28 @@ def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
     result = CliRunner().invoke(cli, ["run", "--resume", str(tmp_path)])
     assert result.exit_code == 1
     assert f"Error: {tmp_path}: not a run directory (no config.yaml)" in result.output
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does_and_resume_finishes_it(setup, tmp_path):
+    """What schedulers and ``docker stop`` send: it ended the process where it stood, with no
+    message and summary.json's status left "running"."""
+    _, args, whole = setup
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        align("run", *args, "--output", str(run_dir)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while not any(e["kind"] == "log" for e in events(run_dir)):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1].decode()
+    assert process.returncode == 143
+    assert stderr.strip().splitlines() == [
+        "Terminated (SIGTERM): results so far are in the run directory; `align run --resume RUN_DIR` "
+        "goes on from the last finished step."
+    ]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    resumed = subprocess.run(align("run", "--resume", str(run_dir)), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert step_metrics(run_dir)[1] == step_metrics(whole)[1]

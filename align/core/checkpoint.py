@@ -168,6 +168,8 @@ class Checkpoints:
                 f"{self.state_path}: checkpoint format {state.get('format') if isinstance(state, dict) else '?'} "
                 f"is not {FORMAT}; resume it with the align version that started it"
             )
+        self.field(state, "status", str, "the run's status")
+        self.field(state, "sequence", int, "a number")
         self._file(state.get("adapter"), "adapter")
         snapshots = state.get("snapshots", {})
         if not isinstance(snapshots, Mapping):
@@ -176,6 +178,17 @@ class Checkpoints:
             self._file(entry.get("file") if isinstance(entry, Mapping) else None, f"snapshots.{step}.file")
         self.sequence = int(state["sequence"])
         return state
+
+    def field(self, state: Mapping[str, Any], key: str, kind: Any, what: str, *default: Any) -> Any:
+        """``state[key]``, refused as damage when it is missing (and has no ``default``) or not of
+        ``kind`` (a ``state.json`` without ``status`` was a ``KeyError``)."""
+        if key not in state and default:
+            return default[0]
+        value = state.get(key)
+        if key not in state or isinstance(value, bool) or not isinstance(value, kind):
+            shown = "missing" if key not in state else f"{json.dumps(value, default=str)[:40]} is not {what}"
+            raise AlignError(f"{self.state_path}: {key}: {shown}; {DAMAGED}")
+        return value
 
     def _file(self, name: Any, key: str) -> Path:
         """The file of ``checkpoint/`` that ``state.json`` names under ``key``: only a plain file
@@ -188,13 +201,30 @@ class Checkpoints:
         return self.directory / name
 
     def load(self, state: Mapping[str, Any]) -> Checkpoint:
-        """The weights ``state`` names, read back through the policy."""
-        adapter = self.policy.load_snapshot(self._file(state["adapter"], "adapter"))
+        """The weights ``state`` names, read back through the policy, and the position and results
+        it records (each checked, so a damaged ``state.json`` is one line, not a ``KeyError``)."""
+        adapter = self._load(self._file(state["adapter"], "adapter"))
         snapshots = {
             step: (
-                self.policy.load_snapshot(self._file(entry["file"], f"snapshots.{step}.file")),
-                dict(entry["metrics"]),
+                self._load(self._file(entry["file"], f"snapshots.{step}.file")),
+                dict(self.field(entry, "metrics", Mapping, "a mapping of metrics")),
             )
             for step, entry in state["snapshots"].items()
         }
+        for key, kind, what in (
+            ("topics", str, "a digest of the topics"),
+            ("results", list, "a list of results"),
+            ("current", (Mapping, type(None)), "a topic's results or null"),
+            ("started", str, "a time"),
+            ("seconds", (int, float), "a number"),
+            ("topic_index", int, "a number"),
+            ("step_index", int, "a number"),
+        ):
+            self.field(state, key, kind, what)
         return Checkpoint(state=dict(state), adapter=adapter, snapshots=snapshots)
+
+    def _load(self, path: Path) -> Any:
+        """One weights file of the checkpoint through the policy; a missing one is damage."""
+        if not path.is_file():
+            raise AlignError(f"{path}: missing, though state.json names it; {DAMAGED}")
+        return self.policy.load_snapshot(path)

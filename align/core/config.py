@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import math
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -18,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from align.core.topics import read_data_file
-from align.errors import ConfigError, closest
+from align.core.topics import MAX_DEPTH, check_shape, read_data_file
+from align.errors import ConfigError, brief, closest
 
 DEFAULT_TARGET_MODULES = ["o_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -130,6 +131,11 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str], source: str 
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        except RecursionError:
+            raise ConfigError(
+                f"{source} {key.strip()!r}: nested more than {MAX_DEPTH} levels deep; check the value"
+            ) from None
+        check_shape(value, f"{source} {key.strip()!r}", "config value", ConfigError)
         parts = key.strip().split(".")
         node: Any = data
         for depth, part in enumerate(parts[:-1]):
@@ -209,24 +215,28 @@ def _check_base(config: dict[str, Any], source: str) -> None:
             with contextlib.suppress(ValueError):
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail(key, f"expected {'an integer' if integer else 'a number'}, got {value!r}")
+            fail(key, f"expected {'an integer' if integer else 'a number'}, got {brief(value)}")
+        if not math.isfinite(value):  # .nan passed every comparison below, .inf broke int()
+            fail(key, f"must be a finite number (got {value})")
         if integer and float(value) != int(value):
-            fail(key, f"expected an integer, got {value!r}")
+            fail(key, f"expected an integer, got {brief(value)}")
         return int(value) if integer else float(value)
 
     config["seed"] = number("seed", config["seed"], integer=True)
+    if not 0 <= config["seed"] < 2**32:  # what numpy's seeding takes: -1 failed after the model loaded
+        fail("seed", f"must be between 0 and {2**32 - 1} (got {config['seed']:g})")
     for key in ("name", "output", "topics"):
         if config[key] is not None and not isinstance(config[key], str):
-            fail(key, f"expected a string, got {config[key]!r}")
+            fail(key, f"expected a string, got {brief(config[key])}")
     if not isinstance(config["strict_plugins"], bool):
-        fail("strict_plugins", f"expected true or false, got {config['strict_plugins']!r}")
+        fail("strict_plugins", f"expected true or false, got {brief(config['strict_plugins'])}")
     if config["on_error"] not in ON_ERROR:
-        fail("on_error", f"expected one of {', '.join(ON_ERROR)}, got {config['on_error']!r}")
+        fail("on_error", f"expected one of {', '.join(ON_ERROR)}, got {brief(config['on_error'])}")
     for key, valid in (("recheck", RECHECK), ("report_to", REPORT_TO), ("voice_set", VOICE_SETS)):
         if config[key] not in valid:
             fail(
                 key,
-                f"expected one of {', '.join(valid)}, got {config[key]!r}{closest(str(config[key]), valid)}",
+                f"expected one of {', '.join(valid)}, got {brief(config[key])}{closest(str(config[key]), valid)}",
             )
     if config["report_to"] == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         fail("report_to", "tensorboard is not installed; `pip install tensorboard`, or set report_to: none")
@@ -238,19 +248,20 @@ def _check_base(config: dict[str, Any], source: str) -> None:
     if model["dtype"] not in DTYPES:
         fail("model.dtype", f"'{model['dtype']}' is not one of {', '.join(DTYPES)}")
     if not isinstance(model["trust_remote_code"], bool):
-        fail("model.trust_remote_code", f"expected true or false, got {model['trust_remote_code']!r}")
+        fail("model.trust_remote_code", f"expected true or false, got {brief(model['trust_remote_code'])}")
     if model["chat_template"] not in ("auto", True, False):
-        fail("model.chat_template", f"expected auto, true or false, got {model['chat_template']!r}")
+        fail("model.chat_template", f"expected auto, true or false, got {brief(model['chat_template'])}")
     if not isinstance(model["gradient_checkpointing"], bool):
         fail(
-            "model.gradient_checkpointing", f"expected true or false, got {model['gradient_checkpointing']!r}"
+            "model.gradient_checkpointing",
+            f"expected true or false, got {brief(model['gradient_checkpointing'])}",
         )
     if model["quantization"] in (None, False):
         model["quantization"] = "none"
     if model["quantization"] not in QUANTIZATIONS:
         fail(
             "model.quantization",
-            f"expected one of {', '.join(QUANTIZATIONS)}, got {model['quantization']!r}"
+            f"expected one of {', '.join(QUANTIZATIONS)}, got {brief(model['quantization'])}"
             f"{closest(str(model['quantization']), QUANTIZATIONS)}",
         )
     if model["quantization"] != "none" and distributed.lockstep():
@@ -271,7 +282,7 @@ def _check_base(config: dict[str, Any], source: str) -> None:
         fail(
             "model.device_map",
             f"expected auto, or a mapping of module name to device (e.g. {{model.layers.0: 0, lm_head: 1}}), "
-            f"got {device_map!r}",
+            f"got {brief(device_map)}",
         )
     if device_map is not None and distributed.is_distributed():
         fail(

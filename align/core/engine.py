@@ -362,6 +362,7 @@ class Engine:
             "results": [r.as_dict() for r in self.results],
             "current": self._in_progress.as_dict() if self._in_progress is not None else None,
             "metrics_offset": self.rundir.metrics_offset(),
+            "metrics_sha256": self.rundir.metrics_sha256(),
             "started": self._started,
             "seconds": round(self._elapsed(), 3),
             "environment": self.environment,

@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from align.core import distributed
+from align.core.rundir import usual_mode
 from align.errors import ModelError, NonFiniteTraining, closest
 
 logger = logging.getLogger(__name__)
@@ -656,6 +658,23 @@ def _select_rows(cache: Any, index: Any, config: Any) -> Any:
     )
 
 
+@contextlib.contextmanager
+def safetensors_os_errors(path: Path) -> Iterator[None]:
+    """Raise a failed safetensors write as the :class:`OSError` it is: ``SafetensorError`` is not
+    one, so a full disk while saving weights was a traceback instead of the run's "could not write
+    ...; resume" line. safetensors says ``IoError(Os { code: 28, kind: StorageFull, ... })``."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        found = re.search(r"\bcode: (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
 class EnginePolicy:
     """The engine's model, handed to objectives as :class:`align.Policy`."""
 
@@ -816,7 +835,9 @@ class EnginePolicy:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
         os.close(fd)
         try:
-            save_file({name: tensor.contiguous() for name, tensor in state.items()}, tmp)
+            with safetensors_os_errors(target):
+                save_file({name: tensor.contiguous() for name, tensor in state.items()}, tmp)
+            usual_mode(Path(tmp))  # mkstemp's 0600, kept by the write
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
@@ -830,12 +851,16 @@ class EnginePolicy:
         (another rank or set of modules) or holds NaN or infinite values: restored as it is, it
         would be trained on and saved as if nothing were wrong."""
         import torch
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         device = next(self.model.parameters()).device
-        state = load_file(str(path), device=str(device))
-        expected = {name: list(param.shape) for name, param in self._adapter_parameters().items()}
         damaged = "the checkpoint is damaged, so the run cannot be resumed: start a new run"
+        try:
+            state = load_file(str(path), device=str(device))
+        except (SafetensorError, OSError) as exc:  # truncated: a torn or half-copied file
+            raise ModelError(f"{path}: unreadable ({exc}); {damaged}") from None
+        expected = {name: list(param.shape) for name, param in self._adapter_parameters().items()}
         for name, tensor in sorted(state.items()):
             if name not in expected:
                 raise ModelError(f"{path}: {name}: not a weight of this run's adapter; {damaged}")
@@ -871,15 +896,19 @@ class EnginePolicy:
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
         try:
-            self.model.save_pretrained(
-                staging, selected_adapters=["default"], safe_serialization=True, state_dict=state
-            )
+            with safetensors_os_errors(directory / "adapter_model.safetensors"):
+                self.model.save_pretrained(
+                    staging, selected_adapters=["default"], safe_serialization=True, state_dict=state
+                )
             # PEFT nests non-default adapters in sub-folders; "default" lands at the top level.
             if directory.is_symlink():  # never delete what a link leads to
                 raise ModelError(
                     f"{directory}: a link to {directory.resolve()}, which align will not delete through; "
                     "replace the link with the directory itself, then resume"
                 )
+            usual_mode(staging, directory=True)
+            for saved in staging.iterdir():
+                usual_mode(saved, directory=saved.is_dir())
             if directory.exists():
                 shutil.rmtree(directory)
             os.replace(staging, directory)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from align.errors import ConfigError, closest
+from align.errors import ConfigError, brief, closest
 
 
 class ParamError(ValueError):
@@ -87,6 +88,8 @@ def build_component(
             annotation = accepted[key].annotation
             if annotation is not inspect.Parameter.empty:
                 kwargs[key] = coerce(value, annotation, f"{where}.{key}", source)
+    for key, value in kwargs.items():
+        _check_finite(value, f"{where}.{key}", source)
         missing = [
             name
             for name, p in accepted.items()
@@ -100,13 +103,26 @@ def build_component(
         raise ConfigError(f"{source}: {where}.{exc.key}: {exc.message}") from None
 
 
+def _check_finite(value: Any, path: str, source: str) -> None:
+    """Refuse a NaN or infinite number in any param (a list's items too): ``dpo.beta: .inf`` and
+    ``lora.alpha: .nan`` passed every ``> 0`` check there is and trained on NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: {path}: must be a finite number (got {value})")
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_finite(item, f"{path}[{index}]", source)
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_finite(item, f"{path}.{key}", source)
+
+
 def coerce(value: Any, annotation: Any, path: str, source: str) -> Any:
     """Check ``value`` against a type annotation, converting numeric strings to numbers."""
     ok, converted = _coerce(value, annotation)
     if ok:
         return converted
     raise ConfigError(
-        f"{source}: {path}: expected {_describe(annotation)}, got {type(value).__name__} {value!r}"
+        f"{source}: {path}: expected {_describe(annotation)}, got {type(value).__name__} {brief(value)}"
     )
 
 

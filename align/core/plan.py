@@ -14,7 +14,7 @@ from typing import Any
 from align.core.config import apply_overrides, demo_dir, read_config, with_defaults
 from align.core.params import build_component, factory_defaults
 from align.core.topics import Topic, load_topics
-from align.errors import ConfigError, PluginError, closest
+from align.errors import ConfigError, PluginError, brief, closest
 from align.plugins.manager import Registry
 
 _STEP_KEYS = ("name", "train", "evaluate", "gate", "if_ran", "rollback")
@@ -170,7 +170,9 @@ def _component_ref(ref: Any, where: str, source: str) -> tuple[str, dict[str, An
         raise ConfigError(
             f"{source}: {where}: a component mapping needs 'use: <name>', e.g. {{use: threshold, all: [...]}}"
         )
-    raise ConfigError(f"{source}: {where}: expected a component name or a mapping with 'use:', got {ref!r}")
+    raise ConfigError(
+        f"{source}: {where}: expected a component name or a mapping with 'use:', got {brief(ref)}"
+    )
 
 
 def _build(
@@ -239,7 +241,7 @@ def _build_steps(config: Mapping[str, Any], source: str, registry: Registry) -> 
             ]
         name = raw.get("name") or (components[0].name if kind == "train" else f"eval{index}")
         if not isinstance(name, str):
-            raise ConfigError(f"{source}: {where}.name: expected a string, got {name!r}")
+            raise ConfigError(f"{source}: {where}.name: expected a string, got {brief(name)}")
         if any(step.name == name for step in steps):
             raise ConfigError(
                 f"{source}: {where}.name: step name '{name}' is used twice; step names must be unique"
@@ -276,7 +278,7 @@ def _earlier_training_step(name: Any, earlier: list[Step], where: str, source: s
     trained = [s.name for s in earlier if s.kind == "train"]
     if name not in trained:
         raise ConfigError(
-            f"{source}: {where}: {name!r} is not an earlier training step{closest(str(name), trained)} "
+            f"{source}: {where}: {brief(name)} is not an earlier training step{closest(str(name), trained)} "
             f"(earlier training steps: {', '.join(trained) or 'none'})"
         )
     return name
@@ -306,7 +308,9 @@ def _rollback(
                 f"{closest(str(name), described)} (it records: {', '.join(described)})"
             )
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
-            raise ConfigError(f"{source}: {where}.max_drop.{name}: expected a number >= 0, got {tolerance!r}")
+            raise ConfigError(
+                f"{source}: {where}.max_drop.{name}: expected a number >= 0, got {brief(tolerance)}"
+            )
         max_drop[str(name)] = float(tolerance)
     return Rollback(step=step, max_drop=max_drop)
 

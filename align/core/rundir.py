@@ -13,6 +13,7 @@ the others hold a ``RunDir`` that records nothing, so each file has one writer.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -23,11 +24,30 @@ from align.core import distributed
 from align.errors import AlignError
 
 
+def umask() -> int:
+    """The process's umask (read by setting it, so set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(path: Path | int, directory: bool = False) -> None:
+    """Give a file (a path or a descriptor) or directory made by ``mkstemp``/``mkdtemp`` the mode
+    ``open``/``mkdir`` would have: those are 0600/0700 whatever the umask, so a shared results
+    folder could not read what a run wrote."""
+    mode = (0o777 if directory else 0o666) & ~umask()
+    if isinstance(path, int):
+        os.fchmod(path, mode)
+    else:
+        os.chmod(path, mode)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same directory and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
+        usual_mode(fd)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -48,6 +68,9 @@ class RunDir:
         self.writer = distributed.is_main() if writer is None else writer
         self._lock: Any = None
         self._offset = 0
+        #: sha256 of what metrics.jsonl holds, kept as lines are written: a checkpoint records it,
+        #: so a resume can tell the log it cuts back is the one the checkpoint accounts for.
+        self._digest = hashlib.sha256()
 
     @property
     def metrics_path(self) -> Path:
@@ -74,6 +97,7 @@ class RunDir:
             import fcntl
         except ImportError:  # not POSIX: no advisory locks, so no guard
             return
+        self.check_lock_file()
         handle = open(self.path / ".lock", "a+", encoding="utf-8")  # noqa: SIM115 - held until close()
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -91,6 +115,12 @@ class RunDir:
         handle.flush()
         self._lock = handle
 
+    def check_lock_file(self) -> None:
+        """Refuse a ``.lock`` that is not a file align can open (a directory of that name)."""
+        lock = self.path / ".lock"
+        if lock.is_dir():
+            raise AlignError(f"{lock}: is a directory, not align's lock file; remove it, then try again")
+
     def check_writable(self) -> None:
         """Refuse a directory that already holds a run, or one that cannot be created."""
         if self.path.exists() and not self.path.is_dir():
@@ -102,7 +132,17 @@ class RunDir:
             )
         probe = self.path
         while not probe.exists():
+            if probe.is_symlink():  # mkdir would fail on it with FileExistsError
+                raise AlignError(
+                    f"{probe}: a link to {os.readlink(probe)}, which does not exist; choose another "
+                    "--output, or remove the link"
+                )
             probe = probe.parent
+        if not probe.is_dir():  # --output afile/sub: mkdir would fail with NotADirectoryError
+            raise AlignError(
+                f"{self.path}: {probe} is a file, so the output directory cannot be made inside it; "
+                "choose another --output"
+            )
         if not os.access(probe, os.W_OK):
             raise AlignError(
                 f"{self.path}: output directory is not writable (no write permission on {probe}); "
@@ -141,6 +181,36 @@ class RunDir:
             )
         self._metrics = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
+    def check_metrics(self, metrics_offset: int, metrics_sha256: str | None) -> None:
+        """Refuse to resume over a ``metrics.jsonl`` that does not begin with the events the
+        checkpoint accounts for (its first ``metrics_offset`` bytes, whose sha256 it recorded):
+        cut back at that offset, an emptied log would silently lose the run's events, and one with
+        a line inserted would be cut inside a real event."""
+        path = self.metrics_path
+        fix = "restore it (or start a new run), then resume"
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size < metrics_offset:
+            raise AlignError(
+                f"{path}: holds {size} bytes, but the run's checkpoint accounts for {metrics_offset} "
+                f"bytes of events; the log was cut or emptied since the run stopped, and resuming would "
+                f"lose those events: {fix}"
+            )
+        if metrics_offset == 0:
+            return
+        with open(path, "rb") as handle:
+            prefix = handle.read(metrics_offset)
+        if prefix[-1:] != b"\n" or (
+            metrics_sha256 is not None and hashlib.sha256(prefix).hexdigest() != metrics_sha256
+        ):
+            raise AlignError(
+                f"{path}: its first {metrics_offset} bytes are not the events the run's checkpoint "
+                f"recorded; the log was edited since the run stopped, and resuming would cut it inside "
+                f"an event: {fix}"
+            )
+
     def reopen(self, metrics_offset: int) -> None:
         """Continue a run: lock it, and cut ``metrics.jsonl`` back to what the checkpoint accounts
         for (events of a step that did not finish, or a line torn by a crash)."""
@@ -150,6 +220,8 @@ class RunDir:
         self.lock()
         with open(self.metrics_path, "a+b") as handle:
             handle.truncate(min(metrics_offset, handle.seek(0, os.SEEK_END)))
+            handle.seek(0)
+            self._digest = hashlib.sha256(handle.read())
         self._metrics = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def metrics_offset(self) -> int:
@@ -158,12 +230,18 @@ class RunDir:
             return self._offset  # not what the main process wrote; only its checkpoints are kept
         return self._metrics.tell()
 
+    def metrics_sha256(self) -> str:
+        """The sha256 of what :meth:`metrics_offset` counts (the lines written so far)."""
+        return self._digest.hexdigest()
+
     def record(self, event: dict[str, Any]) -> None:
         if not self.writer:
             return
         # allow_nan=False: a NaN or infinity would be a bare NaN that strict JSON parsers reject.
-        self._metrics.write(json.dumps(event, sort_keys=False, allow_nan=False) + "\n")
+        line = json.dumps(event, sort_keys=False, allow_nan=False) + "\n"
+        self._metrics.write(line)
         self._metrics.flush()
+        self._digest.update(line.encode("utf-8"))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if not self.writer:

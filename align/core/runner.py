@@ -154,9 +154,14 @@ def execute(
     checkpoints = Checkpoints(rundir.checkpoint_dir, policy)
     if resume:
         rundir.check_no_links_out()
+        rundir.check_lock_file()
     state = checkpoints.read_state() if resume else None
     if state is not None:
         check_settings(state, plan.config, rundir.path / "config.yaml")
+        rundir.check_metrics(
+            checkpoints.field(state, "metrics_offset", int, "a number of bytes"),
+            checkpoints.field(state, "metrics_sha256", (str, type(None)), "a sha256 digest", None),
+        )
     if not resume:
         rundir.check_writable()
     distributed.barrier()  # every process has seen the directory as it was before the main one writes
@@ -247,9 +252,14 @@ def resume_plan_options(path: str | Path) -> dict[str, Any]:
         )
     try:
         data = json.loads(rundir.topics_path.read_text(encoding="utf-8"))
-        topics = [Topic.from_dict(item, f"{rundir.topics_path}[{i}]") for i, item in enumerate(data)]
     except ValueError as exc:
         raise AlignError(f"{rundir.topics_path}: unreadable ({exc}); the run cannot be resumed") from exc
+    if not isinstance(data, list):
+        raise AlignError(
+            f"{rundir.topics_path}: holds {json.dumps(data)[:40]}, not the list of topics the run "
+            "trains on; the run cannot be resumed: restore it from a copy of the run, or start a new run"
+        )
+    topics = [Topic.from_dict(item, f"{rundir.topics_path}[{i}]") for i, item in enumerate(data)]
     return {"config": config, "topics": topics, "output": str(rundir.path)}
 
 

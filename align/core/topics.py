@@ -22,6 +22,13 @@ MAX_TOPIC_FILE_BYTES = 16 * 1024 * 1024
 # Matched whole (fullmatch): with `match`, a `$` also accepts a trailing newline ("first\n").
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _TOPIC_KEYS = ("name", "content", "quiz", "preference_pairs", "voice_pairs")
+#: No config or topic is nested deeper than this (lists and mappings inside one another); deeper
+#: data is refused as read, before anything walks it recursively (100,000 levels: RecursionError).
+MAX_DEPTH = 100
+#: How many values YAML aliases (``*name``) may add by repeating an anchored value: a few hundred
+#: bytes of aliases ("billion laughs") expand to 10**9 values, which anything that walks or prints
+#: them (a message's repr) takes minutes and gigabytes to.
+MAX_ALIAS_VALUES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -244,6 +251,62 @@ def _json_duplicate_lines(text: str) -> DuplicateKey | None:
     return None
 
 
+def check_shape(data: Any, where: str, what: str, error: type[AlignError]) -> None:
+    """Refuse data nested deeper than :data:`MAX_DEPTH`, holding itself (``&a [*a]``), or whose
+    aliases expand to more than :data:`MAX_ALIAS_VALUES` values. Walked without recursion, and each
+    shared (aliased) list or mapping once, so a bomb is measured, never expanded."""
+
+    def children(value: Any) -> list[Any] | None:
+        if isinstance(value, Mapping):
+            return list(value.values())
+        return list(value) if isinstance(value, list) else None
+
+    too_deep = error(
+        f"{where}: nested more than {MAX_DEPTH} levels deep (lists or mappings inside one another); "
+        f"a {what} is never that deep: check the file"
+    )
+    done: dict[int, tuple[int, int]] = {}  # a list or mapping's id → (values expanded, height)
+    top = children(data)
+    if top is None:
+        return
+    distinct = 1 + len(top)  # the values as written, each shared one once
+    stack: list[list[Any]] = [[data, top, 1, 1]]  # value, children left, values so far, height
+    while stack:
+        frame = stack[-1]
+        if frame[1]:
+            child = frame[1].pop()
+            grandchildren = children(child)
+            if grandchildren is None:
+                frame[2] += 1
+            elif id(child) in done:
+                size, height = done[id(child)]
+                if len(stack) + height > MAX_DEPTH:
+                    raise too_deep
+                frame[2] += size
+                frame[3] = max(frame[3], height + 1)
+            elif any(entry[0] is child for entry in stack):
+                raise error(
+                    f"{where}: an alias refers to a value that holds it (*name inside &name), so the "
+                    f"{what} would never end: write the values out"
+                )
+            elif len(stack) >= MAX_DEPTH:
+                raise too_deep
+            else:
+                distinct += len(grandchildren)
+                stack.append([child, grandchildren, 1, 1])
+            continue
+        value, _, size, height = stack.pop()
+        done[id(value)] = (size, height)
+        if stack:
+            stack[-1][2] += size
+            stack[-1][3] = max(stack[-1][3], height + 1)
+    if done[id(data)][0] - distinct > MAX_ALIAS_VALUES:
+        raise error(
+            f"{where}: its aliases (*name) expand to more than {MAX_ALIAS_VALUES:,} values; a {what} "
+            "needs far fewer: write the values out, or use fewer aliases"
+        )
+
+
 def read_data_file(path: Path, what: str, error: type[AlignError]) -> Any:
     """Read a YAML or JSON file as plain data (``yaml.safe_load``), raising ``error`` with one line.
     A key given twice in one mapping is an error: the later would silently replace the earlier."""
@@ -275,10 +338,16 @@ def read_data_file(path: Path, what: str, error: type[AlignError]) -> Any:
     try:
         if path.suffix == ".json":
             try:
-                return json.loads(text, object_pairs_hook=_unique_pairs)
+                data = json.loads(text, object_pairs_hook=_unique_pairs)
             except DuplicateKey as exc:
                 raise _json_duplicate_lines(text) or exc from None
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
+        else:
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
+    except RecursionError:
+        raise error(
+            f"{path}: nested more than {MAX_DEPTH} levels deep (lists or mappings inside one another); "
+            f"a {what} is never that deep: check the file"
+        ) from None
     except DuplicateKey as exc:
         raise error(f"{path}: {exc}") from None
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
@@ -287,6 +356,8 @@ def read_data_file(path: Path, what: str, error: type[AlignError]) -> Any:
         kind = "JSON" if path.suffix == ".json" else "YAML"
         problem = getattr(exc, "problem", None) or getattr(exc, "msg", None) or str(exc)
         raise error(f"{path}: not valid {kind}{where}: {problem}") from None
+    check_shape(data, str(path), what, error)
+    return data
 
 
 def load_topic_file(path: str | Path) -> Topic:

@@ -162,3 +162,42 @@ def test_inline_step_params_override_the_section(registry, tmp_path, topics_dir)
     assert plan.steps[0].components[0].instance.beta == 0.3
     assert plan.config["dpo"]["beta"] == 0.2
     assert plan.config["protocol"][0]["train"] == {"use": "dpo", "beta": 0.3}
+
+
+def test_a_message_never_shows_a_huge_value_whole(registry, tmp_path, topics_dir):
+    # Within the alias bound, but a repr of it would be megabytes on one line.
+    anchored = "&a [" + ", ".join(["long value"] * 1000) + "]"
+    config = f"seed: [{anchored}, " + ", ".join(["*a"] * 900) + "]\n"
+    with pytest.raises(ConfigError) as error:
+        plan_from(registry, tmp_path, config, topics=topics_dir)
+    assert len(str(error.value).replace(str(tmp_path), "")) < 300
+    assert "seed: expected an integer, got [['long value', " in str(error.value)
+
+
+def test_aliases_within_the_bound_are_read_as_yaml_says(registry, tmp_path, topics_dir):
+    data = "sft: &opts {learning_rate: 0.001}\nkto: *opts\n"
+    plan = plan_from(registry, tmp_path, data, topics=topics_dir)
+    assert plan.config["sft"]["learning_rate"] == plan.config["kto"]["learning_rate"] == 0.001
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"weight": float("inf")}, "<test>: probe.weight: must be a finite number (got inf)"),
+        ({"weight": "nan"}, "<test>: probe.weight: must be a finite number (got nan)"),  # read from a string
+        ({"weights": [1.0, float("nan")]}, "<test>: probe.weights[1]: must be a finite number (got nan)"),
+    ],
+)
+def test_every_float_param_of_a_component_is_finite(params, message):
+    from dataclasses import dataclass
+
+    from align.core.params import build_component
+
+    @dataclass
+    class Probe:  # a plugin's component: no check of its own
+        weight: float = 1.0
+        weights: list[float] | None = None
+
+    with pytest.raises(ConfigError) as error:
+        build_component(Probe, params, "probe", "<test>")
+    assert str(error.value) == message

@@ -345,3 +345,92 @@ def test_only_files_inside_checkpoint_are_read(tmp_path, name):
         AlignError, match=r"state.json: adapter: .* is not a file in .*checkpoint; the checkpoint is damaged"
     ):
         run(tmp_path, resume=True)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda text: "",  # emptied: resuming went on silently over a log that lost its events
+        lambda text: '{"kind": "note"}\n' + text,  # a line inserted: the cut fell inside a real event
+        lambda text: text.replace('"sft.loss": 0.5', '"sft.loss": 0.9', 1),  # edited, same length
+    ],
+    ids=["emptied", "line-inserted", "edited"],
+)
+def test_resume_refuses_a_metrics_log_that_does_not_match_the_checkpoint(tmp_path, damage):
+    with pytest.raises(RunStopped):
+        run(tmp_path, fail=("t2", "sft"))
+    log = tmp_path / "run" / "metrics.jsonl"
+    log.write_text(damage(log.read_text()))
+    before = log.read_bytes()
+    with pytest.raises(AlignError, match=r"metrics\.jsonl: .* the run's checkpoint"):
+        run(tmp_path, resume=True)
+    assert log.read_bytes() == before  # nothing cut
+
+
+def test_the_checkpoint_records_the_digest_of_the_log_it_accounts_for(tmp_path):
+    import hashlib
+
+    with pytest.raises(Crash):
+        run(tmp_path, crash_at=("t2", "sft"))
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    prefix = (tmp_path / "run" / "metrics.jsonl").read_bytes()[: state["metrics_offset"]]
+    assert hashlib.sha256(prefix).hexdigest() == state["metrics_sha256"]
+    run(tmp_path, resume=True)  # and after a resume, the digest goes on from the cut log
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    prefix = (tmp_path / "run" / "metrics.jsonl").read_bytes()[: state["metrics_offset"]]
+    assert hashlib.sha256(prefix).hexdigest() == state["metrics_sha256"]
+
+
+def test_a_full_disk_while_safetensors_writes_is_the_oserror_it_is(tmp_path, tiny_model_dir, monkeypatch):
+    """safetensors raises SafetensorError, not OSError, so a full disk while saving weights was a
+    traceback instead of the run's "could not write ...; resume" line."""
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
+    import peft.peft_model
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full)  # PEFT's own name for it
+    policy = tiny_policy(tmp_path, tiny_model_dir)
+    (tmp_path / "checkpoint").mkdir()
+    with pytest.raises(OSError) as error:
+        policy.save_snapshot(policy.snapshot(), tmp_path / "checkpoint" / "adapter-000001")
+    assert error.value.errno == errno.ENOSPC
+    assert error.value.filename == str(tmp_path / "checkpoint" / "adapter-000001.safetensors")
+    assert list((tmp_path / "checkpoint").iterdir()) == []  # the temporary file is gone too
+    with pytest.raises(OSError) as error:
+        policy.save_adapter(tmp_path / "adapters" / "t1")
+    assert error.value.errno == errno.ENOSPC
+    assert list((tmp_path / "adapters").iterdir()) == []
+
+
+def test_files_a_run_writes_honour_the_umask(tmp_path, tiny_model_dir):
+    """mkstemp and mkdtemp make 0600 files and 0700 directories whatever the umask, so a shared
+    results folder could not read summary.json, state.json or the adapters."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        run(tmp_path)
+        policy = tiny_policy(tmp_path, tiny_model_dir)
+        policy.save_snapshot(policy.snapshot(), tmp_path / "run" / "checkpoint" / "adapter-real")
+        policy.save_adapter(tmp_path / "run" / "adapters" / "real")
+    finally:
+        os.umask(previous)
+    modes = {
+        str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode)
+        for p in (tmp_path / "run").rglob("*")
+        if p.name != ".lock"
+    }
+    assert modes["run/summary.json"] == modes["run/checkpoint/state.json"] == 0o644
+    assert modes["run/checkpoint/adapter-real.safetensors"] == 0o644
+    assert modes["run/adapters/real"] == 0o755
+    assert {mode for mode in modes.values()} <= {0o644, 0o755}, modes
