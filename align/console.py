@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 
 from align.core.engine import Reporter, StepResult
@@ -181,13 +181,18 @@ def _metrics_text(metrics: Mapping[str, float]) -> str:
     return "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if not k.endswith(".margin"))
 
 
+def column_width(header: str, entries: Iterable[str], gap: int = 2) -> int:
+    """The width of a table column: its longest entry (or header) and ``gap`` spaces to the next,
+    so that a long topic or metric name never runs into its neighbour."""
+    return max([len(header), *(len(entry) for entry in entries)]) + gap
+
+
 def summary_table(summary: Mapping[str, Any]) -> str:
     """Per topic and metric, the value after each evaluation step; then each gate's decision."""
     topics = summary["topics"]
     eval_steps = [s for s in summary["steps"] if any(_step(t, s, "eval") for t in topics)]
-    lines = []
-    header = f"{'topic':<16}{'metric':<18}" + "".join(f"{s:>11}" for s in eval_steps)
-    lines += [header, "-" * len(header)]
+    # A metric row is (topic, metric, cells); a gate's or rollback's note under a topic is a string.
+    body: list[tuple[str, str, list[str]] | str] = []
     for topic in topics:
         names: list[str] = []
         for step_name in eval_steps:
@@ -200,16 +205,35 @@ def summary_table(summary: Mapping[str, Any]) -> str:
             for step_name in eval_steps:
                 step = _step(topic, step_name, "eval")
                 if step is None or step["status"] != "ran":
-                    cells.append(f"{step['status'] if step else 'skipped':>11}")
+                    cells.append(step["status"] if step else "skipped")
                 else:
-                    cells.append(f"{_fmt(step['metrics'].get(name)):>11}")
-            lines.append(f"{(topic['topic'] if row == 0 else ''):<16}{name:<18}" + "".join(cells))
+                    cells.append(_fmt(step["metrics"].get(name)))
+            body.append((topic["topic"] if row == 0 else "", name, cells))
         for step in topic["steps"]:
             if step.get("gate") and "gate" in step["gate"]:
                 verdict = "ran" if step["gate"]["passed"] else "skipped"
-                lines.append(f"{'':<16}gate {step['step']}: {verdict} ({step['gate']['reason']})")
+                body.append(f"gate {step['step']}: {verdict} ({step['gate']['reason']})")
             if step.get("rollback"):
-                lines.append(f"{'':<16}rolled back {step['rollback']['step']}: {step['rollback']['reason']}")
+                body.append(f"rolled back {step['rollback']['step']}: {step['rollback']['reason']}")
+    rows = [entry for entry in body if not isinstance(entry, str)]
+    topic_width = column_width("topic", (t["topic"] for t in topics))
+    metric_width = column_width("metric", (name for _, name, _ in rows))
+    step_widths = [
+        max(11, column_width(name, (cells[i] for _, _, cells in rows))) for i, name in enumerate(eval_steps)
+    ]
+    header = f"{'topic':<{topic_width}}{'metric':<{metric_width}}" + "".join(
+        f"{name:>{width}}" for name, width in zip(eval_steps, step_widths)
+    )
+    lines = [header, "-" * len(header)]
+    for entry in body:
+        if isinstance(entry, str):
+            lines.append(f"{'':<{topic_width}}{entry}")
+            continue
+        label, name, cells = entry
+        lines.append(
+            f"{label:<{topic_width}}{name:<{metric_width}}"
+            + "".join(f"{cell:>{width}}" for cell, width in zip(cells, step_widths))
+        )
     lines += forgetting_table(summary.get("forgetting"))
     return "\n".join(lines)
 
@@ -225,12 +249,13 @@ def forgetting_table(forgetting: Mapping[str, Any] | None) -> list[str]:
         return []
     names = forgetting["topics"][: len(matrix)]
     width = max(8, *(len(name) + 2 for name in names))
+    label_width = column_width("after", names)
     lines = ["", f"forgetting: {FORGETTING_METRIC} of each topic (column) right after training each (row)"]
-    header = f"{'after':<16}" + "".join(f"{name:>{width}}" for name in names)
+    header = f"{'after':<{label_width}}" + "".join(f"{name:>{width}}" for name in names)
     lines += [header, "-" * len(header)]
     for name, row in zip(names, matrix):
         cells = [_fmt(value).strip() if value is not None else "" for value in row[: len(names)]]
-        lines.append((f"{name:<16}" + "".join(f"{cell:>{width}}" for cell in cells)).rstrip())
+        lines.append((f"{name:<{label_width}}" + "".join(f"{cell:>{width}}" for cell in cells)).rstrip())
     last = len(matrix) - 1
     lines.append(
         f"since each topic's own last evaluation (a fall of more than {FORGOT_THRESHOLD:.2f} is flagged):"
@@ -241,7 +266,7 @@ def forgetting_table(forgetting: Mapping[str, Any] | None) -> list[str]:
             continue
         change = now - own
         forgot = ", forgot" if -change > FORGOT_THRESHOLD + 1e-9 else ""
-        lines.append(f"{name:<16}{own:4.2f} -> {now:4.2f}  ({change:+.2f}{forgot})")
+        lines.append(f"{name:<{label_width}}{own:4.2f} -> {now:4.2f}  ({change:+.2f}{forgot})")
     acc = (forgetting.get("acc") or {}).get(FORGETTING_METRIC)
     bwt = (forgetting.get("bwt") or {}).get(FORGETTING_METRIC)
     if acc is not None and bwt is not None:

@@ -439,11 +439,16 @@ def _fmt(value: float | None) -> str:
 def eval_table(result: Mapping[str, Any]) -> str:
     """``align eval``'s table: one block per topic, a metric a line."""
     lines = [f"model {result['model']}, adapter {result['adapter'] or 'none (the bare model)'}", ""]
-    header = f"{'topic':<16}{'metric':<24}{'value':>8}"
+    from align.console import column_width
+
+    topic_width = column_width("topic", (entry["topic"] for entry in result["topics"]))
+    metric_width = column_width("metric", (name for entry in result["topics"] for name in entry["metrics"]))
+    header = f"{'topic':<{topic_width}}{'metric':<{metric_width}}{'value':>8}"
     lines += [header, "-" * len(header)]
     for entry in result["topics"]:
         for row, (name, value) in enumerate(entry["metrics"].items()):
-            lines.append(f"{(entry['topic'] if row == 0 else ''):<16}{name:<24}{_fmt(value):>8}")
+            label = entry["topic"] if row == 0 else ""
+            lines.append(f"{label:<{topic_width}}{name:<{metric_width}}{_fmt(value):>8}")
     return "\n".join(lines)
 
 
@@ -508,7 +513,15 @@ def _row(
 def compare_table(result: Mapping[str, Any]) -> str:
     """``align compare``'s table: a row per topic, step and metric; ``diff`` is b - a."""
     lines = [f"a: {result['a']}", f"b: {result['b']}", ""]
-    header = f"{'topic':<16}{'step':<12}{'metric':<22}{'a':>9}{'b':>9}{'diff':>9}"
+    from align.console import column_width
+
+    rows = result["rows"]
+    topic_width = column_width("topic", (row["topic"] for row in rows))
+    step_width = column_width("step", (row["step"] for row in rows))
+    metric_width = column_width("metric", (row["metric"] or "" for row in rows))
+    header = f"{'topic':<{topic_width}}{'step':<{step_width}}{'metric':<{metric_width}}" + "".join(
+        f"{name:>9}" for name in ("a", "b", "diff")
+    )
     lines += [header, "-" * len(header)]
     last_topic = last_step = None
     for row in result["rows"]:
@@ -520,7 +533,10 @@ def compare_table(result: Mapping[str, Any]) -> str:
             value, status = row[side], row[f"{side}_status"]
             cells.append(_fmt(value) if status == "ran" else status)
         diff = "" if row["diff"] is None else f"{row['diff']:+.2f}"
-        lines.append(f"{topic:<16}{step:<12}{row['metric'] or '':<22}{cells[0]:>9}{cells[1]:>9}{diff:>9}")
+        lines.append(
+            f"{topic:<{topic_width}}{step:<{step_width}}{row['metric'] or '':<{metric_width}}"
+            f"{cells[0]:>9}{cells[1]:>9}{diff:>9}"
+        )
     return "\n".join(lines)
 
 

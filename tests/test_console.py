@@ -46,31 +46,58 @@ MATRIX = [
 def test_the_table_keeps_topic_rows_and_gates_then_shows_the_matrix():
     lines = summary_table(summary(MATRIX)).splitlines()
     assert lines[:5] == [
-        "topic           metric                 before      after",
-        "-" * 56,
-        "early_life      quiz.accuracy            0.43       0.86",
-        "                gate dpo: ran (quiz.accuracy 0.71 >= 0.70)",
-        "work            quiz.accuracy            0.29       1.00",
+        "topic       metric              before      after",
+        "-" * 49,
+        "early_life  quiz.accuracy         0.43       0.86",
+        "            gate dpo: ran (quiz.accuracy 0.71 >= 0.70)",
+        "work        quiz.accuracy         0.29       1.00",
     ]
     start = lines.index("forgetting: quiz.accuracy of each topic (column) right after training each (row)")
     assert lines[start + 1 :][:5] == [
-        "after             early_life        work        home",
-        "-" * 52,
-        "early_life              0.86",
-        "work                    0.71        1.00",
-        "home                    0.80        0.95        0.86",
+        "after         early_life        work        home",
+        "-" * 48,
+        "early_life          0.86",
+        "work                0.71        1.00",
+        "home                0.80        0.95        0.86",
     ]
+
+
+LONG = "docklands_tram_driver_and_amateur_astron"  # 40 characters, as a real person's topics run
+
+
+def test_every_column_of_the_table_fits_a_40_character_topic_name():
+    assert len(LONG) == 40
+    long = summary(MATRIX)
+    long["topics"][0]["topic"] = long["forgetting"]["topics"][0] = LONG
+    long["forgetting"]["acc"] = {"quiz.accuracy": 0.87}
+    long["forgetting"]["bwt"] = {"quiz.accuracy": -0.06}
+    lines = summary_table(long).splitlines()
+    assert lines[0] == f"{'topic':<42}metric              before      after"
+    assert lines[2] == f"{LONG}  quiz.accuracy         0.43       0.86"
+    assert lines[3] == f"{'':42}gate dpo: ran (quiz.accuracy 0.71 >= 0.70)"
+    assert lines[4] == f"{'work':<42}quiz.accuracy         0.29       1.00"
+    start = lines.index("forgetting: quiz.accuracy of each topic (column) right after training each (row)")
+    assert lines[start + 1] == f"{'after':<42}  {LONG}{'work':>42}{'home':>42}"
+    assert lines[start + 3] == f"{LONG}  {'0.86':>42}"
+    assert f"{LONG}  0.86 -> 0.80  (-0.06)" in lines
+    assert f"{'work':<42}1.00 -> 0.95  (-0.05)" in lines
+    assert lines[-1] == (
+        "quiz.accuracy: ACC 0.87 (mean over topics, now), "
+        "BWT -0.06 (mean change of earlier topics since their own training)"
+    )
+    # Whatever the names, every value still stands under its column's header.
+    assert len(lines[2]) == len(lines[4]) == len(lines[0])
 
 
 def test_an_earlier_topic_that_lost_more_than_the_threshold_is_flagged():
     assert FORGOT_THRESHOLD == 0.1
     lines = summary_table(summary(MATRIX)).splitlines()
     # against its own last evaluation (the diagonal), now (the last row)
-    assert "early_life      0.86 -> 0.80  (-0.06)" in lines
-    assert "work            1.00 -> 0.95  (-0.05)" in lines
+    assert "early_life  0.86 -> 0.80  (-0.06)" in lines
+    assert "work        1.00 -> 0.95  (-0.05)" in lines
     flagged = summary_table(summary([*MATRIX[:2], [0.71, 0.95, 0.86]])).splitlines()
-    assert "early_life      0.86 -> 0.71  (-0.15, forgot)" in flagged
-    assert "work            1.00 -> 0.95  (-0.05)" in flagged
+    assert "early_life  0.86 -> 0.71  (-0.15, forgot)" in flagged
+    assert "work        1.00 -> 0.95  (-0.05)" in flagged
     exactly = summary_table(summary([*MATRIX[:2], [0.76, 0.9, 0.86]]))
     assert "forgot" not in exactly  # a fall of exactly 0.10 is not more than 0.10
 
@@ -84,8 +111,8 @@ def test_no_matrix_for_one_topic_or_without_recheck():
 
 def test_a_run_that_stopped_early_compares_with_its_last_finished_topic():
     lines = summary_table(summary(MATRIX[:2])).splitlines()
-    assert "early_life      0.86 -> 0.71  (-0.15, forgot)" in lines
-    assert not any(line.startswith("work            1.00 ->") for line in lines)
+    assert "early_life  0.86 -> 0.71  (-0.15, forgot)" in lines
+    assert not any(line.startswith("work        1.00 ->") for line in lines)
 
 
 def test_the_reporter_prints_each_recheck_under_its_topic():

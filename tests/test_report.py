@@ -140,6 +140,16 @@ def test_report_draws_the_forgetting_matrix_and_embeds_images_in_html(runner, tm
         assert width >= 200 and height >= 100
 
 
+def test_the_reports_metrics_block_fits_a_40_character_topic_name(runner, tmp_path):
+    long = "docklands_tram_driver_and_amateur_astron"
+    run = write_run(tmp_path / "run", {long: [step("before", **{"quiz.accuracy": 0.25})]}, steps=["before"])
+    result = runner.invoke(cli, ["report", str(run), "--no-samples"])
+    assert result.exit_code == 0, result.output
+    lines = (run / "report.md").read_text().splitlines()
+    assert f"{'topic':<42}metric              before" in lines
+    assert f"{long}  quiz.accuracy         0.25" in lines
+
+
 def test_a_second_report_replaces_plots_that_no_longer_apply(runner, tmp_path):
     run = write_run(tmp_path / "run", FORGETTING_SUMMARY, steps=("before", "dpo", "after_dpo"))
     summary = json.loads((run / "summary.json").read_text())

@@ -209,6 +209,34 @@ def test_compare_shows_two_runs_side_by_side_with_the_difference(runner, tmp_pat
     assert table[8].split() == ["work", "before", "quiz.accuracy", "absent", "1.00"]
 
 
+LONG = "docklands_tram_driver_and_amateur_astron"  # 40 characters
+
+
+def test_compare_and_eval_tables_fit_a_40_character_topic_name(runner, tmp_path):
+    from align.tools import eval_table
+
+    assert len(LONG) == 40
+    a = write_run(tmp_path / "a", {LONG: [step("before", **{"quiz.accuracy": 0.25})]}, steps=["before"])
+    b = write_run(tmp_path / "b", {LONG: [step("before", **{"quiz.accuracy": 0.5})]}, steps=["before"])
+    result = invoke(runner, "compare", a, b)
+    assert result.exit_code == 0, result.output
+    table = result.output.splitlines()
+    assert table[3] == f"{'topic':<42}step    metric                 a        b     diff"
+    assert table[5] == f"{LONG}  before  quiz.accuracy       0.25     0.50    +0.25"
+    assert len(table[5]) == len(table[3])
+    evaluated = {
+        "model": "m",
+        "adapter": None,
+        "topics": [{"topic": LONG, "metrics": {"quiz.accuracy": 0.5}}],
+    }
+    lines = eval_table(evaluated).splitlines()
+    assert lines[2:] == [
+        f"{'topic':<42}metric            value",
+        "-" * 65,
+        f"{LONG}  quiz.accuracy      0.50",
+    ]
+
+
 def test_compare_of_a_real_run_with_itself_differs_nowhere(runner, tiny_run):
     result = invoke(runner, "compare", tiny_run, tiny_run, "--json")
     assert result.exit_code == 0, result.output
