@@ -1,11 +1,12 @@
 """What ``align run`` prints: a line per step as it finishes, progress bars with ETA and the live
-loss on a terminal, and a table at the end."""
+loss on a terminal (elsewhere a plain progress line now and then), and a table at the end."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 
 from align.core.engine import Reporter, StepResult
@@ -18,6 +19,9 @@ FORGETTING_METRIC = "quiz.accuracy"
 #: flagged ``forgot`` in the end-of-run table.
 FORGOT_THRESHOLD = 0.1
 
+
+#: Off a terminal, a training step prints a progress line at most this often (seconds).
+PROGRESS_INTERVAL = 30.0
 
 #: The handler :func:`configure_logging` installs (replaced, not stacked, when called again).
 _LOG_HANDLER_NAME = "align-console"
@@ -52,16 +56,28 @@ class ConsoleReporter(Reporter):
 
     On a terminal: a progress bar over the topics and one over the optimizer steps of the training
     step in progress (ETA and the live loss), with a line per finished step above them. Elsewhere
-    (a file, a pipe, CI): only the lines. ``quiet``: nothing but warnings and errors (on stderr).
+    (a file, a pipe, CI): the lines, and during a training step a plain progress line (step k/n,
+    loss, elapsed) every ``progress_interval`` seconds of ``clock``, so a log shows the run is
+    alive. ``quiet``: nothing but warnings and errors (on stderr).
     """
 
-    def __init__(self, stream: TextIO | None = None, quiet: bool = False):
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        quiet: bool = False,
+        progress_interval: float = PROGRESS_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.stream = stream or sys.stdout
         self.quiet = quiet
         self.live = not quiet and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.progress_interval = progress_interval
+        self.clock = clock
         self._topics_bar: Any = None
         self._step_bar: Any = None
         self._step_bar_name: str | None = None
+        # A step starts when the topic starts or the step before it ends.
+        self._step_began = self._last_progress = clock()
 
     def _say(self, text: str) -> None:
         if not self.quiet:
@@ -93,8 +109,12 @@ class ConsoleReporter(Reporter):
         self._say(f"align: {len(plan.topics)} topics, model {plan.config['model']['path']}, output {output}")
         self._say(f"protocol: {steps}")
 
+    def _step_begins(self) -> None:
+        self._step_began = self._last_progress = self.clock()
+
     def topic_start(self, index: int, total: int, topic: Topic) -> None:
         self._say(f"[{index + 1}/{total}] {topic.name}")
+        self._step_begins()
         if not self.live:
             return
         if self._topics_bar is None:
@@ -110,9 +130,18 @@ class ConsoleReporter(Reporter):
             self._topics_bar.update(1)
 
     def step_log(self, step: str, logs: Mapping[str, float]) -> None:
-        if not self.live or "loss" not in logs:
+        if self.quiet or "loss" not in logs:
             return
         done, total = int(logs.get("step", 0)), int(logs.get("max_steps", 0))
+        if not self.live:
+            now = self.clock()
+            if now - self._last_progress >= self.progress_interval:
+                self._last_progress = now
+                of = f"/{total}" if total else ""
+                self._say(
+                    f"  {step}: step {done}{of}, loss {logs['loss']:.4f}, {now - self._step_began:.0f}s elapsed"
+                )
+            return
         if self._step_bar_name != step:
             self._close_step_bar()
             # One refresh per optimizer step (a trainer logs each one), however fast they come.
@@ -125,6 +154,7 @@ class ConsoleReporter(Reporter):
 
     def step_end(self, topic: Topic, result: StepResult) -> None:
         self._close_step_bar()
+        self._step_begins()
         if result.status == "failed":
             reason = result.error["reason"] if result.error else ""
             self._say(f"  {result.name:<10} failed: {reason}")

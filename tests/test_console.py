@@ -174,6 +174,38 @@ def test_elsewhere_a_plain_line_per_step_and_no_bars():
     ]
 
 
+def test_into_a_pipe_a_training_step_prints_a_progress_line_at_a_steady_interval():
+    """``align run | tee log``: no bars, but a line every ``progress_interval`` seconds."""
+    import os
+
+    from align.core.engine import StepResult
+    from align.testing import make_topic
+
+    read_end, write_end = os.pipe()
+    now = [100.0]
+    with os.fdopen(write_end, "w") as pipe:
+        assert not pipe.isatty()
+        reporter = ConsoleReporter(pipe, progress_interval=30, clock=lambda: now[0])
+        home = make_topic(name="home")
+        reporter.topic_start(0, 1, home)
+        for done in range(1, 11):
+            now[0] += 10  # an optimizer step takes 10 s
+            reporter.step_log("sft", {"loss": 1.0 / done, "step": done, "max_steps": 10})
+        reporter.step_end(home, StepResult("sft", "train", "ran", {"sft.steps": 10}))
+        now[0] += 40
+        reporter.step_log("dpo", {"loss": 0.25, "step": 1, "max_steps": 2})
+    with os.fdopen(read_end) as pipe:
+        lines = pipe.read().splitlines()
+    assert lines == [
+        "[1/1] home",
+        "  sft: step 3/10, loss 0.3333, 30s elapsed",
+        "  sft: step 6/10, loss 0.1667, 60s elapsed",
+        "  sft: step 9/10, loss 0.1111, 90s elapsed",
+        "  sft        10 steps  [0.0s]",
+        "  dpo: step 1/2, loss 0.2500, 40s elapsed",  # elapsed counts from the step's own start
+    ]
+
+
 def test_quiet_prints_nothing_even_on_a_terminal():
     stream = Terminal()
     report_a_topic(ConsoleReporter(stream, quiet=True))
