@@ -33,11 +33,15 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
             terminated = isinstance(exc, Terminated)
-            click.echo(
-                f"\n{'Terminated (SIGTERM)' if terminated else 'Interrupted'}: results so far are in the "
-                "run directory; `align run --resume RUN_DIR` goes on from the last finished step.",
-                err=True,
-            )
+            what = "Terminated (SIGTERM)" if terminated else "Interrupted"
+            # A run that had started says where it is, so it can be resumed as it stands.
+            run_dir = getattr(exc, "run_dir", None)
+            if run_dir is not None:
+                what += (
+                    f": results so far are in {run_dir}; `align run --resume {run_dir}` goes on "
+                    "from the last finished step"
+                )
+            click.echo(f"\n{what}.", err=True)
             sys.exit(128 + signal.SIGTERM if terminated else 130)
 
     return wrapper
@@ -250,6 +254,10 @@ def run(
         finally:
             reporter.close()  # the progress bars, also when the run stops
         distributed.shutdown()
+    except KeyboardInterrupt as exc:
+        if resume and getattr(exc, "run_dir", None) is None:
+            exc.run_dir = resume  # type: ignore[attr-defined]  # stopped while loading: still the run
+        raise
     except AlignError as exc:
         if not distributed.is_distributed() or (main_process and debug):
             raise

@@ -151,6 +151,27 @@ def test_run_on_a_tiny_model_end_to_end(runner, tmp_path, tiny_model_dir):
     assert recorded["sft"]["learning_rate"] == 0.05
 
 
+def test_ctrl_c_names_the_run_directory_to_resume(runner, tmp_path, tiny_model_dir, monkeypatch):
+    """The message printed the placeholder RUN_DIR, so the path had to be looked up by hand."""
+    from align.evaluators.quiz import QuizEvaluator
+
+    def interrupted(self, model, topic):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(QuizEvaluator, "evaluate", interrupted)
+    write_topic(tmp_path)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"protocol": [{"name": "before", "evaluate": ["quiz"]}]}))
+    out = tmp_path / "run"
+    args = ["run", str(config), "--model", str(tiny_model_dir), "--topics", str(tmp_path / "alpha.yaml")]
+    result = runner.invoke(cli, [*args, "--output", str(out)])
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"Interrupted: results so far are in {out}; `align run --resume {out}` goes on from the last finished step."
+    ]
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+
+
 BROKEN_PLUGIN = "raise ImportError('needs a library that is not installed')\n"
 
 

@@ -224,7 +224,7 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_and_resume_finishes_it(setup, tmp_pat
     stderr = process.communicate(timeout=120)[1].decode()
     assert process.returncode == 143
     assert stderr.strip().splitlines() == [
-        "Terminated (SIGTERM): results so far are in the run directory; `align run --resume RUN_DIR` "
+        f"Terminated (SIGTERM): results so far are in {run_dir}; `align run --resume {run_dir}` "
         "goes on from the last finished step."
     ]
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"

@@ -192,6 +192,9 @@ def execute(
     )
     try:
         return engine.run()
+    except KeyboardInterrupt as exc:
+        exc.run_dir = rundir.path  # type: ignore[attr-defined]  # the CLI names it in its message
+        raise
     except OSError as exc:
         if exc.errno not in WRITE_ERRNOS:
             raise
