@@ -367,6 +367,9 @@ def validate(config, topics, model, overrides, output, strict_plugins, debug):
             f"- {topic.name} ({topic.source}): {len(topic.content)} passages, {len(topic.quiz)} quiz items, "
             f"{len(topic.preference_pairs)} preference pairs, {len(topic.voice_pairs)} voice pairs"
         )
+        for index, item in enumerate(topic.quiz):
+            if item.given is not None:  # the file gave the choice's text: say which index it became
+                click.echo(f"  {topic.source}: quiz[{index}].answer: {item.given!r} is choice {item.answer}")
     click.echo("\n# protocol, for each topic")
     for index, step in enumerate(plan.steps, 1):
         click.echo(f"{index}. {step.describe()}")

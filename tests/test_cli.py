@@ -49,6 +49,36 @@ def test_validate_prints_the_plan_of_the_seed_config(runner, tmp_path):
     assert "- alpha (" in result.output
 
 
+def test_a_quiz_answer_given_as_the_choices_text_is_that_choice(runner, tmp_path):
+    """People write the answer itself; ``answer: 1979`` among years was 'index 1979 is out of range'."""
+    from align.core.topics import load_topics
+
+    depot, years = ["Tallow", "Brackenford"], ["1978", "1979", "1980"]
+    quiz = [
+        {"question": "Depot?", "choices": depot, "answer": 1},
+        {"question": "Depot?", "choices": depot, "answer": "brackenford"},
+        {"question": "Depot?", "choices": depot, "answer": "Brackenford"},
+        {"question": "Year?", "choices": years, "answer": "1979"},
+        {"question": "Year?", "choices": years, "answer": 1979},  # YAML's `answer: 1979`
+        {"question": "Year?", "choices": ["1", "0"], "answer": 1},  # an index in range stays an index
+    ]
+    write_topic(tmp_path, "x", quiz=[])
+    data = yaml.safe_load((tmp_path / "x.yaml").read_text())
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump({**data, "quiz": quiz}))
+    result = runner.invoke(cli, ["validate", "--topics", str(tmp_path / "x.yaml")])
+    assert result.exit_code == 0, result.output
+    source = tmp_path / "x.yaml"
+    assert [line for line in result.output.splitlines() if ".answer:" in line] == [
+        f"  {source}: quiz[1].answer: 'brackenford' is choice 1",
+        f"  {source}: quiz[2].answer: 'Brackenford' is choice 1",
+        f"  {source}: quiz[3].answer: '1979' is choice 1",
+        f"  {source}: quiz[4].answer: 1979 is choice 1",
+    ]
+    (topic,) = load_topics(source)
+    assert [item.answer for item in topic.quiz] == [1, 1, 1, 1, 1, 1]
+    assert topic.to_dict()["quiz"][2]["answer"] == 1  # what a run records is the index
+
+
 @pytest.mark.parametrize(
     ("args", "message", "code"),
     [

@@ -427,9 +427,15 @@ def _(c):
     return ["validate", "--topics", str(c.tmp / "topics")]
 
 
+@case("quiz-answer-not-a-choice")
+def _(c):
+    c.topic(quiz=[{"question": "Donkey?", "choices": ["Tallow", "Brine"], "answer": "Talow"}])
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
 @case("quiz-answer-not-an-index")
 def _(c):
-    c.topic(quiz=[{"question": "Donkey?", "choices": ["Tallow", "Brine"], "answer": "Tallow"}])
+    c.topic(quiz=[{"question": "Donkey?", "choices": ["Tallow", "Brine"], "answer": [0]}])
     return ["validate", "--topics", str(c.tmp / "topics")]
 
 

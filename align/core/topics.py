@@ -33,11 +33,15 @@ MAX_ALIAS_VALUES = 1_000_000
 
 @dataclass(frozen=True)
 class QuizItem:
-    """A multiple-choice question; ``answer`` is the index of the right choice."""
+    """A multiple-choice question; ``answer`` is the index of the right choice.
+
+    ``given`` is the answer as the topic file wrote it when that was the choice's text (or a
+    number that is a choice's text), not its index; ``None`` when the file gave the index."""
 
     question: str
     choices: tuple[str, ...]
     answer: int
+    given: str | int | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -166,14 +170,40 @@ def _quiz_item(item: Any, source: str, index: int) -> QuizItem:
                 "the choices of a question must differ"
             )
     answer = item.get("answer")
-    if isinstance(answer, bool) or not isinstance(answer, int):
-        raise TopicError(f"{source}: {where}.answer: must be the 0-based index of the right choice")
-    if not 0 <= answer < len(choices):
+    last = len(choices) - 1
+    if isinstance(answer, bool) or not isinstance(answer, (int, str)):
+        got = "nothing" if answer is None else type(answer).__name__
+        raise TopicError(
+            f"{source}: {where}.answer: must be the right choice's text or its 0-based index (0..{last}), got {got}"
+        )
+    if isinstance(answer, int) and 0 <= answer <= last:
+        return QuizItem(question=question, choices=choices, answer=answer)
+    # People write the answer itself (`answer: Brackenford`, `answer: 1979` among years): a value
+    # that is a choice's text is that choice, whatever its type.
+    index = _choice_index(str(answer), choices)
+    if index is not None:
+        return QuizItem(question=question, choices=choices, answer=index, given=answer)
+    if isinstance(answer, int):
         raise TopicError(
             f"{source}: {where}.answer: index {answer} is out of range for {len(choices)} choices; "
-            f"use 0..{len(choices) - 1}"
+            f"use 0..{last}, or the right choice's text"
         )
-    return QuizItem(question=question, choices=choices, answer=answer)
+    shown = answer.strip() if len(answer.strip()) <= 80 else answer.strip()[:77] + "..."
+    hint = closest(answer.strip(), [c.strip() for c in choices])
+    raise TopicError(
+        f"{source}: {where}.answer: '{shown}' is not one of the choices"
+        + (hint or f"; give the right choice's text, or its 0-based index (0..{last})")
+    )
+
+
+def _choice_index(text: str, choices: tuple[str, ...]) -> int | None:
+    """The index of the choice ``text`` names: equal but for surrounding spaces, else equal but for
+    case when only one choice is; ``None`` when none is."""
+    stripped = [choice.strip() for choice in choices]
+    if text.strip() in stripped:
+        return stripped.index(text.strip())
+    folded = [i for i, choice in enumerate(stripped) if choice.casefold() == text.strip().casefold()]
+    return folded[0] if len(folded) == 1 else None
 
 
 def _pair(item: Any, source: str, where: str) -> PreferencePair:
