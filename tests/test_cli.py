@@ -79,6 +79,30 @@ def test_a_quiz_answer_given_as_the_choices_text_is_that_choice(runner, tmp_path
     assert topic.to_dict()["quiz"][2]["answer"] == 1  # what a run records is the index
 
 
+def test_set_names_a_step_and_a_metric_and_a_bad_value_names_its_set(runner, tmp_path):
+    """``--set protocol.4.rollback.max_drop.quiz.accuracy=0.2`` failed: the metric's dots were read
+    as nesting, steps had only numbers, and the error blamed align/demo/demo.yaml."""
+    write_topic(tmp_path)
+    demo = REPO / "align" / "demo" / "demo.yaml"
+    args = ["validate", str(demo), "--topics", str(tmp_path / "alpha.yaml")]
+    result = runner.invoke(cli, [*args, "--set", "protocol.after_dpo.rollback.max_drop.quiz.accuracy=0.2"])
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(result.output.split("\n# topics")[0])
+    assert resolved["protocol"][4]["rollback"] == {"step": "dpo", "max_drop": {"quiz.accuracy": 0.2}}
+    by_number = runner.invoke(cli, [*args, "--set", "protocol.4.rollback.max_drop.quiz.accuracy=0.2"])
+    assert by_number.output == result.output
+    bad = runner.invoke(cli, [*args, "--set", "protocol.dpo.gate.all=[quiz.accuracy => 0.7]"])
+    assert bad.exit_code == 2
+    assert bad.output == (
+        "Error: --set 'protocol.dpo.gate.all=[quiz.accuracy => 0.7]': protocol[3].gate.all[0]: cannot read "
+        "rule 'quiz.accuracy => 0.7'; write it as 'metric op number', e.g. 'quiz.accuracy >= 0.70'\n"
+    )
+    in_the_file = tmp_path / "bad.yaml"
+    in_the_file.write_text("dpo: {beta: 0}\n")
+    result = runner.invoke(cli, ["validate", str(in_the_file), "--set", "seed=1", *args[2:]])
+    assert result.output == f"Error: {in_the_file}: dpo.beta: must be > 0 (got 0.0)\n"  # the file's own
+
+
 @pytest.mark.parametrize(
     ("args", "message", "code"),
     [

@@ -179,32 +179,32 @@ def _(c):
 
 @case("config-bool-expected")
 def _(c):
-    return ["validate", c.config(""), "--set", "model.trust_remote_code=maybe", "--topics", c.topics()]
+    return ["validate", c.config("model: {trust_remote_code: maybe}\n"), "--topics", c.topics()]
 
 
 @case("beta-not-positive")
 def _(c):
-    return ["validate", c.config(""), "--set", "dpo.beta=0", "--topics", c.topics()]
+    return ["validate", c.config("dpo: {beta: 0}\n"), "--topics", c.topics()]
 
 
 @case("rank-zero")
 def _(c):
-    return ["validate", c.config(""), "--set", "lora.rank=0", "--topics", c.topics()]
+    return ["validate", c.config("lora: {rank: 0}\n"), "--topics", c.topics()]
 
 
 @case("learning-rate-negative")
 def _(c):
-    return ["validate", c.config(""), "--set", "sft.learning_rate=-1e-4", "--topics", c.topics()]
+    return ["validate", c.config("sft: {learning_rate: -1e-4}\n"), "--topics", c.topics()]
 
 
 @case("epochs-zero")
 def _(c):
-    return ["validate", c.config(""), "--set", "sft.epochs=0", "--topics", c.topics()]
+    return ["validate", c.config("sft: {epochs: 0}\n"), "--topics", c.topics()]
 
 
 @case("dropout-out-of-range")
 def _(c):
-    return ["validate", c.config(""), "--set", "lora.dropout=1.5", "--topics", c.topics()]
+    return ["validate", c.config("lora: {dropout: 1.5}\n"), "--topics", c.topics()]
 
 
 @case("seed-not-finite")
@@ -244,12 +244,12 @@ def _(c):
 
 @case("dtype-unknown")
 def _(c):
-    return ["validate", c.config(""), "--set", "model.dtype=float8", "--topics", c.topics()]
+    return ["validate", c.config("model: {dtype: float8}\n"), "--topics", c.topics()]
 
 
 @case("on-error-unknown")
 def _(c):
-    return ["validate", c.config(""), "--set", "on_error=ignore", "--topics", c.topics()]
+    return ["validate", c.config("on_error: ignore\n"), "--topics", c.topics()]
 
 
 @case("replay-out-of-range")
@@ -284,7 +284,7 @@ def _(c):
 
 @case("chat-template-unknown")
 def _(c):
-    return ["validate", c.config(""), "--set", "model.chat_template=sometimes", "--topics", c.topics()]
+    return ["validate", c.config("model: {chat_template: sometimes}\n"), "--topics", c.topics()]
 
 
 @case("set-without-value")
@@ -295,6 +295,12 @@ def _(c):
 @case("set-index-out-of-range")
 def _(c):
     return ["validate", c.config(""), "--set", "protocol.9.name=x", "--topics", c.topics()]
+
+
+@case("set-step-unknown")
+def _(c):
+    override = "protocol.after_dop.rollback.max_drop.quiz.accuracy=0.2"
+    return ["validate", c.config(""), "--set", override, "--topics", c.topics()]
 
 
 # -- the protocol -------------------------------------------------------------------------------
@@ -563,25 +569,18 @@ def no_gpu(c):
 
 @case("gradient-checkpointing-not-bool")
 def _(c):
-    return [
-        "validate",
-        c.config(""),
-        "--set",
-        "model.gradient_checkpointing=sometimes",
-        "--topics",
-        c.topics(),
-    ]
+    return ["validate", c.config("model: {gradient_checkpointing: sometimes}\n"), "--topics", c.topics()]
 
 
 @case("quantization-unknown")
 def _(c):
-    return ["validate", c.config(""), "--set", "model.quantization=4bits", "--topics", c.topics()]
+    return ["validate", c.config("model: {quantization: 4bits}\n"), "--topics", c.topics()]
 
 
 @case("quantization-without-bitsandbytes")
 def _(c):
     c.monkeypatch.setattr("align.core.model.bitsandbytes_available", lambda: False)
-    return ["validate", c.config(""), "--set", "model.quantization=4bit", "--topics", c.topics()]
+    return ["validate", c.config("model: {quantization: 4bit}\n"), "--topics", c.topics()]
 
 
 @case("quantization-without-gpu")
@@ -607,14 +606,14 @@ def _(c):
 
 @case("device-map-not-a-mapping")
 def _(c):
-    return ["validate", c.config(""), "--set", "model.device_map=[0, 1]", "--topics", c.topics()]
+    return ["validate", c.config("model: {device_map: [0, 1]}\n"), "--topics", c.topics()]
 
 
 @case("device-map-with-several-processes")
 def _(c):
     c.monkeypatch.setenv("WORLD_SIZE", "2")
     c.monkeypatch.setenv("RANK", "0")
-    return ["validate", c.config(""), "--set", "model.device_map=auto", "--topics", c.topics()]
+    return ["validate", c.config("model: {device_map: auto}\n"), "--topics", c.topics()]
 
 
 @case("launched-with-fsdp1")
@@ -634,7 +633,7 @@ def _(c):
 def _(c):
     c.monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     c.monkeypatch.setenv("FSDP_VERSION", "2")
-    return ["validate", c.config(""), "--set", "model.quantization=4bit", "--topics", c.topics()]
+    return ["validate", c.config("model: {quantization: 4bit}\n"), "--topics", c.topics()]
 
 
 @case("launched-with-zero3")

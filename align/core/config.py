@@ -120,8 +120,20 @@ def read_config(path: str | Path | None) -> tuple[dict[str, Any], str, Path]:
     return data, str(path), path.parent
 
 
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str], source: str = "--set") -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides; each value is read as YAML (``0.05`` is a number, ``[a, b]`` a list)."""
+def apply_overrides(
+    data: dict[str, Any],
+    overrides: Iterable[str],
+    source: str = "--set",
+    applied: list[tuple[str, str]] | None = None,
+) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides; each value is read as YAML (``0.05`` is a number, ``[a, b]`` a list).
+
+    A list item is named by its index or, for a protocol step, by its name
+    (``protocol.after_dpo.rollback.max_drop.quiz.accuracy=0.2``); what follows ``max_drop`` is one
+    metric name, dots and all. Into a config without a ``protocol``, the default protocol is what is
+    set. ``applied`` receives ``(override, key)`` for each, the key written as error messages write
+    it (``protocol[4].rollback.max_drop.quiz.accuracy``), so a bad value can name its ``--set``.
+    """
     data = copy.deepcopy(data)
     for override in overrides:
         key, sep, raw = override.partition("=")
@@ -137,37 +149,86 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str], source: str 
             ) from None
         check_shape(value, f"{source} {key.strip()!r}", "config value", ConfigError)
         parts = key.strip().split(".")
+        if "max_drop" in parts[:-2]:  # a metric's name has dots: quiz.accuracy
+            at = parts.index("max_drop") + 1
+            parts = [*parts[:at], ".".join(parts[at:])]
+        if parts[0] == "protocol" and len(parts) > 1 and data.get("protocol") is None:
+            data["protocol"] = copy.deepcopy(DEFAULT_PROTOCOL)
         node: Any = data
-        for depth, part in enumerate(parts[:-1]):
-            node = _child(node, part, ".".join(parts[: depth + 1]), override, source)
-        _assign(node, parts[-1], value, override, source)
+        written = ""
+        created = None  # the first section this override made: everything in it came from the --set
+        for depth, part in enumerate(parts):
+            if isinstance(node, list):
+                index = _index(part, node, override, source)
+                written += f"[{index}]"
+                if depth == len(parts) - 1:
+                    node[index] = value
+                else:
+                    node = node[index]
+                continue
+            written += f".{part}" if written else part
+            if not isinstance(node, dict):
+                where = written.rpartition(".")[0] if "." in written else written
+                if depth == len(parts) - 1:
+                    raise ConfigError(
+                        f"{source} {override!r}: cannot set a key inside a {type(node).__name__}"
+                    )
+                raise ConfigError(f"{source} {override!r}: '{where}' is not a section")
+            if depth == len(parts) - 1:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                    created = created or written
+                node = node[part]
+        if applied is not None:
+            applied.append((override, created or written))
     return data
 
 
-def _child(node: Any, part: str, path: str, override: str, source: str) -> Any:
-    if isinstance(node, list):
-        index = _index(part, node, override, source)
-        return node[index]
-    if not isinstance(node, dict):
-        raise ConfigError(f"{source} {override!r}: '{path}' is not a section")
-    if node.get(part) is None:
-        node[part] = {}
-    return node[part]
-
-
-def _assign(node: Any, part: str, value: Any, override: str, source: str) -> None:
-    if isinstance(node, list):
-        node[_index(part, node, override, source)] = value
-    elif isinstance(node, dict):
-        node[part] = value
-    else:
-        raise ConfigError(f"{source} {override!r}: cannot set a key inside a {type(node).__name__}")
-
-
 def _index(part: str, node: list[Any], override: str, source: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"{source} {override!r}: '{part}' is not an index of a list of {len(node)} items")
-    return int(part)
+    """The index of a list item: its number, or the name of the step (a mapping with ``name:``,
+    or a training step's objective when it has no name)."""
+    if part.isdigit() and int(part) < len(node):
+        return int(part)
+    names = [_item_name(item) for item in node]
+    if part in names:
+        return names.index(part)
+    known = [name for name in names if isinstance(name, str)]
+    span = f"0..{len(node) - 1}" if node else "the list is empty"
+    if known:
+        raise ConfigError(
+            f"{source} {override!r}: '{part}' is neither an index ({span}) nor a step's name "
+            f"({', '.join(known)}){closest(part, known)}"
+        )
+    raise ConfigError(f"{source} {override!r}: '{part}' is not an index of a list of {len(node)} items")
+
+
+def _item_name(item: Any) -> str | None:
+    if not isinstance(item, dict):
+        return None
+    name = item.get("name") or item.get("train")
+    return name if isinstance(name, str) else None
+
+
+def blame_override(error: ConfigError, source: str, applied: Iterable[tuple[str, str]]) -> ConfigError:
+    """``error`` about the config file ``source`` as an error of the ``--set`` that gave the key it
+    names (``<source>: dpo.beta: ...`` from ``--set dpo.beta=-1``); ``error`` itself otherwise."""
+    message = str(error)
+    prefix = f"{source}: "
+    if not message.startswith(prefix):
+        return error
+    rest = message[len(prefix) :]
+    named = rest.split(": ", 1)[0] if not rest.startswith("unknown key '") else rest.split("'")[1]
+    for override, key in reversed(list(applied)):
+        if _within(named, key) or _within(key, named):
+            return ConfigError(f"--set {override!r}: {rest}")
+    return error
+
+
+def _within(key: str, section: str) -> bool:
+    """Whether ``key`` is ``section`` or inside it (``protocol[4].gate`` is inside ``protocol``)."""
+    return key == section or key.startswith((f"{section}.", f"{section}["))
 
 
 def with_defaults(data: Mapping[str, Any], component_names: Iterable[str], source: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from align.core.config import apply_overrides, demo_dir, read_config, with_defaults
+from align.core.config import apply_overrides, blame_override, demo_dir, read_config, with_defaults
 from align.core.params import build_component, factory_defaults
 from align.core.topics import Topic, load_topics
 from align.errors import ConfigError, PluginError, brief, closest
@@ -101,14 +101,21 @@ def make_plan(
 ) -> Plan:
     """Read, resolve and check a config (``None``: the built-in demo) into a :class:`Plan`."""
     data, source, base_dir = read_config(config_path)
-    data = apply_overrides(data, overrides)
+    applied: list[tuple[str, str]] = []
+    data = apply_overrides(data, overrides, applied=applied)
     if model is not None:
         # A path given on the command line is relative to the working directory.
         section = data.get("model") if isinstance(data.get("model"), dict) else {}
         data["model"] = {**section, "path": str(Path(model).resolve()) if Path(model).exists() else model}
     if output is not None:
         data["output"] = output
-    return resolve_plan(data, source, registry, base_dir=base_dir, topics=topics)
+    try:
+        return resolve_plan(data, source, registry, base_dir=base_dir, topics=topics)
+    except ConfigError as exc:
+        blamed = blame_override(exc, source, applied)
+        if blamed is exc:
+            raise
+        raise blamed from exc
 
 
 def resolve_plan(
