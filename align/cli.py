@@ -354,6 +354,7 @@ def _resume_conflicts(config, topics, model, overrides, output) -> list[tuple[st
 @_handle_errors
 def validate(config, topics, model, overrides, output, strict_plugins, debug):
     """Resolve CONFIG and print the plan (config, topics, steps); trains nothing and loads no model."""
+    from align.console import gates_in_questions
     from align.core.config import dump_config
 
     _, plan = _load_plan(
@@ -374,6 +375,13 @@ def validate(config, topics, model, overrides, output, strict_plugins, debug):
     for index, step in enumerate(plan.steps, 1):
         click.echo(f"{index}. {step.describe()}")
     click.echo(f"\n# metrics recorded: {', '.join(plan.metric_names)}")
+    lines, warnings = gates_in_questions(plan)
+    if lines:
+        click.echo("\n# gates and rollback guards in quiz questions, for each topic")
+        for line in lines:
+            click.echo(line)
+    for warning in warnings:
+        click.echo(f"Warning: {warning}", err=True)
 
 
 @cli.command()

@@ -4,6 +4,7 @@ loss on a terminal (elsewhere a plain progress line now and then), and a table a
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -108,6 +109,11 @@ class ConsoleReporter(Reporter):
         steps = " → ".join(step.name for step in plan.steps)
         self._say(f"align: {len(plan.topics)} topics, model {plan.config['model']['path']}, output {output}")
         self._say(f"protocol: {steps}")
+        lines, warnings = gates_in_questions(plan)
+        for line in lines:
+            self._say(f"  {line}")
+        for warning in warnings:
+            self.warning(warning)
 
     def _step_begins(self) -> None:
         self._step_began = self._last_progress = self.clock()
@@ -205,6 +211,65 @@ class ConsoleReporter(Reporter):
         if self._topics_bar is not None:
             self._topics_bar.close()
             self._topics_bar = None
+
+
+def gates_in_questions(plan: Plan) -> tuple[list[str], list[str]]:
+    """For each topic with a quiz, what the gates' :data:`FORGETTING_METRIC` thresholds and the
+    rollback guards' tolerances mean in questions, and a warning for each topic whose quiz is too
+    small for a guard: a single flipped answer is already a drop larger than the tolerance, so
+    the guard undoes the step on noise. (With 6 questions, ``>= 0.70`` is 5 of 6.)"""
+    metric = FORGETTING_METRIC
+    rules = [
+        rule
+        for step in plan.steps
+        if step.gate is not None
+        for rule in getattr(step.gate.instance, "rules", [])
+        if getattr(rule, "metric", None) == metric
+    ]
+    tolerances = [
+        step.rollback.max_drop[metric]
+        for step in plan.steps
+        if step.rollback is not None and metric in step.rollback.max_drop
+    ]
+    lines: list[str] = []
+    warnings: list[str] = []
+    for topic in plan.topics:
+        n = len(topic.quiz)
+        if n == 0 or not (rules or tolerances):
+            continue
+        parts = [_rule_in_questions(rule.op, rule.value, n) for rule in rules]
+        for tolerance in tolerances:
+            flips = (
+                math.floor(tolerance * n + 1e-9) + 1
+            )  # the fewest answers whose loss is a drop > tolerance
+            answers = "answer" if flips == 1 else "answers"
+            parts.append(
+                f"a rollback on a drop of more than {tolerance:.2f} triggers on {flips} flipped {answers}"
+            )
+            if flips == 1 and tolerance > 0:
+                warnings.append(
+                    f"{topic.source}: quiz: {n} questions are too few for the rollback guard on {metric}: "
+                    f"one flipped answer is a drop of {1 / n:.2f}, more than its max_drop {tolerance:.2f}, "
+                    f"so noise undoes the step; add quiz questions, or set max_drop {metric}: "
+                    f"{math.ceil(100 / n) / 100:.2f} or more"
+                )
+        lines.append(f"{topic.name}: {n} quiz questions: " + "; ".join(parts))
+    return lines, warnings
+
+
+def _rule_in_questions(op: str, value: float, n: int) -> str:
+    """``quiz.accuracy >= 0.70`` for ``n`` questions: ``needs 5 of 6``."""
+    rule = f"{FORGETTING_METRIC} {op} {value:.2f}"
+    if op in (">=", ">"):
+        least = math.ceil(value * n - 1e-9) if op == ">=" else math.floor(value * n + 1e-9) + 1
+        least = max(least, 0)
+        if least > n:
+            return f"{rule} cannot pass with {n} questions"
+        return f"{rule} needs {least} of {n}"
+    most = math.floor(value * n + 1e-9) if op == "<=" else math.ceil(value * n - 1e-9) - 1
+    if most < 0:
+        return f"{rule} cannot pass with {n} questions"
+    return f"{rule} allows at most {min(most, n)} of {n}"
 
 
 def _metrics_text(metrics: Mapping[str, float]) -> str:

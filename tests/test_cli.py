@@ -103,6 +103,50 @@ def test_set_names_a_step_and_a_metric_and_a_bad_value_names_its_set(runner, tmp
     assert result.output == f"Error: {in_the_file}: dpo.beta: must be > 0 (got 0.0)\n"  # the file's own
 
 
+def test_validate_says_what_gates_and_guards_mean_in_questions(runner, tmp_path):
+    """With 6 questions ``>= 0.70`` is 5 of 6 and a 0.05 guard undoes DPO on one flipped answer."""
+    quiz = [{"question": f"Q{i}?", "choices": ["yes", "no"], "answer": 0} for i in range(6)]
+    topics = tmp_path / "topics"
+    topics.mkdir()
+    write_topic(topics, "home", quiz=quiz)
+    write_topic(topics, "work", quiz=quiz * 4)
+    config = tmp_path / "gated.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "protocol": [
+                    {"name": "before", "evaluate": ["quiz", "voice"]},
+                    {
+                        "name": "dpo",
+                        "train": "dpo",
+                        "gate": {"use": "threshold", "all": ["quiz.accuracy >= 0.7"]},
+                    },
+                    {
+                        "name": "after",
+                        "evaluate": ["quiz"],
+                        "rollback": {"step": "dpo", "max_drop": {"quiz.accuracy": 0.05}},
+                    },
+                ]
+            }
+        )
+    )
+    result = runner.invoke(cli, ["validate", str(config), "--topics", str(topics)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    start = lines.index("# gates and rollback guards in quiz questions, for each topic")
+    assert lines[start + 1 :] == [
+        "home: 6 quiz questions: quiz.accuracy >= 0.70 needs 5 of 6; "
+        "a rollback on a drop of more than 0.05 triggers on 1 flipped answer",
+        "work: 24 quiz questions: quiz.accuracy >= 0.70 needs 17 of 24; "
+        "a rollback on a drop of more than 0.05 triggers on 2 flipped answers",
+    ]
+    assert result.stderr.splitlines() == [
+        f"Warning: {topics / 'home.yaml'}: quiz: 6 questions are too few for the rollback guard on "
+        "quiz.accuracy: one flipped answer is a drop of 0.17, more than its max_drop 0.05, so noise undoes "
+        "the step; add quiz questions, or set max_drop quiz.accuracy: 0.17 or more"
+    ]
+
+
 @pytest.mark.parametrize(
     ("args", "message", "code"),
     [

@@ -210,3 +210,35 @@ def test_quiet_prints_nothing_even_on_a_terminal():
     stream = Terminal()
     report_a_topic(ConsoleReporter(stream, quiet=True))
     assert stream.getvalue() == ""
+
+
+def test_the_run_starts_with_what_the_gate_means_in_questions_and_warns_on_a_small_quiz():
+    from align.console import gates_in_questions
+    from align.core.plan import resolve_plan
+    from align.plugins.manager import load_plugins
+    from align.testing import make_topic
+
+    quiz = [{"question": f"Q{i}?", "choices": ["yes", "no"], "answer": 0} for i in range(6)]
+    protocol = [
+        {"name": "before", "evaluate": ["quiz"]},
+        {"name": "sft", "train": "sft", "gate": {"use": "threshold", "all": ["quiz.accuracy < 0.5"]}},
+        {
+            "name": "after",
+            "evaluate": ["quiz"],
+            "rollback": {"step": "sft", "max_drop": {"quiz.accuracy": 0.2}},
+        },
+    ]
+    registry = load_plugins().registry
+    plan = resolve_plan(
+        {"protocol": protocol}, "c.yaml", registry, topics=[make_topic(name="home", quiz=quiz)]
+    )
+    assert gates_in_questions(plan) == (
+        [
+            "home: 6 quiz questions: quiz.accuracy < 0.50 allows at most 2 of 6; "
+            "a rollback on a drop of more than 0.20 triggers on 2 flipped answers"
+        ],
+        [],
+    )
+    stream = io.StringIO()
+    ConsoleReporter(stream).run_start(plan, "runs/x")
+    assert "  home: 6 quiz questions: quiz.accuracy < 0.50 allows at most 2 of 6;" in stream.getvalue()

@@ -74,6 +74,11 @@ class ThresholdGate:
     def metrics_needed(self) -> list[str]:
         return sorted({rule.metric for rule in self._all + self._any})
 
+    @property
+    def rules(self) -> list[Rule]:
+        """Every rule, ``all``'s then ``any``'s (``align validate`` says what each means in questions)."""
+        return self._all + self._any
+
     def decide(self, metrics: Mapping[str, float]) -> GateDecision:
         failed = [rule for rule in self._all if not rule.holds(metrics)]
         any_ok = not self._any or any(rule.holds(metrics) for rule in self._any)
