@@ -354,7 +354,7 @@ def _resume_conflicts(config, topics, model, overrides, output) -> list[tuple[st
 @_handle_errors
 def validate(config, topics, model, overrides, output, strict_plugins, debug):
     """Resolve CONFIG and print the plan (config, topics, steps); trains nothing and loads no model."""
-    from align.console import gates_in_questions
+    from align.console import gates_in_questions, settings_that_do_nothing
     from align.core.config import dump_config
 
     _, plan = _load_plan(
@@ -380,7 +380,7 @@ def validate(config, topics, model, overrides, output, strict_plugins, debug):
         click.echo("\n# gates and rollback guards in quiz questions, for each topic")
         for line in lines:
             click.echo(line)
-    for warning in warnings:
+    for warning in [*warnings, *settings_that_do_nothing(plan)]:
         click.echo(f"Warning: {warning}", err=True)
 
 

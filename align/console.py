@@ -112,7 +112,7 @@ class ConsoleReporter(Reporter):
         lines, warnings = gates_in_questions(plan)
         for line in lines:
             self._say(f"  {line}")
-        for warning in warnings:
+        for warning in [*warnings, *settings_that_do_nothing(plan)]:
             self.warning(warning)
 
     def _step_begins(self) -> None:
@@ -255,6 +255,33 @@ def gates_in_questions(plan: Plan) -> tuple[list[str], list[str]]:
                 )
         lines.append(f"{topic.name}: {n} quiz questions: " + "; ".join(parts))
     return lines, warnings
+
+
+#: Below this, DPO's learning rate is known not to move a rank-1 adapter (docs/demo.md measures it).
+DPO_LEARNING_RATE_THAT_MOVES = 1e-5
+
+
+def settings_that_do_nothing(plan: Plan) -> list[str]:
+    """A warning for each setting known to do nothing measurable (the seed's DPO learning rate of
+    5e-7 on a rank-1 adapter), naming the measurement; once, however many steps use it."""
+    if plan.config.get("lora", {}).get("rank") != 1:
+        return []
+    rates = {
+        component.params.get("learning_rate")
+        for step in plan.steps
+        if step.kind == "train"
+        for component in step.components
+        if component.name == "dpo"
+    }
+    low = sorted(
+        rate for rate in rates if isinstance(rate, (int, float)) and rate < DPO_LEARNING_RATE_THAT_MOVES
+    )
+    if not low:
+        return []
+    return [
+        f"{plan.source}: dpo.learning_rate: {low[0]:g} is known not to move a rank-1 adapter: see docs/demo.md "
+        f'("How the defaults were chosen"); the demo uses 5e-3'
+    ]
 
 
 def _rule_in_questions(op: str, value: float, n: int) -> str:

@@ -147,6 +147,22 @@ def test_validate_says_what_gates_and_guards_mean_in_questions(runner, tmp_path)
     ]
 
 
+def test_a_dpo_learning_rate_known_to_do_nothing_is_warned_about_once(runner, tmp_path):
+    """The seed's 5e-7 was taken without a word, though docs/demo.md measured that it moves nothing."""
+    write_topic(tmp_path)
+    seed = REPO / "configs" / "dpo.yaml"
+    result = runner.invoke(cli, ["validate", str(seed), "--topics", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        f"Warning: {seed}: dpo.learning_rate: 5e-07 is known not to move a rank-1 adapter: see docs/demo.md "
+        '("How the defaults were chosen"); the demo uses 5e-3'
+    ]
+    moving = runner.invoke(
+        cli, ["validate", str(seed), "--topics", str(tmp_path), "--set", "dpo.learning_rate=5e-3"]
+    )
+    assert moving.exit_code == 0 and moving.stderr == ""
+
+
 @pytest.mark.parametrize(
     ("args", "message", "code"),
     [
