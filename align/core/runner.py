@@ -17,7 +17,7 @@ from typing import Any
 
 from align.core import distributed
 from align.core.checkpoint import Checkpoints, check_settings
-from align.core.config import dump_config
+from align.core.config import demo_config_path, demo_dir, dump_config
 from align.core.engine import Engine, Reporter
 from align.core.plan import Plan
 from align.core.rundir import RunDir
@@ -30,9 +30,13 @@ LIBRARIES = ("mindprint-align", "torch", "transformers", "peft", "trl", "dataset
 
 
 def run_name(plan: Plan) -> str:
+    """The config's ``name``, else the config file's name and the time; ``align run --topics
+    mine/`` without a config is named after its topics (``mine-<time>``), not the demo's."""
     if plan.config.get("name"):
         return plan.config["name"]
     stem = Path(plan.source).stem if plan.source else "run"
+    if plan.source == str(demo_config_path()) and Path(plan.config["topics"]) != demo_dir() / "topics":
+        stem = Path(plan.config["topics"]).stem or stem
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{stem}-{stamp}"
 

@@ -45,8 +45,27 @@ def test_seed_config_loads_unchanged_and_means_what_it_says(registry, topics_dir
 
 def test_demo_config_resolves(registry):
     plan = make_plan(registry, None)
-    assert plan.config["name"] == "demo"
+    assert plan.config["name"] is None  # the run is named after the config file and the time
     assert [t.name for t in plan.topics] == ["early_life", "work", "home"]
+
+
+def test_a_run_without_a_name_is_named_after_its_config_or_its_own_topics(registry, tmp_path):
+    """``name: demo`` in demo.yaml sent every ``align run`` (and ``align run --topics mine/``) to
+    runs/demo, so the second one collided with the first."""
+    import re
+
+    from align.core.runner import run_name
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    write_topic(mine)
+    stamp = r"-\d{8}-\d{6}"
+    assert re.fullmatch("demo" + stamp, run_name(make_plan(registry, None)))
+    assert re.fullmatch("mine" + stamp, run_name(make_plan(registry, None, topics=mine)))
+    assert re.fullmatch("alpha" + stamp, run_name(make_plan(registry, None, topics=mine / "alpha.yaml")))
+    seed = REPO / "configs" / "dpo.yaml"
+    assert re.fullmatch("dpo" + stamp, run_name(make_plan(registry, seed, topics=mine)))
+    assert run_name(make_plan(registry, seed, topics=mine, overrides=["name=mine"])) == "mine"
 
 
 def test_set_overrides_reach_the_component(registry, topics_dir):
