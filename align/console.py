@@ -79,6 +79,13 @@ class ConsoleReporter(Reporter):
         self._step_bar_name: str | None = None
         # A step starts when the topic starts or the step before it ends.
         self._step_began = self._last_progress = clock()
+        # The topics bar's ETA counts optimizer steps, measured in this process (so a resumed run
+        # is not credited with the topics it did before): steps per training step, as last seen.
+        self._train_steps: list[str] = []
+        self._steps_of: dict[str, int] = {}
+        self._topics_left = 0
+        self._steps_done = 0
+        self._started: float | None = None
 
     def _say(self, text: str) -> None:
         if not self.quiet:
@@ -106,6 +113,7 @@ class ConsoleReporter(Reporter):
             self._step_bar = self._step_bar_name = None
 
     def run_start(self, plan: Plan, output: str) -> None:
+        self._train_steps = [step.name for step in plan.steps if step.kind == "train"]
         steps = " → ".join(step.name for step in plan.steps)
         self._say(f"align: {len(plan.topics)} topics, model {plan.config['model']['path']}, output {output}")
         self._say(f"protocol: {steps}")
@@ -121,11 +129,20 @@ class ConsoleReporter(Reporter):
     def topic_start(self, index: int, total: int, topic: Topic) -> None:
         self._say(f"[{index + 1}/{total}] {topic.name}")
         self._step_begins()
+        self._topics_left = total - index - 1
+        if self._started is None:
+            self._started = self.clock()
         if not self.live:
             return
         if self._topics_bar is None:
+            # tqdm's own ETA would count topics: none during the first, too little after a resume.
             self._topics_bar = self._bar(
-                total=total, initial=index, unit="topic", position=0, desc=f"topic {topic.name}"
+                total=total,
+                initial=index,
+                unit="topic",
+                position=0,
+                desc=f"topic {topic.name}",
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
             )
         else:
             self._topics_bar.set_description_str(f"topic {topic.name}")
@@ -156,7 +173,28 @@ class ConsoleReporter(Reporter):
             )
             self._step_bar_name = step
         self._step_bar.set_postfix_str(f"loss {logs['loss']:.4f}", refresh=False)
+        self._steps_done += max(done - self._step_bar.n, 0)
         self._step_bar.update(done - self._step_bar.n)
+        if total:
+            self._steps_of[step] = total
+        if self._topics_bar is not None and self._started is not None and self._steps_done:
+            eta = self.eta_seconds(step, done)
+            if eta is not None:
+                self._topics_bar.set_postfix_str(f"ETA {self._topics_bar.format_interval(eta)}")
+
+    def eta_seconds(self, step: str, done: int) -> float | None:
+        """Seconds left in the run: the optimizer steps left (in this training step, the topic's
+        later ones and the topics after it, each as many as last seen) at the time per step so far."""
+        if self._started is None or not self._steps_done:
+            return None
+        later = self._train_steps[self._train_steps.index(step) + 1 :] if step in self._train_steps else []
+        per_topic = sum(self._steps_of.get(name, 0) for name in self._train_steps)
+        left = (
+            max(self._steps_of.get(step, done) - done, 0)
+            + sum(self._steps_of.get(name, 0) for name in later)
+            + self._topics_left * per_topic
+        )
+        return left * (self.clock() - self._started) / self._steps_done
 
     def step_end(self, topic: Topic, result: StepResult) -> None:
         self._close_step_bar()

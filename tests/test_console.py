@@ -242,3 +242,45 @@ def test_the_run_starts_with_what_the_gate_means_in_questions_and_warns_on_a_sma
     stream = io.StringIO()
     ConsoleReporter(stream).run_start(plan, "runs/x")
     assert "  home: 6 quiz questions: quiz.accuracy < 0.50 allows at most 2 of 6;" in stream.getvalue()
+
+
+def test_the_topics_bar_eta_counts_optimizer_steps_from_the_first_topic_and_after_a_resume():
+    from align.testing import make_topic
+
+    plan = type(
+        "Plan",
+        (),
+        {
+            "topics": [],
+            "steps": [
+                type("Step", (), {"name": n, "kind": k, "gate": None, "rollback": None})
+                for n, k in (
+                    ("before", "evaluate"),
+                    ("sft", "train"),
+                    ("dpo", "train"),
+                )
+            ],
+            "config": {"model": {"path": "m"}},
+        },
+    )
+    now = [0.0]
+    stream = Terminal()
+    reporter = ConsoleReporter(stream, clock=lambda: now[0])
+    reporter.run_start(plan, "runs/x")
+    reporter.topic_start(0, 3, make_topic(name="home"))
+    for done in (1, 2):
+        now[0] += 10  # 10 s an optimizer step
+        reporter.step_log("sft", {"loss": 0.5, "step": done, "max_steps": 4})
+    # 2 sft steps left here, and 4 in each of the 2 topics after it (dpo not seen yet): 10 steps
+    assert reporter.eta_seconds("sft", 2) == 100
+    assert "ETA 01:40" in stream.getvalue()
+    reporter.close()
+    # Resumed at the last topic: the topics done before do not make the run look faster.
+    now[0] = 1000.0
+    resumed = ConsoleReporter(Terminal(), clock=lambda: now[0])
+    resumed.run_start(plan, "runs/x")
+    resumed.topic_start(2, 3, make_topic(name="work"))
+    now[0] += 10
+    resumed.step_log("sft", {"loss": 0.5, "step": 1, "max_steps": 4})
+    assert resumed.eta_seconds("sft", 1) == 30
+    resumed.close()
