@@ -384,17 +384,20 @@ def build_evaluators(
 
 
 def evaluate_topics(
-    language_model: Any, components: Sequence[Any], topics: Sequence[Topic]
+    language_model: Any, components: Sequence[Any], topics: Sequence[Topic], voice_set: str = "person"
 ) -> dict[str, dict[str, float]]:
-    """``{topic: {"<evaluator>.<key>": value}}`` for every topic and evaluator."""
+    """``{topic: {"<evaluator>.<key>": value}}`` for every topic and evaluator; with ``voice_set:
+    person``, each topic's voice is scored on every topic's voice pairs, as a run scores it."""
     from align.core.engine import prefix_metrics
+    from align.core.replay import with_person_voice
 
     results: dict[str, dict[str, float]] = {}
     for topic in topics:
         metrics: dict[str, float] = {}
+        scored = with_person_voice(topic, topics) if voice_set == "person" else topic
         for component in components:
             try:
-                raw = component.instance.evaluate(language_model, topic)
+                raw = component.instance.evaluate(language_model, scored)
                 metrics.update(prefix_metrics(component.name, raw, f"evaluator '{component.name}'"))
             except Exception as exc:
                 plugin = f" (plugin '{component.plugin}')" if component.plugin else ""
@@ -419,11 +422,12 @@ def evaluate_adapter(
         adapter = check_adapter(adapter)
     topic_list = resolve_topics(topics, adapter)
     run = run_of_adapter(adapter) if adapter is not None else None
-    components = build_evaluators(
-        registry, evaluators, topic_list, read_run_config(run) if run is not None else None
-    )
+    config = read_run_config(run) if run is not None else None
+    components = build_evaluators(registry, evaluators, topic_list, config)
+    # A run recorded before voice_set existed scored each topic's voice on its own pairs.
+    voice_set = config.get("voice_set", "topic") if config is not None else "person"
     loaded = load(adapter, model)
-    scores = evaluate_topics(loaded.language_model(), components, topic_list)
+    scores = evaluate_topics(loaded.language_model(), components, topic_list, voice_set)
     return {
         "model": loaded.settings["path"],
         "adapter": str(adapter) if adapter is not None else None,

@@ -120,7 +120,7 @@ def test_eval_uses_a_third_party_evaluator_through_the_plugin_registry(site, tin
         (["--adapter", "{run}/adapters/nope"], ["adapters/nope: adapter directory not found"]),
         (
             ["--adapter", "{run}/adapters/first", "--evaluators", "quiz,quix"],
-            ["unknown evaluator 'quix'; did you mean 'quiz'?", "registered: quiz, voice"],
+            ["unknown evaluator 'quix'; did you mean 'quiz'?", "registered: quiz, style, voice"],
         ),
         (["--topics", "{run}/no-topics"], ["no-topics: topic file or directory not found"]),
         (["--evaluators", "quiz"], ["--topics: required here"]),
