@@ -26,7 +26,7 @@ DEFAULT_TARGET_MODULES = ["o_proj", "v_proj", "up_proj", "down_proj"]
 
 #: The seed's protocol: evaluate, SFT, evaluate, DPO when the gate passes, evaluate again.
 DEFAULT_PROTOCOL: list[dict[str, Any]] = [
-    {"name": "before", "evaluate": ["quiz", "voice"]},
+    {"name": "before", "evaluate": ["quiz", "voice", "style"]},
     {"name": "sft", "train": "sft"},
     {"name": "after_sft", "evaluate": ["quiz", "voice"]},
     {
@@ -34,7 +34,7 @@ DEFAULT_PROTOCOL: list[dict[str, Any]] = [
         "train": "dpo",
         "gate": {"use": "threshold", "all": ["quiz.accuracy >= 0.70", "voice.score < 0.75"]},
     },
-    {"name": "after_dpo", "evaluate": ["quiz", "voice"], "if_ran": "dpo"},
+    {"name": "after_dpo", "evaluate": ["quiz", "voice", "style"], "if_ran": "dpo"},
 ]
 
 #: The values of ``on_error``.
@@ -65,7 +65,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "voice_set": "person",
     #: Earlier topics' training items mixed into each later topic's training steps, as a multiple
     #: of the topic's own count (align/core/replay.py): passages for SFT, preference pairs for DPO.
-    "replay": {"content": 0.0, "preference_pairs": 0.0},
+    "replay": {"content": 1.0, "preference_pairs": 0.0},
     "model": {
         "path": "smollm2",
         "dtype": "float32",

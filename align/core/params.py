@@ -90,6 +90,7 @@ def build_component(
                 kwargs[key] = coerce(value, annotation, f"{where}.{key}", source)
     for key, value in kwargs.items():
         _check_finite(value, f"{where}.{key}", source)
+    if accepted is not None:
         missing = [
             name
             for name, p in accepted.items()

@@ -7,10 +7,13 @@ training-free authorship-verification method that needs no downloaded model: cha
 catch a person's words, phrases, punctuation and turns of speech, whatever the topic.
 
 - ``score``: the fraction of answers closer to the person's answers (the ``chosen`` side of the
-  voice pairs, as one profile) than to the plain ones (the ``rejected`` side).
+  voice pairs, as one profile) than to the plain ones (the ``rejected`` side), counting only
+  answers that are not degenerate (below).
 - ``similarity``: the mean of that difference of cosine similarities (-1..1; > 0 leans to the person).
-- ``repetition``: the fraction of answers that loop (a word or phrase said three times in a row,
-  or one three-word phrase making up a third of the answer), which a likelihood score never shows.
+- ``repetition``: the fraction of degenerate answers, which a likelihood score never shows: an
+  answer that loops (a word or phrase said three times in a row, or one three-word phrase making
+  up a third of the answer), or one that is, word for word, the answer to another prompt (a model
+  that says its catchphrase whatever it is asked sounds like the person and says nothing).
 """
 
 from __future__ import annotations
@@ -124,11 +127,13 @@ def style_scores(
     for answer in answers:
         vector = space.vector(answer)
         differences.append(cosine(vector, person_profile) - cosine(vector, plain_profile))
+    said = Counter(" ".join(answer.lower().split()) for answer in answers)
+    degenerate = [repeats(answer) or said[" ".join(answer.lower().split())] > 1 for answer in answers]
     count = max(1, len(answers))
     return {
-        "score": sum(1 for d in differences if d > 0) / count,
+        "score": sum(1 for d, bad in zip(differences, degenerate) if d > 0 and not bad) / count,
         "similarity": sum(differences) / count,
-        "repetition": sum(1 for answer in answers if repeats(answer)) / count,
+        "repetition": sum(degenerate) / count,
     }
 
 

@@ -123,8 +123,9 @@ def test_the_console_shows_rechecks_and_flags_what_was_forgotten(tmp_path):
     run(tmp_path, reporter=ConsoleReporter(stream))
     lines = stream.getvalue().splitlines()
     assert "  recheck    t1: quiz.accuracy 0.25  voice.score 0.12" in lines
-    assert "t1              0.75 -> 0.25  (-0.50, forgot)" in lines
-    assert "t2              0.75 -> 0.50  (-0.25, forgot)" in lines
+    # the topic column is as wide as the longest topic name ('after' heads it)
+    assert "t1     0.75 -> 0.25  (-0.50, forgot)" in lines
+    assert "t2     0.75 -> 0.50  (-0.25, forgot)" in lines
 
 
 def test_recheck_none_records_nothing_and_leaves_forgetting_out(tmp_path):

@@ -84,10 +84,16 @@ def test_the_engine_replays_earlier_topics_into_training_and_records_what():
     assert sorted(json.loads(json.dumps(events[0]["items"]["content"]))) == [["t1", i] for i in range(4)]
 
 
-def test_no_replay_by_default_trains_each_topic_on_its_own_items():
-    seen, result = trained_on()
+def test_replay_of_nothing_trains_each_topic_on_its_own_items():
+    seen, result = trained_on(replay={"content": 0, "preference_pairs": 0})
     assert [t.content for t in seen] == [t.content for t in TOPICS]
     assert not [e for e in result.events if e["kind"] == "replay"]
+
+
+def test_by_default_each_topic_replays_as_many_earlier_passages_as_it_has():
+    seen, _ = trained_on()
+    assert [len(t.content) for t in seen] == [4, 8, 4]
+    assert [len(t.preference_pairs) for t in seen] == [2, 2, 2]
 
 
 @pytest.mark.parametrize(("voice_set", "pairs"), [("person", 3), ("topic", 1)])
@@ -100,7 +106,7 @@ def test_evaluators_score_the_person_s_voice_pairs_or_the_topic_s(voice_set, pai
     ("config", "message"),
     [
         ({"replay": {"content": -1}}, "replay.content: must be between 0"),
-        ({"replay": {"content": float("nan")}}, "replay.content: must be between 0"),
+        ({"replay": {"content": float("nan")}}, "replay.content: must be a finite number"),
         ({"replay": {"contents": 1}}, "unknown key 'replay.contents'"),
         ({"voice_set": "everyone"}, "voice_set: expected one of person, topic"),
     ],

@@ -62,6 +62,15 @@ def test_repetition_flags_answers_that_loop():
     assert scores["repetition"] == 0.5
 
 
+def test_the_same_catchphrase_whatever_is_asked_sounds_like_the_person_and_scores_nothing():
+    catchphrase = "Mind the tide, little gull."
+    scores = style_scores([catchphrase, catchphrase], PERSON, PLAIN)
+    assert scores["similarity"] > 0  # it does sound like her
+    assert scores["score"] == 0.0 and scores["repetition"] == 1.0
+    looping = style_scores(["little gull, little gull, little gull, mind the tide", PERSON[1]], PERSON, PLAIN)
+    assert looping["score"] == 0.5
+
+
 def test_bad_params_are_refused():
     with pytest.raises(ParamError):
         StyleEvaluator(max_new_tokens=0)
