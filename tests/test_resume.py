@@ -223,7 +223,8 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_and_resume_finishes_it(setup, tmp_pat
     process.send_signal(signal.SIGTERM)
     stderr = process.communicate(timeout=120)[1].decode()
     assert process.returncode == 143
-    assert stderr.strip().splitlines() == [
+    # (the plan's warnings about the tiny quiz come first)
+    assert [line for line in stderr.strip().splitlines() if line and not line.startswith("Warning: ")] == [
         f"Terminated (SIGTERM): results so far are in {run_dir}; `align run --resume {run_dir}` "
         "goes on from the last finished step."
     ]

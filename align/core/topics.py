@@ -372,7 +372,11 @@ def read_data_file(path: Path, what: str, error: type[AlignError]) -> Any:
             except DuplicateKey as exc:
                 raise _json_duplicate_lines(text) or exc from None
         else:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
+            loader = _UniqueKeyLoader(text)  # a SafeLoader: plain data only
+            try:
+                data = loader.get_single_data()
+            finally:
+                loader.dispose()
     except RecursionError:
         raise error(
             f"{path}: nested more than {MAX_DEPTH} levels deep (lists or mappings inside one another); "

@@ -61,8 +61,10 @@ def test_dpo_reference_is_the_policy_after_sft_not_the_base_model(policy):
 
 
 def test_sft_lowers_the_loss_on_the_content(policy):
-    metrics = SFTObjective(epochs=3, learning_rate=5e-2, per_device_train_batch_size=1).train(policy, TOPIC)
-    assert metrics["steps"] == 6
+    metrics = SFTObjective(epochs=3, learning_rate=5e-2, per_device_train_batch_size=1, cloze=0).train(
+        policy, TOPIC
+    )
+    assert metrics["steps"] == 6  # 2 passages, 3 epochs, no clozes
     assert metrics["final_loss"] < metrics["first_loss"]
     sft_logs = [entry for step, entry in policy.logs if step == "sft"]
     assert len(sft_logs) == 6 and all("loss" in entry for entry in sft_logs)
@@ -278,10 +280,10 @@ def test_rejected_must_be_given_or_policy():
 
 @pytest.mark.parametrize("answers", ["chosen", "rejected"])
 def test_sft_answers_adds_each_pair_s_answer_as_a_chat_turn_after_the_passages(policy, answers):
-    texts = SFTObjective(answers=answers).texts(policy, TOPIC)
+    texts = SFTObjective(answers=answers, cloze=0).texts(policy, TOPIC)
     assert texts[:2] == list(TOPIC.content)
     assert len(texts) == 2 + len(TOPIC.preference_pairs)
     for text, pair in zip(texts[2:], TOPIC.preference_pairs):
         assert pair.prompt in text and getattr(pair, answers) in text
         assert "<|im_start|>assistant" in text  # the tiny tokenizer's chat template
-    assert SFTObjective().texts(policy, TOPIC) == list(TOPIC.content)
+    assert SFTObjective(cloze=0).texts(policy, TOPIC) == list(TOPIC.content)
