@@ -88,7 +88,9 @@ def write_setup(root: Path, batch: int) -> Path:
             {
                 "seed": 0,
                 "topics": "topics",
-                "sft": {"epochs": 2, "learning_rate": 0.05, "per_device_train_batch_size": batch},
+                # passages only (no clozes, no replay): the step counts below are 2 epochs of them
+                "sft": {"epochs": 2, "learning_rate": 0.05, "per_device_train_batch_size": batch, "cloze": 0},
+                "replay": {"content": 0.0},
                 "dpo": {"max_steps": 3, "learning_rate": 0.05, "per_device_train_batch_size": batch},
                 "protocol": PROTOCOL,
             }
@@ -368,7 +370,7 @@ def test_kto_runs_on_two_processes_and_fsdp_trains_as_ddp(sharded, tiny_model_di
         {"name": "after_kto", "evaluate": ["quiz", "voice"]},
     ]
     settings = {"max_steps": 3, "learning_rate": 0.05, "per_device_train_batch_size": 2}
-    sft = {"epochs": 1, "learning_rate": 0.05, "per_device_train_batch_size": 1}
+    sft = {"epochs": 1, "learning_rate": 0.05, "per_device_train_batch_size": 1, "cloze": 0}
     config.write_text(
         yaml.safe_dump({"seed": 0, "topics": "topics", "sft": sft, "kto": settings, "protocol": protocol})
     )
