@@ -72,6 +72,12 @@ def _check_failures(plugins: Any, strict: bool) -> None:
         click.echo(f"Warning: {message}; `align plugins` shows it", err=True)
 
 
+def _warn_shadowing(plugins: Any) -> None:
+    """One warning for each built-in component a plugin replaces (it is the plugin's that runs)."""
+    for warning in plugins.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+
+
 def _load_plan(strict_flag: bool, config: Any, **options: Any) -> tuple[Any, Any]:
     """Load the plugins and resolve the plan; a failed plugin is an error with ``--strict-plugins``
     or the config's ``strict_plugins: true``, else one warning (also when the config then fails,
@@ -86,8 +92,10 @@ def _load_plan(strict_flag: bool, config: Any, **options: Any) -> tuple[Any, Any
         plan = make_plan(plugins.registry, config, **options)
     except AlignError:
         _check_failures(plugins, strict=False)
+        _warn_shadowing(plugins)
         raise
     _check_failures(plugins, strict=bool(plan.config.get("strict_plugins")))
+    _warn_shadowing(plugins)
     return plugins, plan
 
 
@@ -390,7 +398,10 @@ def plugins(debug: bool = False):
     """Print every plugin as JSON: name, distribution, version, hooks, components and load error."""
     from align.plugins.manager import describe_plugins, load_plugins
 
-    click.echo(json.dumps(describe_plugins(load_plugins()), indent=2))
+    loaded = load_plugins()
+    for warning in loaded.warnings:  # stderr: stdout stays JSON
+        click.echo(f"Warning: {warning}", err=True)
+    click.echo(json.dumps(describe_plugins(loaded), indent=2))
 
 
 @cli.command("new-plugin")
@@ -466,6 +477,7 @@ def eval_command(adapter, topics, evaluators, model, as_json, debug):
 
     plugins = load_plugins()
     _check_failures(plugins, strict=False)  # a plugin that failed to load may be the one asked for
+    _warn_shadowing(plugins)
     names = [name.strip() for name in evaluators.split(",") if name.strip()]
     result = evaluate_adapter(plugins.registry, adapter=adapter, topics=topics, evaluators=names, model=model)
     click.echo(json.dumps(result, indent=2) if as_json else eval_table(result))

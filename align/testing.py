@@ -115,6 +115,16 @@ class StubPolicy:
     def load_snapshot(self, path: Path) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
 
+    def set_log_target(self, on_log: Callable[[str, dict[str, float]], None] | None, topic: str | None = None) -> None:
+        """Where :meth:`log` sends trainer logs (the engine: metrics.jsonl and ``on_trainer_log``)."""
+        self._on_log = on_log
+
+    def log(self, step: str, logs: dict[str, float]) -> None:
+        """What a real trainer does after an optimizer step: a stub objective's ``effect`` may call
+        it to test an ``on_trainer_log`` hook without a model."""
+        if getattr(self, "_on_log", None) is not None:
+            self._on_log(step, dict(logs))
+
     def trainer_callbacks(self, step: str) -> list[Any]:
         return []
 

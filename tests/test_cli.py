@@ -309,6 +309,62 @@ def test_a_broken_plugin_is_warned_about_once_and_the_tool_still_works(site, tmp
     ]
 
 
+RAISING_PLUGIN = """
+from align import hookimpl
+
+@hookimpl
+def register_evaluators(register):
+    raise RuntimeError("licence server unreachable")
+"""
+SHADOWING_PLUGIN = """
+from align import hookimpl
+
+class Quiz:
+    def evaluate(self, model, topic):
+        return {"accuracy": 1.0}
+
+@hookimpl
+def register_evaluators(register):
+    register("quiz", Quiz)
+"""
+
+
+def test_a_raising_register_hook_and_a_shadowed_built_in_leave_every_command_working(site, tmp_path):
+    from tests.conftest import make_distribution
+
+    make_distribution(site, "align_raises", RAISING_PLUGIN)
+    make_distribution(site, "align_quiz2", SHADOWING_PLUGIN)
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["plugins"])
+    assert listed.exit_code == 0, listed.output
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert (
+        rows["align_raises"]["error"]
+        == "raised in register_evaluators: RuntimeError: licence server unreachable"
+    )
+    assert rows["align_quiz2"]["components"] == {"evaluator": ["quiz"]}
+    shadowing = (
+        "Warning: plugin 'align_quiz2' replaces the built-in evaluator 'quiz' of 'align.evaluators.quiz'; "
+        "to use the built-in, disable it with ALIGN_DISABLE_PLUGINS=align_quiz2"
+    )
+    assert listed.stderr.splitlines() == [shadowing]
+    write_topic(tmp_path)
+    result = runner.invoke(cli, ["validate", "--topics", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[:2] == [
+        "Warning: plugin 'align_raises' (align-raises 1.2.3) failed to load: raised in register_evaluators: "
+        "RuntimeError: licence server unreachable; `align plugins` shows it",
+        shadowing,
+    ]
+    assert result.stderr.count(shadowing) == 1
+    fixed = runner.invoke(
+        cli,
+        ["validate", "--topics", str(tmp_path)],
+        env={"ALIGN_DISABLE_PLUGINS": "align_quiz2,align_raises"},
+    )
+    assert fixed.exit_code == 0 and "align_" not in fixed.stderr
+
+
 @pytest.mark.parametrize("how", ["flag", "config"])
 def test_strict_plugins_turns_a_load_failure_into_an_error(site, tmp_path, how):
     from tests.conftest import make_distribution

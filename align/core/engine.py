@@ -38,6 +38,7 @@ from align.core.replay import replay_topic, with_person_voice
 from align.core.rundir import RunDir
 from align.core.topics import Topic
 from align.errors import AlignError, NonFiniteTraining, RunStopped
+from align.plugins.lifecycle import call_isolated
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +224,8 @@ class Engine:
         self._current_topic: str | None = None
         self._current_step: str | None = None
         self._in_progress: TopicResult | None = None
+        #: ``on_trainer_log`` hooks that raised during the step in progress: ``(plugin, message)``.
+        self._trainer_log_failures: list[tuple[str, str]] = []
         # Training steps a later step may roll back: the adapter and metrics from before each.
         self._guarded = {step.rollback.step for step in plan.steps if step.rollback is not None}
         self._snapshots: dict[str, tuple[Any, dict[str, float]]] = {}
@@ -272,15 +275,31 @@ class Engine:
         """An event a component records through its policy, about the topic and step in progress."""
         self._record(self._current_topic or "", self._current_step or "", kind, {}, **data)
 
-    def on_trainer_log(self, topic: str) -> Callable[[str, dict[str, float]], None]:
+    def on_trainer_log(self, topic: Topic) -> Callable[[str, dict[str, float]], None]:
         def forward(step: str, logs: dict[str, float]) -> None:
-            self._record(topic, step, "log", {k: v for k, v in logs.items() if math.isfinite(v)})
+            self._record(topic.name, step, "log", {k: v for k, v in logs.items() if math.isfinite(v)})
             self.reporter.step_log(step, logs)
+            if self.hooks is not None and distributed.is_main():
+                # Called inside the trainer: what the hook's failure does waits for the step's end
+                # (settle_trainer_log_failures), so it never fails the training step it watches.
+                failures = self._call_hooks(
+                    "on_trainer_log",
+                    {"topic": topic, "step": step, "logs": dict(logs)},
+                    muted={plugin for plugin, _ in self._trainer_log_failures},
+                )
+                self._trainer_log_failures.extend(failures)
 
         return forward
 
+    def settle_trainer_log_failures(self) -> None:
+        """Decide on the ``on_trainer_log`` hooks that raised during the step just checkpointed."""
+        if self.hooks is None:
+            return
+        failures, self._trainer_log_failures = self._trainer_log_failures, []
+        self._decide(failures)
+
     def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call a lifecycle hook's implementations one by one.
+        """Call a lifecycle hook through pluggy, each implementation isolated.
 
         One that raises is recorded (a ``hook_error`` event) and reported with its plugin, topic
         and step; the other implementations are still called. Then ``on_error`` decides, as for
@@ -292,6 +311,9 @@ class Engine:
         failures: list[tuple[str, str]] = []
         if distributed.is_main():  # loggers and notifiers hear of the run once
             failures = self._call_hooks(hook_name, kwargs)
+        self._decide(failures)
+
+    def _decide(self, failures: list[tuple[str, str]]) -> None:
         failures = [
             tuple(f) for f in distributed.broadcast_object(failures)
         ]  # the same decision on every process
@@ -309,35 +331,30 @@ class Engine:
         for _, message in failures:  # on_error: skip, or the run is already stopping
             self.reporter.warning(message)
 
-    def _call_hooks(self, hook_name: str, kwargs: Mapping[str, Any]) -> list[tuple[str, str]]:
-        """Call each implementation of ``hook_name``; return ``(plugin, message)`` for each that raised."""
+    def _call_hooks(
+        self, hook_name: str, kwargs: Mapping[str, Any], muted: Collection[str] = ()
+    ) -> list[tuple[str, str]]:
+        """Call ``hook_name``; return ``(plugin, message)`` for each implementation that raised."""
         assert self.hooks is not None
         failures = []
-        for impl in reversed(getattr(self.hooks.hook, hook_name).get_hookimpls()):
-            try:
-                impl.function(**{name: kwargs[name] for name in impl.argnames})
-            except KeyboardInterrupt:
-                raise
-            except BaseException as exc:  # SystemExit too (see run_step)
-                labels = [
-                    f"{label} '{value}'"
-                    for label, value in (("topic", self._current_topic), ("step", self._current_step))
-                    if value
-                ]
-                where = f" ({', '.join(labels)})" if labels else ""
-                message = (
-                    f"plugin '{impl.plugin_name}' raised in {hook_name}{where}: {type(exc).__name__}: {exc}"
-                )
-                self._record(
-                    self._current_topic or "",
-                    self._current_step or "",
-                    "hook_error",
-                    {},
-                    plugin=impl.plugin_name,
-                    hook=hook_name,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                failures.append((impl.plugin_name, message))
+        for failure in call_isolated(self.hooks, hook_name, kwargs, muted=muted):
+            labels = [
+                f"{label} '{value}'"
+                for label, value in (("topic", self._current_topic), ("step", self._current_step))
+                if value
+            ]
+            where = f" ({', '.join(labels)})" if labels else ""
+            message = f"plugin '{failure.plugin}' raised in {hook_name}{where}: {failure.error}"
+            self._record(
+                self._current_topic or "",
+                self._current_step or "",
+                "hook_error",
+                {},
+                plugin=failure.plugin,
+                hook=hook_name,
+                error=failure.error,
+            )
+            failures.append((failure.plugin, message))
         return failures
 
     def _stopped(self, what: str, fix: str, also: str = "") -> RunStopped:
@@ -440,7 +457,7 @@ class Engine:
             self._snapshots.clear()
         self._in_progress = result
         if hasattr(self.policy, "set_log_target"):
-            self.policy.set_log_target(self.on_trainer_log(topic.name), topic=topic.name)
+            self.policy.set_log_target(self.on_trainer_log(topic), topic=topic.name)
         for step_index in range(first_step, len(self.plan.steps)):
             step = self.plan.steps[step_index]
             self._current_step = step.name
@@ -457,6 +474,7 @@ class Engine:
             )
             result.steps.append(step_result)
             if step_result.status == "failed" and self.on_error == "stop":
+                self._trainer_log_failures = []  # the step's own failure is what stops the run
                 result.steps.pop()  # a resumed run runs this step again
                 self._checkpoint(index, step_index)  # keeps the error event in metrics.jsonl
                 result.steps.append(step_result)
@@ -471,6 +489,7 @@ class Engine:
             self._checkpoint(index, step_index + 1)
             self.reporter.step_end(topic, step_result)
             self.notify("on_step_end", topic=topic, step=step.name, result=step_result.as_dict())
+            self.settle_trainer_log_failures()
         self._current_step = None
         self._snapshots.clear()
         # Part of the topic's end: a resumed run at this position redoes it (evaluation is

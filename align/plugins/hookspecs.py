@@ -55,10 +55,12 @@ def register_gates(register: Register) -> None:
 
 
 # -- lifecycle hooks: for code that watches a run (loggers, trackers, notifiers) -------------------
-# The engine calls every implementation in turn. One that raises is recorded with its plugin's name
-# (a ``hook_error`` event in metrics.jsonl), the others are still called, and then ``on_error``
-# decides: ``stop`` ends the run with everything saved and resumable, ``skip`` warns and goes on.
-# A hook runs after the checkpoint of what it watches, so its failure never costs results.
+# The engine calls them through pluggy (align/plugins/lifecycle.py), so ``tryfirst``, ``trylast`` and
+# wrappers (``wrapper=True``, ``hookwrapper=True``) work as pluggy documents. An implementation that
+# raises is recorded with its plugin's name (a ``hook_error`` event in metrics.jsonl), the others are
+# still called, and then ``on_error`` decides: ``stop`` ends the run with everything saved and
+# resumable, ``skip`` warns and goes on. A hook runs after the checkpoint of what it watches, so its
+# failure never costs results.
 
 
 @hookspec
@@ -72,13 +74,36 @@ def on_run_start(plan: Any, output: str) -> None:
 
 @hookspec
 def on_topic_start(topic: Any, index: int, total: int) -> None:
-    """Called before the first step of each topic (``index`` counts from 0 of ``total``)."""
+    """Called before the first step of each topic.
+
+    :param topic: the :class:`align.Topic` about to be trained.
+    :param index: its position in the run, counting from 0.
+    :param total: how many topics the run has.
+    """
+
+
+@hookspec
+def on_trainer_log(topic: Any, step: str, logs: dict[str, float]) -> None:
+    """Called each time a training step's trainer logs (after every optimizer step), once the
+    numbers are in metrics.jsonl (``log`` events): the points of a loss curve.
+
+    An implementation that raises is recorded at once and not called again during that step; what
+    ``on_error`` does about it waits until the step is finished and saved, so a tracker that fails
+    never fails the training it watches.
+
+    :param topic: the :class:`align.Topic` being trained.
+    :param step: the protocol step's name (``sft``, ``dpo`` …).
+    :param logs: the trainer's numbers: ``loss``, ``learning_rate``, ``grad_norm`` … as the
+        objective's trainer reports them, with ``step`` (the optimizer step) and ``max_steps``.
+    """
 
 
 @hookspec
 def on_step_end(topic: Any, step: str, result: dict[str, Any]) -> None:
     """Called after every protocol step, whether it ran, was skipped or failed.
 
+    :param topic: the :class:`align.Topic` the step ran on.
+    :param step: the step's name in the protocol.
     :param result: the step as summary.json records it: ``step``, ``kind``, ``status``
         (``ran``/``skipped``/``failed``), ``metrics`` (``<component>.<key>`` → number), ``gate``
         (``passed`` and ``reason``) when the step was gated, ``rollback`` when its guard restored
@@ -88,11 +113,17 @@ def on_step_end(topic: Any, step: str, result: dict[str, Any]) -> None:
 
 @hookspec
 def on_topic_end(topic: Any, result: dict[str, Any]) -> None:
-    """Called after each topic's adapter is saved; ``result`` is the topic's entry in summary.json
-    (with ``recheck``, earlier topic → its metrics measured again, from the second topic on)."""
+    """Called after each topic's adapter is saved.
+
+    :param topic: the :class:`align.Topic` just finished.
+    :param result: the topic's entry in summary.json (with ``recheck``, earlier topic → its
+        metrics measured again, from the second topic on).
+    """
 
 
 @hookspec
 def on_run_end(summary: dict[str, Any]) -> None:
-    """Called once at the end of a run, finished or not; ``summary`` is summary.json's content
-    (``status`` is ``completed``, ``failed`` or ``interrupted``)."""
+    """Called once at the end of a run, finished or not.
+
+    :param summary: summary.json's content (``status`` is ``completed``, ``failed`` or ``interrupted``).
+    """

@@ -16,7 +16,7 @@ from typing import Any
 
 import pluggy
 
-from align.errors import PluginError
+from align.errors import PluginError, closest
 from align.plugins import hookspecs
 
 ENTRY_POINT_GROUP = "align"
@@ -65,19 +65,33 @@ class Registry:
     components: dict[str, dict[str, Registration]] = field(
         default_factory=lambda: {kind: {} for kind in KINDS}
     )
+    #: What loading found worth a word but not an error: a plugin shadowing a built-in's component.
+    warnings: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def check(kind: str, name: Any, factory: Any, reserved: frozenset[str] = frozenset()) -> None:
+        """Refuse a name a config could not use (empty, dotted, a base section's) or a factory that
+        cannot be called; the message reads after the plugin's name."""
+        a = "an" if kind[0] in "aeiou" else "a"
+        if not isinstance(name, str) or not name or "." in name:
+            raise PluginError(f"registered {a} {kind} with the invalid name {name!r}")
+        if name in reserved:
+            raise PluginError(
+                f"registered {a} {kind} named '{name}', which is a base section of the config "
+                f"(reserved: {', '.join(sorted(reserved))}); register it under another name"
+            )
+        if not callable(factory):
+            raise PluginError(f"registered {kind} '{name}' with a factory that is not callable")
 
     def add(self, kind: str, name: str, factory: Callable[..., Any], plugin: str) -> None:
-        if not isinstance(name, str) or not name or "." in name:
-            raise PluginError(f"plugin '{plugin}' registered a {kind} with the invalid name {name!r}")
-        if not callable(factory):
-            raise PluginError(
-                f"plugin '{plugin}' registered {kind} '{name}' with a factory that is not callable"
-            )
+        try:
+            self.check(kind, name, factory, _reserved_names())
+        except PluginError as exc:
+            raise PluginError(f"plugin '{plugin}' {exc}") from None
         existing = self.components[kind].get(name)
         if existing is not None:
             raise PluginError(
-                f"{kind} '{name}' is registered by two plugins, '{existing.plugin}' and '{plugin}'; "
-                f"uninstall or disable one (ALIGN_DISABLE_PLUGINS={plugin})"
+                f"{kind} '{name}' is registered by two plugins, '{existing.plugin}' and '{plugin}'"
             )
         self.components[kind][name] = Registration(name, kind, factory, plugin)
 
@@ -95,6 +109,11 @@ class Plugins:
     manager: pluggy.PluginManager
     registry: Registry
     failures: list[LoadFailure]
+
+    @property
+    def warnings(self) -> list[str]:
+        """Worth a word at start-up but no failure: a plugin shadowing a built-in component."""
+        return self.registry.warnings
 
 
 def new_plugin_manager() -> pluggy.PluginManager:
@@ -137,7 +156,9 @@ def load_entry_points(
         try:
             plugin = entry_point.load()
             manager.register(plugin, name=entry_point.name)
-            manager.check_pending()
+            problem = unknown_hooks(manager, plugin)
+            if problem is not None:
+                raise PluginError(problem)
         except KeyboardInterrupt:
             raise
         except (
@@ -150,48 +171,142 @@ def load_entry_points(
                     name=entry_point.name,
                     distribution=dist.metadata["Name"] if dist is not None else None,
                     version=dist.version if dist is not None else None,
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=_describe(exc),
                 )
             )
     return failures
+
+
+def _describe(exc: BaseException) -> str:
+    """A load failure on one line: align's own message, or the exception's type and text (pluggy
+    spreads a validation error over several lines)."""
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text if isinstance(exc, PluginError) else f"{type(exc).__name__}: {text}"
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
     return sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
 
 
-def build_registry(manager: pluggy.PluginManager) -> Registry:
-    """Ask every plugin's contribution hooks for its components, remembering who registered what."""
-    registry = Registry()
-    for kind, hook_name in KINDS.items():
-        hook = getattr(manager.hook, hook_name)
-        # Call implementations one at a time so every registration is attributed to its plugin.
-        for impl in reversed(hook.get_hookimpls()):
+def _reserved_names() -> frozenset[str]:
+    """The config's top-level keys: a component's params section is named like the component, so a
+    component named ``model`` or ``seed`` would be read as that base section."""
+    from align.core.config import BASE_DEFAULTS
 
-            def register(
-                name: str, factory: Callable[..., Any], _kind=kind, _plugin=impl.plugin_name
-            ) -> None:
-                registry.add(_kind, name, factory, _plugin)
+    return frozenset(BASE_DEFAULTS)
+
+
+def collect_components(
+    manager: pluggy.PluginManager, disable_hint: Callable[[str], str] | None = None
+) -> tuple[Registry, list[tuple[str, str]]]:
+    """Ask each plugin's contribution hooks for its components, one plugin at a time.
+
+    A plugin whose hook raises, registers an invalid or reserved name, or a name another
+    third-party plugin already has, contributes nothing and is returned as ``(plugin, error)``;
+    the other plugins' components are unaffected. Built-ins come first; a third-party plugin may
+    shadow a built-in's component (datasette's rule), which the registry's ``warnings`` name.
+    ``disable_hint(plugin)`` is the fix a message suggests (default: ``ALIGN_DISABLE_PLUGINS``).
+    """
+    hint = disable_hint or (lambda plugin: f"disable it with ALIGN_DISABLE_PLUGINS={plugin}")
+    reserved = _reserved_names()
+    registry = Registry()
+    failures = []
+    for plugin_name, plugin in manager.list_name_plugin():  # in registration order: built-ins first
+        if plugin is None:  # blocked
+            continue
+        try:
+            staged = _contributions(manager, plugin)
+            for kind, name, factory in staged:
+                registry.check(kind, name, factory, reserved)
+            seen: set[tuple[str, str]] = set()
+            for kind, name, _ in staged:
+                if (kind, name) in seen:
+                    raise PluginError(f"registered {kind} '{name}' twice")
+                seen.add((kind, name))
+            shadowed = []
+            for kind, name, _ in staged:
+                existing = registry.get(kind, name)
+                if existing is None:
+                    continue
+                if existing.plugin not in DEFAULT_PLUGINS or plugin_name in DEFAULT_PLUGINS:
+                    raise PluginError(
+                        f"registered {kind} '{name}', which plugin '{existing.plugin}' registered "
+                        f"already; uninstall one of the two, or {hint(plugin_name)}"
+                    )
+                shadowed.append(existing)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit too: it would end align with exit 0 and no word
+            failures.append((plugin_name, _describe(exc)))
+            continue
+        for kind, name, factory in staged:
+            registry.components[kind][name] = Registration(name, kind, factory, plugin_name)
+        for existing in shadowed:
+            registry.warnings.append(
+                f"plugin '{plugin_name}' replaces the built-in {existing.kind} '{existing.name}' of "
+                f"'{existing.plugin}'; to use the built-in, {hint(plugin_name)}"
+            )
+    return registry, failures
+
+
+def _contributions(
+    manager: pluggy.PluginManager, plugin: object
+) -> list[tuple[str, str, Callable[..., Any]]]:
+    """What one plugin's contribution hooks register, as ``(kind, name, factory)``, in order."""
+    staged: list[tuple[str, str, Callable[..., Any]]] = []
+    for kind, hook_name in KINDS.items():
+        for impl in getattr(manager.hook, hook_name).get_hookimpls():
+            if impl.plugin is not plugin:
+                continue
+            if impl.wrapper or impl.hookwrapper:
+                raise PluginError(
+                    f"made {hook_name} a wrapper (wrapper=True or hookwrapper=True), which a "
+                    "contribution hook cannot be: it calls register(name, factory); use a plain @hookimpl"
+                )
+
+            def register(name: str, factory: Callable[..., Any], _kind: str = kind) -> None:
+                staged.append((_kind, name, factory))
 
             try:
                 impl.function(register=register)
-            except (KeyboardInterrupt, PluginError):
+            except KeyboardInterrupt:
                 raise
-            except BaseException as exc:  # SystemExit too: it would end align with exit 0 and no word
-                raise PluginError(
-                    f"plugin '{impl.plugin_name}' raised in {hook_name}: {type(exc).__name__}: {exc}; fix the "
-                    f"plugin, or disable it with ALIGN_DISABLE_PLUGINS={impl.plugin_name}"
-                ) from exc
+            except BaseException as exc:
+                raise PluginError(f"raised in {hook_name}: {type(exc).__name__}: {exc}") from exc
+    return staged
+
+
+def build_registry(manager: pluggy.PluginManager) -> Registry:
+    """:func:`collect_components`, where a plugin that fails is an error (the test harness's way:
+    the author of the plugin under test sees why)."""
+    registry, failures = collect_components(manager, disable_hint=lambda plugin: "unregister it")
+    if failures:
+        plugin, error = failures[0]
+        raise PluginError(f"plugin '{plugin}' {error}")
     return registry
+
+
+def unknown_hooks(manager: pluggy.PluginManager, plugin: object) -> str | None:
+    """Why ``plugin`` implements a hook align never calls (a typo), or ``None``: pluggy's
+    ``check_pending`` for one plugin, with the closest hook's name."""
+    specs = [name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "align_spec")]
+    for caller in manager.get_hookcallers(plugin) or []:
+        if caller.spec is not None:
+            continue
+        if any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls()):
+            return (
+                f"implements '{caller.name}', which is not an align hook{closest(caller.name, specs)} "
+                "(docs/plugins.md lists the hooks)"
+            )
+    return None
 
 
 def validate_hooks(manager: pluggy.PluginManager) -> None:
     """A hook implementation whose name matches no hook (a typo) is an error naming its plugin."""
-    try:
-        manager.check_pending()
-    except pluggy.PluginValidationError as exc:
-        name = manager.get_name(exc.plugin) or repr(exc.plugin)
-        raise PluginError(f"plugin '{name}': {exc}") from None
+    for name, plugin in manager.list_name_plugin():
+        problem = None if plugin is None else unknown_hooks(manager, plugin)
+        if problem is not None:
+            raise PluginError(f"plugin '{name}' {problem}")
 
 
 def _split_env(value: str | None) -> list[str] | None:
@@ -209,7 +324,9 @@ def load_plugins(
     """The plugin manager align runs with: built-ins, then entry points, then ``extra`` plugin objects.
 
     ``ALIGN_LOAD_PLUGINS=a,b`` loads only those entry points (empty: none);
-    ``ALIGN_DISABLE_PLUGINS=a,b`` skips those.
+    ``ALIGN_DISABLE_PLUGINS=a,b`` skips those. A plugin that fails at any point (its import, a
+    hook align does not have, its contribution hooks) is unregistered and listed in ``failures``;
+    one that shadows a built-in's component wins, and ``warnings`` says so.
     """
     import os
 
@@ -224,24 +341,53 @@ def load_plugins(
             skip=_split_env(environ.get("ALIGN_DISABLE_PLUGINS")) or (),
         )
     for plugin in extra:
-        register_plugin(manager, plugin)
-    validate_hooks(manager)
-    return Plugins(manager=manager, registry=build_registry(manager), failures=failures)
+        try:
+            name = register_plugin(manager, plugin)
+        except pluggy.PluginValidationError as exc:  # a hook with arguments the spec lacks …
+            failures.append(LoadFailure(_plugin_name(manager, plugin), None, None, _describe(exc)))
+            continue
+        problem = unknown_hooks(manager, plugin)
+        if problem is not None:
+            manager.unregister(name=name)
+            failures.append(LoadFailure(name=name, distribution=None, version=None, error=problem))
+    owners = _distribution_owners()
+
+    def disable_hint(plugin: str) -> str:
+        if plugin in owners:
+            return f"disable it with ALIGN_DISABLE_PLUGINS={plugin}"
+        return "leave it out of the plugins given to load_plugins"
+
+    registry, failed = collect_components(manager, disable_hint)
+    for name, error in failed:  # a plugin that contributes nothing watches nothing either
+        manager.unregister(name=name)
+        dist = owners.get(name)
+        failures.append(
+            LoadFailure(
+                name=name,
+                distribution=dist[0] if dist else None,
+                version=dist[1] if dist else None,
+                error=error,
+            )
+        )
+    return Plugins(manager=manager, registry=registry, failures=failures)
 
 
 def register_plugin(manager: pluggy.PluginManager, plugin: Any, name: str | None = None) -> str:
     """Register ``plugin`` under ``name``, by default its module's name or its class's (``Broken``,
     then ``Broken-2``), so that errors and ``align plugins`` name it readably; returns the name."""
-    if name is None:
-        if isinstance(plugin, ModuleType):
-            name = plugin.__name__
-        else:
-            base = type(plugin).__name__
-            name, n = base, 1
-            while manager.has_plugin(name):
-                n += 1
-                name = f"{base}-{n}"
+    name = name or _plugin_name(manager, plugin)
     manager.register(plugin, name=name)
+    return name
+
+
+def _plugin_name(manager: pluggy.PluginManager, plugin: Any) -> str:
+    if isinstance(plugin, ModuleType):
+        return plugin.__name__
+    base = type(plugin).__name__
+    name, n = base, 1
+    while manager.has_plugin(name):
+        n += 1
+        name = f"{base}-{n}"
     return name
 
 

@@ -277,3 +277,227 @@ def test_a_rollback_metric_is_checked_against_what_the_evaluators_declare():
         "rollback.max_drop: metric 'quiz.acc' is not recorded by this step; did you mean 'quiz.accuracy'? "
         "(it records: quiz.accuracy)"
     )
+
+
+def test_wrappers_and_ordering_options_are_called_through_pluggy():
+    calls = []
+
+    class Around:
+        @hookimpl(wrapper=True)
+        def on_step_end(self, step):
+            calls.append(("around before", step))
+            result = yield
+            calls.append(("around after", step))
+            return result
+
+    class OldStyle:
+        @hookimpl(hookwrapper=True)
+        def on_run_end(self, summary):
+            calls.append(("old before", summary["status"]))
+            outcome = yield
+            outcome.get_result()
+            calls.append(("old after", summary["status"]))
+
+    class First:
+        @hookimpl(tryfirst=True)
+        def on_step_end(self, step):
+            calls.append(("first", step))
+
+    class Last:
+        @hookimpl(trylast=True)
+        def on_step_end(self, step):
+            calls.append(("last", step))
+
+    plugin, state = knowledge_plugin(0.0)
+    plugins = [plugin, Last(), Around(), OldStyle(), First()]
+    run_protocol(PROTOCOL[:1], plugins=plugins, builtins=False, state=state)
+    assert calls == [
+        ("around before", "before"),
+        ("first", "before"),
+        ("last", "before"),
+        ("around after", "before"),
+        ("old before", "completed"),
+        ("old after", "completed"),
+    ]
+
+
+class RaisesBeforeYield:
+    @hookimpl(wrapper=True)
+    def on_step_end(self, step):
+        raise RuntimeError("before the yield")
+        yield  # never reached; makes the function a generator, as pluggy requires of a wrapper
+
+
+class RaisesAfterYield:
+    @hookimpl(wrapper=True)
+    def on_step_end(self, step):
+        yield
+        raise RuntimeError("after the yield")
+
+
+class NeverYields:
+    @hookimpl(hookwrapper=True)
+    def on_step_end(self, step):
+        if False:
+            yield
+
+
+@pytest.mark.parametrize(
+    ("broken", "error"),
+    [
+        (RaisesBeforeYield, ["RuntimeError: before the yield"] * 2),
+        (RaisesAfterYield, ["RuntimeError: after the yield"] * 2),
+        (NeverYields, ["StopIteration: "] * 2),
+        (BrokenTracker, ["RuntimeError: tracker offline at before", "RuntimeError: tracker offline at sft"]),
+    ],
+)
+def test_a_raising_wrapper_or_plain_hook_is_isolated_and_the_others_still_run(broken, error):
+    seen = []
+
+    class Around:
+        @hookimpl(wrapper=True)
+        def on_step_end(self, step):
+            result = yield
+            seen.append(("around", step))
+            return result
+
+    class Plain:
+        @hookimpl
+        def on_step_end(self, step):
+            seen.append(("plain", step))
+
+    plugin, state = knowledge_plugin(0.0)
+    result = run_protocol(
+        PROTOCOL[:2],
+        plugins=[plugin, Plain(), broken(), Around()],
+        builtins=False,
+        state=state,
+        config={"on_error": "skip"},
+    )
+    assert result.summary["status"] == "completed"
+    assert seen == [("plain", "before"), ("around", "before"), ("plain", "sft"), ("around", "sft")]
+    errors = [(e["plugin"], e["hook"], e["error"]) for e in result.events if e["kind"] == "hook_error"]
+    assert errors == [(broken.__name__, "on_step_end", message) for message in error]
+
+
+def logging_objective(losses=(1.0, 0.5, 0.25)):
+    """An objective that logs as a trainer does, once per optimizer step, through the stub policy."""
+
+    def train(policy, topic):
+        for n, loss in enumerate(losses, 1):
+            policy.log("sft", {"loss": loss, "step": float(n), "max_steps": float(len(losses))})
+
+    return StubPlugin(objectives={"sft": StubObjective(effect=train)})
+
+
+class LossTracker:
+    def __init__(self):
+        self.points = []
+
+    @hookimpl
+    def on_trainer_log(self, topic, step, logs):
+        self.points.append((topic.name, step, logs["step"], logs["loss"]))
+
+
+def test_on_trainer_log_hears_every_log_of_a_training_step_as_metrics_jsonl_records_it():
+    tracker = LossTracker()
+    result = run_protocol(
+        [{"name": "sft", "train": "sft"}], plugins=[logging_objective(), tracker], builtins=False
+    )
+    assert tracker.points == [
+        ("topic", "sft", 1.0, 1.0),
+        ("topic", "sft", 2.0, 0.5),
+        ("topic", "sft", 3.0, 0.25),
+    ]
+    logged = [
+        (e["step"], e["metrics"]["step"], e["metrics"]["loss"]) for e in result.events if e["kind"] == "log"
+    ]
+    assert logged == [(s, n, loss) for _, s, n, loss in tracker.points]
+
+
+class OfflineTracker:
+    def __init__(self):
+        self.calls = 0
+
+    @hookimpl
+    def on_trainer_log(self, logs):
+        self.calls += 1
+        raise ConnectionError("tracker offline")
+
+
+def test_a_raising_on_trainer_log_never_fails_the_training_step_and_stops_the_run_after_it(tmp_path):
+    offline, tracker, recorder = OfflineTracker(), LossTracker(), Recorder()
+    protocol = [{"name": "sft", "train": "sft"}, {"name": "later", "train": "sft"}]
+    with pytest.raises(RunStopped) as stopped:
+        run_protocol(
+            protocol,
+            plugins=[logging_objective(), offline, tracker, recorder],
+            builtins=False,
+            output=tmp_path / "run",
+        )
+    assert str(stopped.value).startswith(
+        "plugin 'OfflineTracker' raised in on_trainer_log (topic 'topic', step 'sft'): "
+        "ConnectionError: tracker offline; results so far are kept: fix the plugin, or disable it with "
+        "ALIGN_DISABLE_PLUGINS=OfflineTracker, and `align run --resume"
+    )
+    assert offline.calls == 1  # not called again during the step: one failure, one record
+    assert len(tracker.points) == 3  # the other plugins heard every log
+    assert ("step_end", "topic", "sft", "ran") in recorder.calls  # the step itself succeeded
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["plugin"], e["hook"]) for e in events if e["kind"] == "hook_error"] == [
+        ("OfflineTracker", "on_trainer_log")
+    ]
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["next"] == "topic 'topic', step 'later'"  # the step it watched is saved, not redone
+
+
+def test_with_on_error_skip_a_raising_on_trainer_log_is_a_warning_once_per_step():
+    offline = OfflineTracker()
+    protocol = [{"name": "sft", "train": "sft"}, {"name": "later", "train": "sft"}]
+    result = run_protocol(
+        protocol, plugins=[logging_objective(), offline], builtins=False, config={"on_error": "skip"}
+    )
+    assert result.summary["status"] == "completed"
+    assert offline.calls == 2  # muted for the rest of each step, tried again in the next
+    assert [s["status"] for s in result.summary["topics"][0]["steps"]] == ["ran", "ran"]
+
+
+TRACKER_PLUGIN = """
+from align import hookimpl
+
+POINTS = []
+
+
+@hookimpl
+def on_trainer_log(topic, step, logs):
+    POINTS.append((topic.name, step, dict(logs)))
+"""
+
+
+def test_on_trainer_log_gets_the_loss_curve_of_a_real_training_run(site, tmp_path, tiny_model_dir):
+    import sys
+
+    import yaml
+    from click.testing import CliRunner
+
+    from align.cli import cli
+    from tests.conftest import make_distribution, write_topic
+
+    make_distribution(site, "align_tracker", TRACKER_PLUGIN)
+    topics = tmp_path / "topics"
+    topics.mkdir()
+    write_topic(topics, "alpha")
+    config = tmp_path / "tiny.yaml"
+    protocol = [{"name": "sft", "train": "sft"}]
+    config.write_text(yaml.safe_dump({"sft": {"epochs": 2, "cloze": 0}, "protocol": protocol}))
+    out = tmp_path / "run"
+    args = ["run", str(config), "--model", str(tiny_model_dir), "--topics", str(topics), "--output", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    points = sys.modules["align_tracker"].POINTS
+    assert [(topic, step) for topic, step, _ in points] == [("alpha", "sft")] * len(points)
+    assert [logs["step"] for _, _, logs in points] == [float(n) for n in range(1, len(points) + 1)]
+    assert len(points) == points[-1][2]["max_steps"] >= 2
+    assert all(isinstance(logs["loss"], float) and logs["loss"] > 0 for _, _, logs in points)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["metrics"] for e in events if e["kind"] == "log"] == [logs for _, _, logs in points]

@@ -18,31 +18,105 @@ def test_builtins_are_registered_through_the_hooks(plugins):
     assert set(DEFAULT_PLUGINS) <= registered
 
 
-def test_two_plugins_registering_one_name_names_both(monkeypatch):
-    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
+MY_QUIZ = """
+    from align import hookimpl
 
     class MyQuiz:
+        def evaluate(self, model, topic):
+            return {"accuracy": 1.0}
+
+    @hookimpl
+    def register_evaluators(register):
+        register("quiz", MyQuiz)
+"""
+
+
+def test_a_plugin_may_shadow_a_built_in_with_a_warning_whose_fix_works(site, monkeypatch):
+    make_distribution(site, "align_my_quiz", MY_QUIZ)
+    plugins = load_plugins()
+    assert plugins.failures == []
+    assert plugins.registry.get("evaluator", "quiz").plugin == "align_my_quiz"
+    assert plugins.registry.get("evaluator", "voice").plugin == "align.evaluators.voice"
+    assert plugins.warnings == [
+        "plugin 'align_my_quiz' replaces the built-in evaluator 'quiz' of 'align.evaluators.quiz'; "
+        "to use the built-in, disable it with ALIGN_DISABLE_PLUGINS=align_my_quiz"
+    ]
+    rows = {row["name"]: row for row in describe_plugins(plugins)}
+    assert rows["align_my_quiz"]["components"] == {"evaluator": ["quiz"]}
+    assert rows["align.evaluators.quiz"]["components"] == {}  # the built-in's quiz is not the one in use
+
+    monkeypatch.setenv("ALIGN_DISABLE_PLUGINS", "align_my_quiz")  # the fix the warning gives
+    plugins = load_plugins()
+    assert plugins.registry.get("evaluator", "quiz").plugin == "align.evaluators.quiz"
+    assert plugins.warnings == []
+
+
+def test_two_third_party_plugins_on_one_name_fail_the_second_only(site, monkeypatch):
+    make_distribution(site, "align_a_quiz", MY_QUIZ)
+    make_distribution(site, "align_b_quiz", MY_QUIZ)
+    make_distribution(site, "align_length", LENGTH)
+    plugins = load_plugins()
+    assert plugins.registry.get("evaluator", "quiz").plugin == "align_a_quiz"
+    assert plugins.registry.get("evaluator", "length").plugin == "align_length"
+    [failure] = plugins.failures
+    assert (failure.name, failure.distribution, failure.version) == ("align_b_quiz", "align-b-quiz", "1.2.3")
+    assert failure.error == (
+        "registered evaluator 'quiz', which plugin 'align_a_quiz' registered already; "
+        "uninstall one of the two, or disable it with ALIGN_DISABLE_PLUGINS=align_b_quiz"
+    )
+    assert "align_b_quiz" not in {name for name, _ in plugins.manager.list_name_plugin()}
+
+    monkeypatch.setenv("ALIGN_DISABLE_PLUGINS", "align_b_quiz")
+    assert load_plugins().failures == []
+
+
+@pytest.mark.parametrize("reserved", ["model", "lora", "seed", "protocol", "replay"])
+def test_a_component_named_like_a_base_config_section_is_refused(plugins, reserved):
+    class Taken:
+        @hookimpl
+        def register_objectives(self, register):
+            register("fine", dict)
+
         @hookimpl
         def register_evaluators(self, register):
-            register("quiz", dict)
+            register(reserved, dict)
 
-    with pytest.raises(PluginError) as excinfo:
-        load_plugins(extra=[MyQuiz()])
-    assert "evaluator 'quiz' is registered by two plugins" in str(excinfo.value)
-    assert "'align.evaluators.quiz'" in str(excinfo.value)
-    assert "MyQuiz" in str(excinfo.value) or "_" in str(excinfo.value)
+    loaded = load_plugins(extra=[Taken()], entry_points=False)
+    [failure] = loaded.failures
+    assert failure.name == "Taken"
+    assert failure.error.startswith(
+        f"registered an evaluator named '{reserved}', which is a base section of the config (reserved: "
+    )
+    assert failure.error.endswith("); register it under another name")
+    assert loaded.registry.get("objective", "fine") is None  # a failed plugin contributes nothing
+    assert loaded.registry.get("evaluator", reserved) is None
+    assert loaded.registry.names("evaluator") == ["quiz", "style", "voice"]
 
 
-def test_a_misspelt_hook_is_an_error_naming_the_plugin(monkeypatch):
-    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
-
+def test_a_misspelt_hook_is_a_load_failure_naming_the_plugin_and_the_hook(plugins):
     class Typo:
         @hookimpl
         def register_evaluator(self, register):  # missing the final "s"
-            pass
+            register("typo", dict)
 
-    with pytest.raises(PluginError, match="register_evaluator"):
-        load_plugins(extra=[Typo()])
+    loaded = load_plugins(extra=[Typo()], entry_points=False)
+    assert [(f.name, f.error) for f in loaded.failures] == [
+        (
+            "Typo",
+            "implements 'register_evaluator', which is not an align hook; did you mean "
+            "'register_evaluators'? (docs/plugins.md lists the hooks)",
+        )
+    ]
+    assert not loaded.manager.has_plugin("Typo")
+
+
+def test_a_misspelt_hook_in_an_entry_point_is_a_load_failure(site):
+    make_distribution(
+        site, "align_typo", "from align import hookimpl\n\n@hookimpl\ndef on_step_ends(step):\n    pass\n"
+    )
+    [failure] = load_plugins().failures
+    assert failure.name == "align_typo"
+    assert "'on_step_ends', which is not an align hook; did you mean 'on_step_end'?" in failure.error
 
 
 BROKEN = "raise ImportError('needs a library that is not installed')\n"
@@ -125,15 +199,87 @@ def test_a_plugin_calling_sys_exit_on_import_is_a_recorded_failure_not_an_exit(s
     assert plugins.registry.get("evaluator", "length") is not None
 
 
-def test_a_registration_hook_that_exits_is_an_error_naming_the_plugin(monkeypatch):
-    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
+RAISES_IN_REGISTER = """
+    from align import hookimpl
 
+    @hookimpl
+    def register_objectives(register):
+        register("half", dict)
+
+    @hookimpl
+    def register_evaluators(register):
+        raise ValueError("no licence key")
+
+    @hookimpl
+    def on_run_start(plan, output):
+        raise AssertionError("a plugin that failed to load must not watch the run")
+"""
+
+
+def test_a_raising_registration_hook_is_a_recorded_load_failure(site):
+    make_distribution(site, "align_raises", RAISES_IN_REGISTER)
+    make_distribution(site, "align_length", LENGTH)
+    plugins = load_plugins()
+    assert [(f.name, f.distribution, f.version, f.error) for f in plugins.failures] == [
+        ("align_raises", "align-raises", "1.2.3", "raised in register_evaluators: ValueError: no licence key")
+    ]
+    assert plugins.registry.get("objective", "half") is None  # what it registered before raising is dropped
+    assert plugins.registry.get("evaluator", "length").plugin == "align_length"
+    assert not plugins.manager.has_plugin("align_raises")  # so its lifecycle hooks are never called
+    rows = {row["name"]: row for row in describe_plugins(plugins)}
+    assert rows["align_raises"]["error"] == "raised in register_evaluators: ValueError: no licence key"
+
+
+def test_a_registration_hook_that_exits_is_a_load_failure_not_an_exit(plugins):
     class Exits:
         @hookimpl
         def register_evaluators(self, register):
             raise SystemExit(0)
 
+    loaded = load_plugins(extra=[Exits()], entry_points=False)
+    assert [(f.name, f.error) for f in loaded.failures] == [
+        ("Exits", "raised in register_evaluators: SystemExit: 0")
+    ]
+
+
+@pytest.mark.parametrize("style", [{"wrapper": True}, {"hookwrapper": True}])
+def test_a_contribution_hook_written_as_a_wrapper_is_refused(plugins, style):
+    class Wraps:
+        @hookimpl(**style)
+        def register_gates(self, register):
+            register("never", dict)
+            yield
+
+    loaded = load_plugins(extra=[Wraps()], entry_points=False)
+    [failure] = loaded.failures
+    assert failure.error.startswith("made register_gates a wrapper (wrapper=True or hookwrapper=True)")
+    assert loaded.registry.get("gate", "never") is None
+
+
+def test_the_harness_raises_what_load_plugins_records(plugin_manager):
+    class Raises:
+        @hookimpl
+        def register_evaluators(self, register):
+            raise ValueError("boom")
+
+    plugin_manager.register(Raises())
     with pytest.raises(
-        PluginError, match=r"^plugin 'Exits' raised in register_evaluators: SystemExit: 0; fix"
+        PluginError, match=r"^plugin 'Raises' raised in register_evaluators: ValueError: boom$"
     ):
-        load_plugins(extra=[Exits()])
+        plugin_manager.registry  # noqa: B018
+
+
+def test_a_hook_pluggy_refuses_to_register_is_a_one_line_load_failure(plugins):
+    class NotAGenerator:
+        @hookimpl(wrapper=True)
+        def on_run_end(self, summary):
+            pass
+
+    loaded = load_plugins(extra=[NotAGenerator()], entry_points=False)
+    [failure] = loaded.failures
+    assert failure.name == "NotAGenerator"
+    assert failure.error.startswith("PluginValidationError: Plugin 'NotAGenerator' for hook 'on_run_end'; ")
+    assert failure.error.endswith(
+        "Declared as wrapper=True or hookwrapper=True but function is not a generator function"
+    )
+    assert "\n" not in failure.error
