@@ -115,7 +115,9 @@ class StubPolicy:
     def load_snapshot(self, path: Path) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
 
-    def set_log_target(self, on_log: Callable[[str, dict[str, float]], None] | None, topic: str | None = None) -> None:
+    def set_log_target(
+        self, on_log: Callable[[str, dict[str, float]], None] | None, topic: str | None = None
+    ) -> None:
         """Where :meth:`log` sends trainer logs (the engine: metrics.jsonl and ``on_trainer_log``)."""
         self._on_log = on_log
 
