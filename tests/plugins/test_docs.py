@@ -34,6 +34,14 @@ def test_every_hookspec_has_a_section_with_its_signature(name):
     assert "```python" in section and f"def {name}(" in section, f"{name}: the section needs an example"
 
 
+@pytest.mark.parametrize("name", hookspec_names())
+def test_every_hookspec_documents_each_argument(name):
+    function = getattr(hookspecs, name)
+    doc = inspect.getdoc(function) or ""
+    missing = [p for p in inspect.signature(function).parameters if f":param {p}:" not in doc]
+    assert not missing, f"align/plugins/hookspecs.py: {name} lacks ':param x:' for {', '.join(missing)}"
+
+
 def test_the_documented_fixtures_exist():
     import align.testing
 
