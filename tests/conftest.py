@@ -29,6 +29,27 @@ def registry(plugins):
     return plugins.registry
 
 
+@pytest.fixture
+def runner(monkeypatch):
+    """A click test runner for `align` commands, with the built-in plugins only."""
+    from click.testing import CliRunner
+
+    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
+    return CliRunner()
+
+
+def assert_one_line_error(result, *fragments, code=None):
+    """The CLI's promise for a mistake a user can fix: a non-zero exit (``code`` when given) and
+    one line, ``Error: …``, holding every fragment, without a traceback."""
+    assert result.exit_code != 0, result.output
+    if code is not None:
+        assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from align.testing import save_tiny_model

@@ -5,7 +5,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.benchmark
 
 
 def test_quick_benchmark_suite_reports_every_section(tmp_path):

@@ -8,13 +8,7 @@ from click.testing import CliRunner
 
 from align import __version__
 from align.cli import cli
-from tests.conftest import REPO, write_topic
-
-
-@pytest.fixture
-def runner(monkeypatch):
-    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
-    return CliRunner()
+from tests.conftest import REPO, assert_one_line_error, write_topic
 
 
 @pytest.mark.parametrize(
@@ -174,11 +168,7 @@ def test_a_dpo_learning_rate_known_to_do_nothing_is_warned_about_once(runner, tm
     ],
 )
 def test_bad_input_is_one_line_without_traceback(runner, args, message, code):
-    result = runner.invoke(cli, args)
-    assert result.exit_code == code
-    assert message in result.output
-    assert "Traceback" not in result.output
-    assert result.output.count("\n") == 1
+    assert_one_line_error(runner.invoke(cli, args), message, code=code)
 
 
 def test_bad_run_leaves_no_output_directory(runner, tmp_path):

@@ -186,6 +186,7 @@ def steps(run_dir: Path) -> dict:
     return {(t["topic"], s["step"]): s for t in summary["topics"] for s in t["steps"]}
 
 
+@pytest.mark.distributed
 def test_two_processes_leave_the_run_directory_of_one(runs):
     one, two, launched = runs
     assert files(two) == files(one)
@@ -213,6 +214,7 @@ def assert_same_results(ours: Path, theirs: Path) -> None:
     assert_same_adapters(ours, theirs, ADAPTER_TOLERANCE)
 
 
+@pytest.mark.distributed
 def test_two_processes_measure_and_train_as_one(runs):
     one, two, _ = runs
     assert_same_results(two, one)
@@ -258,6 +260,7 @@ def assert_same_adapters(ours: Path, theirs: Path, tolerance: float) -> None:
             assert (mine[name] - other[name]).abs().max().item() <= tolerance, (topic_name, name)
 
 
+@pytest.mark.distributed
 def test_a_non_finite_step_stops_every_process_and_the_run_resumes_on_two(runs, tiny_model_dir):
     """The NaN guard sees the same (gathered) loss on every process, so all stop at one step; the
     resumed run (both processes read the main one's checkpoint) ends as the uninterrupted one."""
@@ -268,6 +271,7 @@ def test_a_non_finite_step_stops_every_process_and_the_run_resumes_on_two(runs, 
     assert len(lines) == len(set(lines))
 
 
+@pytest.mark.distributed
 def test_align_run_relaunches_itself_under_accelerate(runs, accelerated):
     _, two, _ = runs
     out, launched = accelerated
@@ -314,6 +318,7 @@ def sharded(runs, tiny_model_dir):
     return out, launched
 
 
+@pytest.mark.distributed
 def test_fsdp_shards_the_model_and_measures_and_trains_as_one_process(runs, sharded):
     """Evaluation split and kept in step on the shards, the DPO reference a sharded copy of the
     adapter, snapshots and saves gather the shards: the same results as one process."""
@@ -347,6 +352,7 @@ def ddp_then_fsdp(root: Path, name: str, *args: str, tolerance: float) -> subpro
     return launched
 
 
+@pytest.mark.distributed
 def test_fsdp_in_bfloat16_trains_as_ddp(sharded, tiny_model_dir):
     """bfloat16 base weights beside the float32 adapter in one FSDP unit (what a GPU run uses):
     FSDP gives DDP's numbers. (Both differ more from one process than in float32: bfloat16 rounds
@@ -357,6 +363,7 @@ def test_fsdp_in_bfloat16_trains_as_ddp(sharded, tiny_model_dir):
     ddp_then_fsdp(done.parent, "bf16", config, "--model", str(tiny_model_dir), *bf16, tolerance=1e-6)
 
 
+@pytest.mark.distributed
 def test_kto_runs_on_two_processes_and_fsdp_trains_as_ddp(sharded, tiny_model_dir):
     """KTO on two processes, where its reference adapter runs each step: TRL's precompute left its
     results in the main process's temporary directory, so the other process failed and the main
@@ -378,6 +385,7 @@ def test_kto_runs_on_two_processes_and_fsdp_trains_as_ddp(sharded, tiny_model_di
     assert fsdp.stderr.count("KTOTrainer: 3 optimizer steps on 2 processes (FSDP)") == 2
 
 
+@pytest.mark.distributed
 def test_fsdp_scoring_and_generation_split_unevenly_and_stay_in_step(tiny_model_dir):
     """Under FSDP each process scores and generates its share and then makes throw-away forward
     passes until it has made as many as the busiest one (a forward pass over sharded weights
@@ -408,6 +416,7 @@ def test_fsdp_scoring_and_generation_split_unevenly_and_stay_in_step(tiny_model_
     assert sorted(map(len, expected["generate3"])) == [0, 0, 5], expected["generate3"]
 
 
+@pytest.mark.distributed
 def test_a_stopped_fsdp_run_resumes_to_the_uninterrupted_one(sharded, tiny_model_dir):
     """A stop restores the adapter's shards from the gathered snapshot; a resumed run puts the
     checkpoint's whole adapter back as shards on each process."""
@@ -415,6 +424,7 @@ def test_a_stopped_fsdp_run_resumes_to_the_uninterrupted_one(sharded, tiny_model
     stop_then_resume(fsdp_launch, done, "fsdp-stopped", tiny_model_dir)
 
 
+@pytest.mark.distributed
 def test_deepspeed_zero2_measures_and_trains_as_one_process(runs, tiny_model_dir):
     """ZeRO-2 (``configs/accelerate/zero2.yaml``) through DeepSpeed's own engine, on CPUs. Skipped
     where DeepSpeed is not installed: it is not among the dev extras, since its first run compiles

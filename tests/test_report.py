@@ -8,18 +8,12 @@ import struct
 import sys
 
 import pytest
-from click.testing import CliRunner
 
 from align.cli import cli
-from tests.test_tools import assert_one_line_error, greedy, step, write_run
+from tests.conftest import assert_one_line_error
+from tests.test_tools import greedy, step, write_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def runner(monkeypatch):
-    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
-    return CliRunner()
 
 
 def png_size(data: bytes) -> tuple[int, int]:

@@ -119,6 +119,7 @@ KILL_POINTS = {
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
+@pytest.mark.subprocess
 def test_a_killed_run_resumes_to_the_same_results(setup, point):
     root, args, whole = setup
     run_dir = root / f"killed-{point}"
@@ -184,6 +185,7 @@ def rechecks(run_dir):
     return found
 
 
+@pytest.mark.subprocess
 def test_resume_of_a_completed_run_does_nothing(setup):
     _, _, whole = setup
     before = (whole / "metrics.jsonl").read_text()
@@ -193,6 +195,7 @@ def test_resume_of_a_completed_run_does_nothing(setup):
     assert (whole / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.subprocess
 def test_resume_refuses_a_config_beside_it(setup):
     _, args, whole = setup
     result = CliRunner().invoke(cli, ["run", args[0], "--set", "seed=1", "--resume", str(whole)])
@@ -208,6 +211,7 @@ def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
     assert f"Error: {tmp_path}: not a run directory (no config.yaml)" in result.output
 
 
+@pytest.mark.subprocess
 def test_sigterm_ends_a_run_as_ctrl_c_does_and_resume_finishes_it(setup, tmp_path):
     """What schedulers and ``docker stop`` send: it ended the process where it stood, with no
     message and summary.json's status left "running"."""

@@ -7,28 +7,12 @@ from click.testing import CliRunner
 
 from align.cli import cli
 from align.core.model import packaged_gguf
-from tests.conftest import REPO, make_distribution, write_topic
-
-
-@pytest.fixture
-def runner(monkeypatch):
-    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
-    return CliRunner()
+from tests.conftest import REPO, assert_one_line_error, make_distribution, write_topic
 
 
 def invoke(runner, *args):
     result = runner.invoke(cli, [str(a) for a in args])
     return result
-
-
-def assert_one_line_error(result, *fragments, code=None):
-    assert result.exit_code != 0, result.output
-    if code is not None:
-        assert result.exit_code == code
-    assert "Traceback" not in result.output
-    assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
-    for fragment in fragments:
-        assert fragment in result.output
 
 
 def summary_metrics(run, topic, step):

@@ -12,6 +12,7 @@ from align.cli import cli
 
 
 @pytest.mark.parametrize("kind", ["evaluator", "objective", "gate"])
+@pytest.mark.subprocess
 def test_generated_plugin_installs_and_its_tests_pass(tmp_path, kind):
     name = f"demo-{kind}"
     result = CliRunner().invoke(cli, ["new-plugin", name, "--kind", kind, "--dir", str(tmp_path)])
