@@ -283,3 +283,18 @@ def test_a_hook_pluggy_refuses_to_register_is_a_one_line_load_failure(plugins):
         "Declared as wrapper=True or hookwrapper=True but function is not a generator function"
     )
     assert "\n" not in failure.error
+
+
+def test_a_firstresult_hookimpl_is_a_load_failure_of_that_plugin_only(site):
+    # firstresult belongs to a hook's spec, not to an implementation: pluggy refuses it at import.
+    source = "from align import hookimpl\n\n@hookimpl(firstresult=True)\ndef on_run_end(summary):\n    pass\n"
+    make_distribution(site, "align_first", source)
+    make_distribution(site, "align_length", LENGTH)
+    plugins = load_plugins()
+    assert [(f.name, f.error) for f in plugins.failures] == [
+        (
+            "align_first",
+            "TypeError: HookimplMarker.__call__() got an unexpected keyword argument 'firstresult'",
+        )
+    ]
+    assert plugins.registry.get("evaluator", "length") is not None
