@@ -12,16 +12,13 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from align.core.rundir import atomic_write_text
+from align.core.rundir import atomic_write_text, staged_directory
 from align.errors import AlignError
 
 PLOTS = "plots"
@@ -358,8 +355,7 @@ def write_report(run: str | Path, *, html_report: bool = False, samples: bool = 
         f"Status {summary.get('status', '?')}, {len(topics)} topics ({', '.join(topics)}), model {model}, "
         f"seed {summary.get('seed', '?')}, {float(summary.get('seconds', 0)):.0f} s.",
     )
-    staging = Path(tempfile.mkdtemp(prefix=f".{PLOTS}-", dir=run))
-    try:
+    with staged_directory(run / PLOTS, replace=True, readable=True) as staging:
         report.add("h2", "Metrics before and after")
         if summary["topics"]:
             report.add("pre", summary_table(summary))
@@ -416,10 +412,7 @@ def write_report(run: str | Path, *, html_report: bool = False, samples: bool = 
                 if not answers:
                     report.add("p", "No topic has both a saved adapter and voice pairs.")
 
-        written = _publish(run, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    written = sorted((run / PLOTS).iterdir())  # a plot that no longer applies went with the old ones
     atomic_write_text(run / "report.md", report.markdown())
     written.append(run / "report.md")
     if html_report:
@@ -450,21 +443,3 @@ def _forgetting(plt: Any, report: Report, data: Any, staging: Path) -> None:
         for topic, row in zip(topics, matrix):
             rows.append(f"{topic}\t" + "\t".join("" if v is None else f"{v:.2f}" for v in row))
         report.add("table", *rows)
-
-
-def _publish(run: Path, staging: Path) -> list[Path]:
-    """Put the new plots in place of the old ones (a plot that no longer applies goes too)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
-    for png in staging.iterdir():
-        png.chmod(0o666 & ~umask)
-    target = run / PLOTS
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{PLOTS}-old-", dir=run))
-        os.replace(target, old / PLOTS)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return sorted(target.iterdir())

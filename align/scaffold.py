@@ -8,13 +8,11 @@ place at the end, so a failure leaves nothing half-written.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from string import Template
 
+from align.core.rundir import staged_directory
 from align.errors import AlignError
 
 KINDS = ("evaluator", "objective", "gate")
@@ -57,17 +55,11 @@ def new_plugin(name: str, kind: str, directory: str | Path = ".") -> Path:
         f"src/{values['module']}/__init__.py": MODULES[kind],
         f"tests/test_{component}.py": TESTS[kind],
     }
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{values['dist']}-", dir=directory))
-    try:
+    with staged_directory(target) as staging:
         for relative, template in files.items():
             path = staging / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(Template(template).substitute(values), encoding="utf-8")
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

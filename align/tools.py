@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -614,26 +612,21 @@ def merge(adapter: str | Path, output: str | Path, *, model: str | None = None) 
     either absent or complete.
     """
     from align.core.model import safetensors_os_errors
+    from align.core.rundir import staged_directory
 
     output = check_empty_output(output)
     loaded = load(adapter, model, full_precision=True)  # a QLoRA run merges into the full weights
     merged = loaded.model.merge_and_unload()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
-        with safetensors_os_errors(output / "model.safetensors"):
-            merged.save_pretrained(staging, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(staging)
-        pickled = [p.name for p in staging.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
-        if pickled:  # align writes no pickle; a library that did would be a bug to catch here
-            raise AlignError(f"{output}: refusing to write pickled weights ({', '.join(pickled)})")
-        _readable_by_all(staging)
-        check_empty_output(output)  # nothing appeared there while the model was merging
-        if output.is_dir():
-            output.rmdir()
-        os.replace(staging, output)
+        with staged_directory(output, readable=True) as staging:
+            with safetensors_os_errors(output / "model.safetensors"):
+                merged.save_pretrained(staging, safe_serialization=True)
+            loaded.tokenizer.save_pretrained(staging)
+            pickled = [p.name for p in staging.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+            if pickled:  # align writes no pickle; a library that did would be a bug to catch here
+                raise AlignError(f"{output}: refusing to write pickled weights ({', '.join(pickled)})")
+            check_empty_output(output)  # nothing appeared there while the model was merging
     except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
         from align.core.runner import WRITE_ERRNOS
 
         if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:  # disk full: one line, nothing kept
@@ -643,12 +636,3 @@ def merge(adapter: str | Path, output: str | Path, *, model: str | None = None) 
             ) from exc
         raise
     return output
-
-
-def _readable_by_all(directory: Path) -> None:
-    """Give a staging directory (``mkdtemp`` makes it private) and its files the usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for path in directory.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -16,7 +16,9 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,38 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path, *, replace: bool = False, readable: bool = False) -> Iterator[Path]:
+    """A new directory beside ``target`` to fill, renamed onto ``target`` when the block ends, so
+    ``target`` is never seen half-written.
+
+    An empty directory at ``target`` is replaced; with ``replace`` a full one too (moved aside,
+    then deleted). With ``readable``, the directory and all it holds get the modes ``open`` and
+    ``mkdir`` would have given (``mkdtemp`` makes it private). When the block raises, the staging
+    directory is removed and ``target`` is left as it was.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield staging
+        if readable:
+            usual_mode(staging, directory=True)
+            for path in staging.rglob("*"):
+                usual_mode(path, directory=path.is_dir())
+        old = None
+        if replace and target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+            os.replace(target, old / target.name)
+        elif target.is_dir():
+            target.rmdir()  # an empty one: a full one is an error here, never silently lost
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class RunDir:

@@ -1,6 +1,7 @@
 """Failed steps, non-finite training, checkpoints, resume and the run-directory lock, with stubs."""
 
 import json
+import os
 import re
 
 import pytest
@@ -434,3 +435,61 @@ def test_files_a_run_writes_honour_the_umask(tmp_path, tiny_model_dir):
     assert modes["run/checkpoint/adapter-real.safetensors"] == 0o644
     assert modes["run/adapters/real"] == 0o755
     assert {mode for mode in modes.values()} <= {0o644, 0o755}, modes
+
+
+# -- staged_directory: the one helper for a directory written whole or not at all ----------------
+def test_a_staged_directory_appears_whole_and_leaves_nothing_beside_it(tmp_path):
+    from align.core.rundir import staged_directory
+
+    target = tmp_path / "out" / "model"
+    with staged_directory(target) as staging:
+        (staging / "a.txt").write_text("a")
+        assert not target.exists()  # nothing at the target until the block ends
+    assert (target / "a.txt").read_text() == "a"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model"]
+
+
+def test_a_staged_directory_whose_block_raises_leaves_the_target_as_it_was(tmp_path):
+    from align.core.rundir import staged_directory
+
+    target = tmp_path / "plots"
+    target.mkdir()
+    (target / "old.png").write_text("old")
+    with (
+        pytest.raises(RuntimeError, match="plotting failed"),
+        staged_directory(target, replace=True) as staging,
+    ):
+        (staging / "new.png").write_text("new")
+        raise RuntimeError("plotting failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots"]
+    assert [p.name for p in target.iterdir()] == ["old.png"]
+
+
+def test_a_staged_directory_replaces_a_full_one_only_when_asked(tmp_path):
+    from align.core.rundir import staged_directory
+
+    target = tmp_path / "plots"
+    target.mkdir()
+    (target / "gone.png").write_text("old")
+    with pytest.raises(OSError), staged_directory(target) as staging:
+        (staging / "new.png").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["gone.png"]
+    with staged_directory(target, replace=True) as staging:
+        (staging / "new.png").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.png"]  # the plot that no longer applies went too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots"]
+
+
+def test_a_readable_staged_directory_gets_the_modes_of_the_umask(tmp_path):
+    from align.core.rundir import staged_directory
+
+    previous = os.umask(0o027)
+    try:
+        with staged_directory(tmp_path / "merged", readable=True) as staging:
+            (staging / "sub").mkdir()
+            (staging / "sub" / "weights").write_text("w")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "merged" / "sub").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "merged" / "sub" / "weights").stat().st_mode & 0o777 == 0o640
