@@ -1,8 +1,11 @@
 """The plugin manager: built-in plugins, entry-point plugins, and the registry of components.
 
 Built-in components are registered through the very hooks a third-party plugin implements. Entry
-points (group ``align``) load one at a time: one that fails is recorded and shown by
-``align plugins``, never a crash of the tool.
+points (group ``align``) load one at a time, and every phase of a plugin's loading is isolated:
+one that fails to import, implements a hook align does not have, or whose ``register_*`` hook
+raises or registers a name it may not is recorded and shown by ``align plugins``, never a crash
+of the tool. Built-ins register first, and a third-party plugin may shadow one of their
+components (datasette's rule), with a warning naming both.
 """
 
 from __future__ import annotations
@@ -82,18 +85,6 @@ class Registry:
             )
         if not callable(factory):
             raise PluginError(f"registered {kind} '{name}' with a factory that is not callable")
-
-    def add(self, kind: str, name: str, factory: Callable[..., Any], plugin: str) -> None:
-        try:
-            self.check(kind, name, factory, _reserved_names())
-        except PluginError as exc:
-            raise PluginError(f"plugin '{plugin}' {exc}") from None
-        existing = self.components[kind].get(name)
-        if existing is not None:
-            raise PluginError(
-                f"{kind} '{name}' is registered by two plugins, '{existing.plugin}' and '{plugin}'"
-            )
-        self.components[kind][name] = Registration(name, kind, factory, plugin)
 
     def get(self, kind: str, name: str) -> Registration | None:
         return self.components[kind].get(name)
