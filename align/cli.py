@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -152,6 +153,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
     align eval --adapter runs/<name>/adapters/<topic>    score a saved adapter
     align compare runs/a runs/b    two runs side by side
     align sample --adapter DIR "prompt" --base
+    align chat --adapter runs/<name> --base                talk to it, turn by turn
     align merge runs/<name> --output DIR                 a standalone merged model
     align report runs/<name> --html                      report.md and plots
     """
@@ -531,6 +533,73 @@ def sample(adapter, prompt, base, max_new_tokens, temperature, seed, model, debu
     click.echo(f"with adapter {adapter}:\n{answers['adapter']}")
     if base:
         click.echo(f"\nbare model:\n{answers['base']}")
+
+
+@cli.command()
+@click.option(
+    "--adapter",
+    required=True,
+    type=click.Path(),
+    metavar="DIR_OR_RUN",
+    help="A saved adapter (runs/<name>/adapters/<topic>) or a run directory (its last topic's adapter).",
+)
+@click.option("--base", is_flag=True, help="Also show the bare model's answer each turn.")
+@click.option("--system", help="A system message at the start of the conversation.")
+@click.option(
+    "--max-new-tokens", type=int, default=256, show_default=True, help="The longest answer, in tokens."
+)
+@click.option(
+    "--temperature", type=float, default=0.0, show_default=True, help="0 is greedy; above 0 samples (seeded)."
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="The sampling seed (with --temperature > 0)."
+)
+@_base_model_option
+@_debug_option
+@_handle_errors
+def chat(adapter, base, system, max_new_tokens, temperature, seed, model, debug):
+    """Talk to a trained adapter, turn by turn, through the model's chat template; answers stream.
+
+    In a terminal, type a message after `you>`; /reset forgets the conversation, /quit (or Ctrl-D)
+    ends it. From a pipe, each line is a turn, and the chat ends with the input.
+
+    \b
+    align chat --adapter runs/demo --base
+    printf 'Where do you live?\\nAnd your donkey?\\n' | align chat --adapter runs/demo/adapters/home
+    """
+    from align.chat import Chat, resolve_adapter, run_chat
+    from align.tools import check_generation_options, load
+
+    check_generation_options(max_new_tokens, temperature)
+    path = resolve_adapter(adapter)
+    loaded = load(path, model)
+    session = Chat(
+        loaded, system=system, base=base, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+    )
+    interactive = sys.stdin.isatty()
+
+    def write(text: str) -> None:
+        click.echo(text, nl=False)
+        sys.stdout.flush()
+
+    if interactive:
+        click.echo(
+            f"align chat: {path} on {loaded.settings['path']}; /reset forgets the conversation, /quit ends it",
+            err=True,
+        )
+    run_chat(session, _terminal_lines() if interactive else sys.stdin, write, interactive=interactive)
+
+
+def _terminal_lines():
+    """Lines typed at the ``you>`` prompt (with line editing where readline exists), until Ctrl-D."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (input() edits lines once it is imported)
+    while True:
+        try:
+            yield input("you> ")
+        except EOFError:
+            click.echo()
+            return
 
 
 @cli.command()
