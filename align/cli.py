@@ -155,6 +155,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
     align sample --adapter DIR "prompt" --base
     align chat --adapter runs/<name> --base                talk to it, turn by turn
     align merge runs/<name> --output DIR                 a standalone merged model
+    align export runs/<name> --output DIR                GGUF for llama.cpp and Ollama
     align report runs/<name> --html                      report.md and plots
     """
     ctx.meta["align.verbose"] = verbose
@@ -628,6 +629,51 @@ def merge(run_dir, topic, output, model, debug):
     adapter = run_adapter(run_dir, topic)
     path = merge_adapter(adapter, output, model=model)
     click.echo(f"Merged {adapter} into the base model: {path} (safetensors, tokenizer, chat template)")
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path())
+@click.option(
+    "--format",
+    "fmt",
+    default="gguf",
+    show_default=True,
+    metavar="FORMAT",
+    help="gguf: the merged model as model.gguf with an Ollama Modelfile; gguf-lora: the adapter alone "
+    "as llama.cpp's LoRA adapter.gguf (for llama-cli --lora with the base model's GGUF).",
+)
+@click.option(
+    "--output",
+    required=True,
+    type=click.Path(),
+    metavar="DIR",
+    help="Where to write (new or empty).",
+)
+@click.option("--topic", help="Whose adapter to export (default: the last topic's, the run's final adapter).")
+@click.option(
+    "--quantize",
+    metavar="TYPE",
+    help="The weights' type: f16 (default), q8_0, bf16, f32, q5_1, q5_0, q4_1, q4_0; gguf-lora: f16, f32.",
+)
+@click.option("--model", help="The base model (default: the run's model).")
+@_debug_option
+@_handle_errors
+def export(run_dir, fmt, output, topic, quantize, model, debug):
+    """Export a run's adapter for llama.cpp, Ollama and LM Studio: a GGUF file and a model card.
+
+    \b
+    align export runs/demo --output export/ilse                 model.gguf (f16), Modelfile, README.md
+    align export runs/demo --output export/ilse-q8 --quantize q8_0
+    cd export/ilse && ollama create ilse -f Modelfile && ollama run ilse
+    align export runs/demo --format gguf-lora --output export/ilse-lora
+    """
+    from align.export import check_options
+    from align.export import export as write_export
+
+    check_options(fmt, quantize)
+    path = write_export(run_dir, output, fmt=fmt, topic=topic, quantize=quantize, model=model)
+    written = ", ".join(sorted(p.name for p in path.iterdir()))
+    click.echo(f"Exported {run_dir} ({fmt}, {quantize or 'f16'}): {path} ({written})")
 
 
 @cli.command()
