@@ -169,6 +169,7 @@ def _write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, base: str | N
             types.append(gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     writer.add_tokenizer_model("gpt2")
+    writer.add_add_space_prefix(False)  # byte-level BPE marks spaces in its tokens (Ġ), adds none
     writer.add_tokenizer_pre(PRE_TOKENIZERS.get(base or "", "gpt2"))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
