@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from align.errors import ModelError
+from align.errors import AlignError, ModelError
 
 #: What a line may say instead of a message.
 COMMANDS = {"/reset": "forget the conversation so far", "/quit": "end the chat"}
@@ -26,10 +26,13 @@ def resolve_adapter(path: str | Path) -> Path:
 
     path = Path(path)
     if (path / ADAPTER_CONFIG).is_file():
-        return path
+        return check_adapter(path)
     if path.is_dir() and ((path / "config.yaml").is_file() or (path / "summary.json").is_file()):
         return run_adapter(path)
-    return check_adapter(path)  # the one-line error for a path that is neither
+    what = (
+        "not found" if not path.exists() else f"neither an adapter directory (no {ADAPTER_CONFIG}) nor a run"
+    )
+    raise AlignError(f"{path}: {what}; give a run directory (runs/<name>) or one of its adapters/<topic>")
 
 
 @dataclass

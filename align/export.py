@@ -59,6 +59,11 @@ def check_options(fmt: str, quantize: str | None) -> str:
         )
     valid = QUANTIZE if fmt == "gguf" else LORA_QUANTIZE
     quantize = quantize or "f16"
+    if fmt == "gguf" and "_k" in quantize.lower():
+        raise AlignError(
+            f"--quantize: '{quantize}' is a k-quant, which the gguf package cannot compute; export with "
+            "--quantize f16 and run llama.cpp's llama-quantize on model.gguf"
+        )
     if quantize not in valid:
         raise AlignError(
             f"--quantize: '{quantize}' is not a quantization of --format {fmt}{closest(quantize, valid)} "

@@ -105,8 +105,8 @@ def test_a_mistyped_command_is_not_sent_as_a_message(runner, tiny_run):
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
-        (["--adapter", "{tmp}/nope"], ["{tmp}/nope: adapter directory not found"]),
-        (["--adapter", "{tmp}"], ["not an adapter directory (no adapter_config.json)"]),
+        (["--adapter", "{tmp}/nope"], ["{tmp}/nope: not found; give a run directory (runs/<name>) or one"]),
+        (["--adapter", "{tmp}"], ["neither an adapter directory (no adapter_config.json) nor a run"]),
         (["--adapter", "{run}", "--temperature", "-1"], ["--temperature: must be >= 0 (got -1.0)"]),
         (["--adapter", "{run}", "--max-new-tokens", "0"], ["--max-new-tokens: must be >= 1 (got 0)"]),
     ],

@@ -255,9 +255,10 @@ def test_only_the_llama_architecture_is_written():
         (["{tmp}/nope", "--output", "{tmp}/x"], ["{tmp}/nope: run directory not found"]),
         (["{run}", "--output", "{tmp}/x", "--format", "ggml"], ["--format: unknown format 'ggml'"]),
         (
-            ["{run}", "--output", "{tmp}/x", "--quantize", "q4_k"],
-            ["--quantize: 'q4_k' is not a quantization"],
+            ["{run}", "--output", "{tmp}/x", "--quantize", "q3"],
+            ["--quantize: 'q3' is not a quantization"],
         ),
+        (["{run}", "--output", "{tmp}/x", "--quantize", "Q4_K_S"], ["is a k-quant", "llama-quantize"]),
         (
             ["{run}", "--output", "{tmp}/x", "--format", "gguf-lora", "--quantize", "q8_0"],
             ["(it writes: f16, f32)"],
