@@ -9,6 +9,7 @@ answers each line and stops at the end of the input, so a conversation can be sc
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +113,7 @@ class Chat:
                     stream(text)
 
             streamer = Streamer(self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        bare = self.loaded.bare() if side == "base" else _nothing()
+        bare = self.loaded.bare() if side == "base" else contextlib.nullcontext()
         with bare, torch.inference_mode():
             out = self.loaded.model.generate(
                 input_ids=ids,
@@ -133,14 +134,6 @@ class Chat:
             answers[side] = self.answer(side, message, (lambda t, s=side: stream(s, t)) if stream else None)
         self.turn += 1
         return answers
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def run_chat(

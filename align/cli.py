@@ -153,7 +153,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
     align eval --adapter runs/<name>/adapters/<topic>    score a saved adapter
     align compare runs/a runs/b    two runs side by side
     align sample --adapter DIR "prompt" --base
-    align chat --adapter runs/<name> --base                talk to it, turn by turn
+    align chat --adapter runs/<name> --base              talk to it, turn by turn
     align merge runs/<name> --output DIR                 a standalone merged model
     align export runs/<name> --output DIR                GGUF for llama.cpp and Ollama
     align report runs/<name> --html                      report.md and plots

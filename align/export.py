@@ -354,7 +354,7 @@ def export(
 ) -> Path:
     """Export a run's adapter (its last topic's, or ``topic``'s) into ``output`` (new or empty)."""
     from align.card import base_model_id, run_card
-    from align.tools import check_empty_output, load, run_adapter
+    from align.tools import _readable_by_all, check_empty_output, load, run_adapter
 
     quantize = check_options(fmt, quantize)
     output = check_empty_output(output)
@@ -378,8 +378,6 @@ def export(
         details = [*files, ("quantization", quantize), ("adapter", adapter.name)]
         card = run_card(fmt, adapter, details=details)
         (staging / "README.md").write_text(card, encoding="utf-8")
-        from align.tools import _readable_by_all
-
         _readable_by_all(staging)
         check_empty_output(output)  # nothing appeared there while the model was written
         if output.is_dir():
