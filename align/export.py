@@ -34,8 +34,24 @@ QUANTIZE = ("f16", "q8_0", "bf16", "f32", "q5_1", "q5_0", "q4_1", "q4_0")
 LORA_QUANTIZE = ("f16", "f32")
 MODEL_FILE = "model.gguf"
 ADAPTER_FILE = "adapter.gguf"
-#: ``tokenizer.ggml.pre`` (llama.cpp's pre-tokenizer) of the bases align knows; others get gpt2's.
-PRE_TOKENIZERS = {"HuggingFaceTB/SmolLM2-135M-Instruct": "smollm"}
+#: ``tokenizer.ggml.pre`` (llama.cpp's pre-tokenizer, which splits text before BPE) of the bases
+#: align knows, by hub id prefix; any other base gets ``gpt2``'s (llama.cpp's converter tells them
+#: apart by hashing a tokenization, which needs llama.cpp's table of hashes).
+PRE_TOKENIZERS = {
+    "HuggingFaceTB/SmolLM2-": "smollm",
+    "HuggingFaceTB/SmolLM-": "smollm",
+    "meta-llama/Llama-3": "llama-bpe",
+    "meta-llama/Meta-Llama-3": "llama-bpe",
+}
+
+
+def pre_tokenizer(base: str | None) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` for the base with hub id ``base``."""
+    for prefix, name in PRE_TOKENIZERS.items():
+        if base and base.startswith(prefix):
+            return name
+    return "gpt2"
+
 
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm",
@@ -175,7 +191,7 @@ def _write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, base: str | N
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     writer.add_tokenizer_model("gpt2")
     writer.add_add_space_prefix(False)  # byte-level BPE marks spaces in its tokens (Ġ), adds none
-    writer.add_tokenizer_pre(PRE_TOKENIZERS.get(base or "", "gpt2"))
+    writer.add_tokenizer_pre(pre_tokenizer(base))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)  # (none for a vocabulary of bytes alone: gguf writes no empty array)

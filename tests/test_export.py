@@ -236,6 +236,14 @@ def test_gguf_lora_of_query_and_key_projections_matches_the_merged_gguf(tmp_path
         assert not np.allclose(np.asarray(base[name].data), np.asarray(merged[name].data), atol=1e-3)
 
 
+def test_the_pre_tokenizer_is_llama_cpps_name_for_the_base():
+    from align.export import pre_tokenizer
+
+    assert pre_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct") == "smollm"
+    assert pre_tokenizer("meta-llama/Llama-3.2-1B-Instruct") == "llama-bpe"
+    assert pre_tokenizer(None) == pre_tokenizer("someone/model") == "gpt2"
+
+
 def test_only_the_llama_architecture_is_written():
     from transformers import Qwen2Config
 
