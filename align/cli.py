@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -160,7 +161,9 @@ def cli(ctx: click.Context, verbose: int) -> None:
     align eval --adapter runs/<name>/adapters/<topic>    score a saved adapter
     align compare runs/a runs/b    two runs side by side
     align sample --adapter DIR "prompt" --base
+    align chat --adapter runs/<name> --base              talk to it, turn by turn
     align merge runs/<name> --output DIR                 a standalone merged model
+    align export runs/<name> --output DIR                GGUF for llama.cpp and Ollama
     align report runs/<name> --html                      report.md and plots
     """
     ctx.meta["align.verbose"] = verbose
@@ -546,6 +549,73 @@ def sample(adapter, prompt, base, max_new_tokens, temperature, seed, model, debu
 
 
 @cli.command()
+@click.option(
+    "--adapter",
+    required=True,
+    type=click.Path(),
+    metavar="DIR_OR_RUN",
+    help="A saved adapter (runs/<name>/adapters/<topic>) or a run directory (its last topic's adapter).",
+)
+@click.option("--base", is_flag=True, help="Also show the bare model's answer each turn.")
+@click.option("--system", help="A system message at the start of the conversation.")
+@click.option(
+    "--max-new-tokens", type=int, default=256, show_default=True, help="The longest answer, in tokens."
+)
+@click.option(
+    "--temperature", type=float, default=0.0, show_default=True, help="0 is greedy; above 0 samples (seeded)."
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="The sampling seed (with --temperature > 0)."
+)
+@_base_model_option
+@_debug_option
+@_handle_errors
+def chat(adapter, base, system, max_new_tokens, temperature, seed, model, debug):
+    """Talk to a trained adapter, turn by turn, through the model's chat template; answers stream.
+
+    In a terminal, type a message after `you>`; /reset forgets the conversation, /quit (or Ctrl-D)
+    ends it. From a pipe, each line is a turn, and the chat ends with the input.
+
+    \b
+    align chat --adapter runs/demo --base
+    printf 'Where do you live?\\nAnd your donkey?\\n' | align chat --adapter runs/demo/adapters/home
+    """
+    from align.chat import Chat, resolve_adapter, run_chat
+    from align.tools import check_generation_options, load
+
+    check_generation_options(max_new_tokens, temperature)
+    path = resolve_adapter(adapter)
+    loaded = load(path, model)
+    session = Chat(
+        loaded, system=system, base=base, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+    )
+    interactive = sys.stdin.isatty()
+
+    def write(text: str) -> None:
+        click.echo(text, nl=False)
+        sys.stdout.flush()
+
+    if interactive:
+        click.echo(
+            f"align chat: {path} on {loaded.settings['path']}; /reset forgets the conversation, /quit ends it",
+            err=True,
+        )
+    run_chat(session, _terminal_lines() if interactive else sys.stdin, write, interactive=interactive)
+
+
+def _terminal_lines():
+    """Lines typed at the ``you>`` prompt (with line editing where readline exists), until Ctrl-D."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (input() edits lines once it is imported)
+    while True:
+        try:
+            yield input("you> ")
+        except EOFError:
+            click.echo()
+            return
+
+
+@cli.command()
 @click.argument("run_dir", metavar="RUN_DIR", type=click.Path())
 @click.option("--topic", help="Whose adapter to merge (default: the last topic's, the run's final adapter).")
 @click.option(
@@ -571,6 +641,51 @@ def merge(run_dir, topic, output, model, debug):
     adapter = run_adapter(run_dir, topic)
     path = merge_adapter(adapter, output, model=model)
     click.echo(f"Merged {adapter} into the base model: {path} (safetensors, tokenizer, chat template)")
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path())
+@click.option(
+    "--format",
+    "fmt",
+    default="gguf",
+    show_default=True,
+    metavar="FORMAT",
+    help="gguf: the merged model as model.gguf with an Ollama Modelfile; gguf-lora: the adapter alone "
+    "as llama.cpp's LoRA adapter.gguf (for llama-cli --lora with the base model's GGUF).",
+)
+@click.option(
+    "--output",
+    required=True,
+    type=click.Path(),
+    metavar="DIR",
+    help="Where to write (new or empty).",
+)
+@click.option("--topic", help="Whose adapter to export (default: the last topic's, the run's final adapter).")
+@click.option(
+    "--quantize",
+    metavar="TYPE",
+    help="The weights' type: f16 (default), q8_0, bf16, f32, q5_1, q5_0, q4_1, q4_0; gguf-lora: f16, f32.",
+)
+@click.option("--model", help="The base model (default: the run's model).")
+@_debug_option
+@_handle_errors
+def export(run_dir, fmt, output, topic, quantize, model, debug):
+    """Export a run's adapter for llama.cpp, Ollama and LM Studio: a GGUF file and a model card.
+
+    \b
+    align export runs/demo --output export/ilse                 model.gguf (f16), Modelfile, README.md
+    align export runs/demo --output export/ilse-q8 --quantize q8_0
+    cd export/ilse && ollama create ilse -f Modelfile && ollama run ilse
+    align export runs/demo --format gguf-lora --output export/ilse-lora
+    """
+    from align.export import check_options
+    from align.export import export as write_export
+
+    check_options(fmt, quantize)
+    path = write_export(run_dir, output, fmt=fmt, topic=topic, quantize=quantize, model=model)
+    written = ", ".join(sorted(p.name for p in path.iterdir()))
+    click.echo(f"Exported {run_dir} ({fmt}, {quantize or 'f16'}): {path} ({written})")
 
 
 @cli.command()

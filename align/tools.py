@@ -606,11 +606,12 @@ def merge(adapter: str | Path, output: str | Path, *, model: str | None = None) 
     """Merge a saved adapter (:func:`run_adapter` finds a run's) into its base model and save a
     standalone Hugging Face model.
 
-    The directory holds safetensors weights, the config, the generation config and the
-    tokenizer with its chat template; ``AutoModelForCausalLM.from_pretrained`` loads it. It is
+    The directory holds safetensors weights, the config, the generation config, the
+    tokenizer with its chat template and a model card (``README.md``); ``AutoModelForCausalLM.from_pretrained`` loads it. It is
     written into a staging directory beside ``output`` and renamed into place, so ``output`` is
     either absent or complete.
     """
+    from align.card import run_card
     from align.core.model import safetensors_os_errors
     from align.core.rundir import staged_directory
 
@@ -622,6 +623,7 @@ def merge(adapter: str | Path, output: str | Path, *, model: str | None = None) 
             with safetensors_os_errors(output / "model.safetensors"):
                 merged.save_pretrained(staging, safe_serialization=True)
             loaded.tokenizer.save_pretrained(staging)
+            (staging / "README.md").write_text(run_card("merged", Path(adapter)), encoding="utf-8")
             pickled = [p.name for p in staging.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
             if pickled:  # align writes no pickle; a library that did would be a bug to catch here
                 raise AlignError(f"{output}: refusing to write pickled weights ({', '.join(pickled)})")

@@ -925,6 +925,76 @@ def _(c):
     return ["merge", run_with_adapter(c), "--output", str(c.tmp / "link")]
 
 
+# -- chat, export and report_to --------------------------------------------------------------------
+@case("chat-adapter-not-found")
+def _(c):
+    return ["chat", "--adapter", str(c.tmp / "nope")]
+
+
+@case("chat-no-chat-template")
+def _(c):
+    from align.core.model import attach_adapter
+    from align.testing import tiny_causal_lm
+
+    model, _ = tiny_causal_lm()
+    attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=["v_proj"]).save_pretrained(
+        c.tmp / "run" / "adapters" / "alpha"
+    )
+    c.write("run/config.yaml", yaml.safe_dump({"model": {"path": str(c.model()), "chat_template": False}}))
+    return ["chat", "--adapter", str(c.tmp / "run")]
+
+
+@case("export-not-a-run")
+def _(c):
+    (c.tmp / "notes").mkdir()
+    return ["export", str(c.tmp / "notes"), "--output", str(c.tmp / "x")]
+
+
+@case("export-output-not-empty")
+def _(c):
+    c.write("taken/keep.txt", "mine")
+    return ["export", run_with_adapter(c), "--output", str(c.tmp / "taken")]
+
+
+@case("export-unknown-format")
+def _(c):
+    return ["export", run_with_adapter(c), "--output", str(c.tmp / "x"), "--format", "ggml"]
+
+
+@case("export-unknown-quantization")
+def _(c):
+    return ["export", run_with_adapter(c), "--output", str(c.tmp / "x"), "--quantize", "q4_k_m"]
+
+
+@case("export-adapter-of-another-model")
+def _(c):
+    from align.core.model import attach_adapter
+    from align.testing import tiny_causal_lm
+
+    model, _ = tiny_causal_lm(hidden_size=16)  # the run's model is the tiny model of width 32
+    attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=["v_proj"]).save_pretrained(
+        c.tmp / "run" / "adapters" / "alpha"
+    )
+    c.write("run/config.yaml", yaml.safe_dump({"model": {"path": str(c.model())}}))
+    return ["export", str(c.tmp / "run"), "--output", str(c.tmp / "x")]
+
+
+@case("report-to-not-installed")
+def _(c):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    c.monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a)
+    )
+    return ["validate", c.config("report_to: [tensorboard, wandb]\n"), "--topics", c.topics()]
+
+
+@case("report-to-unknown")
+def _(c):
+    return ["validate", c.config("report_to: [tensorbord]\n"), "--topics", c.topics()]
+
+
 # -- the test -----------------------------------------------------------------------------------
 def catalogue() -> dict[str, tuple[str, int]]:
     """``docs/errors.md``'s rows: case id → (message, exit code)."""

@@ -118,3 +118,95 @@ def test_run_verbose_logs_to_stderr_and_tensorboard_gets_event_files(tmp_path, t
         files = list((out / "tensorboard" / f"first-{step}").glob("events.out.tfevents.*"))
         assert len(files) == 1, step
         assert b"train/loss" in files[0].read_bytes(), step
+
+
+# -- report_to: any of transformers' trackers -------------------------------------------------------
+def hide_modules(monkeypatch, *names):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in names else find_spec(name, *a)
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            ["tensorboard", "wandb"],
+            "wandb is not installed; `pip install wandb`, or take wandb out of report_to",
+        ),
+        ("mlflow", "mlflow is not installed; `pip install mlflow`, or set report_to: none"),
+        (
+            ["tensorbord"],
+            "'tensorbord' is not a tracker; did you mean 'tensorboard'? (trackers: none, tensorboard,",
+        ),
+        (["none", "tensorboard"], "none goes alone (got none, tensorboard)"),
+        (["tensorboard", "tensorboard"], "names a tracker twice (tensorboard, tensorboard); give each once"),
+        (3, "expected none, a tracker's name or a list of them (tensorboard, wandb, mlflow,"),
+        ([], "expected none, a tracker's name or a list of them"),
+    ],
+)
+def test_report_to_takes_trackers_and_names_the_package_to_install(monkeypatch, registry, value, message):
+    hide_modules(monkeypatch, "wandb", "mlflow")
+    with pytest.raises(ConfigError) as excinfo:
+        resolve_plan({"report_to": value}, "my.yaml", registry, topics=[make_topic()])
+    assert str(excinfo.value).startswith(f"my.yaml: report_to: {message}")
+    assert "\n" not in str(excinfo.value)
+
+
+def test_report_to_names_the_trackers_transformers_has():
+    """A transformers that adds or drops an integration shows here (5.24 has these and kubeflow,
+    which turns itself on from its environment)."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    from align.core.config import REPORT_TO
+
+    assert set(REPORT_TO) == set(INTEGRATION_TO_CALLBACK) - {"kubeflow"}
+
+
+def test_every_trainer_reports_to_the_configured_trackers(tmp_path, tiny_model_dir, monkeypatch):
+    """A tracker besides TensorBoard reaches each trainer through transformers' own report_to: a
+    recording callback stands in for dvclive's (the trainer builds it from the integration's name)."""
+    import importlib.util
+
+    from transformers import TrainerCallback
+    from transformers.integrations import integration_utils
+
+    trainings = []
+
+    class Recorder(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            trainings.append({"report_to": list(args.report_to), "logs": []})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            trainings[-1]["logs"].append(dict(logs or {}))
+
+    monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "dvclive", Recorder)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: find_spec("json") if name == "dvclive" else find_spec(name, *a),
+    )
+    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
+    topics = tmp_path / "topics"
+    topics.mkdir()
+    write_topic(topics, "first")
+    config = {
+        "sft": {"epochs": 1, "learning_rate": 0.05, "cloze": 0},
+        "dpo": {"max_steps": 2},
+        "replay": {"content": 0},
+        "report_to": ["tensorboard", "dvclive"],
+        "protocol": [{"name": "sft", "train": "sft"}, {"name": "dpo", "train": "dpo"}],
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    args = ["run", str(tmp_path / "tiny.yaml"), "--model", str(tiny_model_dir), "--topics", str(topics)]
+    result = CliRunner().invoke(cli, [*args, "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [t["report_to"] for t in trainings] == [["dvclive"], ["dvclive"]]  # sft, then dpo
+    assert all(any("loss" in log for log in t["logs"]) for t in trainings)
+    for step in ("sft", "dpo"):  # TensorBoard still writes into the run
+        assert list((out / "tensorboard" / f"first-{step}").glob("events.out.tfevents.*")), step

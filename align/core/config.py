@@ -12,7 +12,7 @@ import contextlib
 import copy
 import importlib.util
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,35 @@ DEFAULT_PROTOCOL: list[dict[str, Any]] = [
 ON_ERROR = ("stop", "skip")
 #: The values of ``recheck``: after each topic, evaluate every ``earlier`` topic again, or ``none``.
 RECHECK = ("earlier", "none")
-#: The values of ``report_to``: where the trainers also log (``tensorboard``: event files in the run).
-REPORT_TO = ("none", "tensorboard")
+#: The trackers ``report_to`` names: transformers' integrations, each with the modules it needs
+#: and what to install. ``tensorboard`` writes into the run (``tensorboard/<topic>-<step>``); the
+#: others are handed to every trainer as they are (transformers' ``report_to``) and log where
+#: their own settings say (``WANDB_PROJECT``, ``MLFLOW_TRACKING_URI``, ...). transformers' ``kubeflow``
+#: is left out: it turns itself on from its environment, whatever ``report_to`` says.
+REPORT_TO: dict[str, tuple[tuple[str, ...], str]] = {
+    "tensorboard": (("tensorboard",), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow",), "mlflow"),
+    "trackio": (("trackio",), "trackio"),
+    "comet_ml": (("comet_ml",), "comet-ml"),
+    "neptune": (("neptune",), "neptune"),
+    "clearml": (("clearml",), "clearml"),
+    "dagshub": (("dagshub", "mlflow"), "dagshub mlflow"),
+    "codecarbon": (("codecarbon",), "codecarbon"),
+    "dvclive": (("dvclive",), "dvclive"),
+    "swanlab": (("swanlab",), "swanlab"),
+    "azure_ml": (("azureml",), "azureml-core"),
+    "flyte": (("flytekit",), "flytekit"),
+}
+
+
+def report_targets(value: Any) -> list[str]:
+    """``report_to`` as a list of tracker names (``none``: no tracker)."""
+    if value in (None, "none"):
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 #: The values of ``voice_set``: which held-out voice pairs score a topic's voice.
 VOICE_SETS = ("person", "topic")
 
@@ -94,6 +121,32 @@ SECTION_KEYS = {
     "lora": BASE_DEFAULTS["lora"],
     "replay": BASE_DEFAULTS["replay"],
 }
+
+
+def check_report_to(value: Any, fail: Callable[[str, str], Any]) -> None:
+    """``report_to``: ``none``, a tracker's name or a list of them, each installed."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        fail(
+            "report_to",
+            f"expected none, a tracker's name or a list of them ({', '.join(REPORT_TO)}), got {brief(value)}",
+        )
+    if names == ["none"]:
+        return
+    if "none" in names:
+        fail("report_to", f"none goes alone (got {', '.join(names)}); give none, or the trackers without it")
+    for name in names:
+        if name not in REPORT_TO:
+            fail(
+                "report_to",
+                f"'{name}' is not a tracker{closest(name, [*REPORT_TO, 'none'])} (trackers: none, {', '.join(REPORT_TO)})",
+            )
+        modules, package = REPORT_TO[name]
+        if any(importlib.util.find_spec(module) is None for module in modules):
+            instead = "set report_to: none" if isinstance(value, str) else f"take {name} out of report_to"
+            fail("report_to", f"{name} is not installed; `pip install {package}`, or {instead}")
+    if len(set(names)) < len(names):
+        fail("report_to", f"names a tracker twice ({', '.join(names)}); give each once")
 
 
 def demo_dir() -> Path:
@@ -293,14 +346,13 @@ def _check_base(config: dict[str, Any], source: str) -> None:
         fail("strict_plugins", f"expected true or false, got {brief(config['strict_plugins'])}")
     if config["on_error"] not in ON_ERROR:
         fail("on_error", f"expected one of {', '.join(ON_ERROR)}, got {brief(config['on_error'])}")
-    for key, valid in (("recheck", RECHECK), ("report_to", REPORT_TO), ("voice_set", VOICE_SETS)):
+    for key, valid in (("recheck", RECHECK), ("voice_set", VOICE_SETS)):
         if config[key] not in valid:
             fail(
                 key,
                 f"expected one of {', '.join(valid)}, got {brief(config[key])}{closest(str(config[key]), valid)}",
             )
-    if config["report_to"] == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        fail("report_to", "tensorboard is not installed; `pip install tensorboard`, or set report_to: none")
+    check_report_to(config["report_to"], fail)
     if config["name"] is not None and ("/" in config["name"] or config["name"] in ("", ".", "..")):
         fail("name", f"'{config['name']}' must be a plain directory name (no '/')")
     model = config["model"]

@@ -509,9 +509,21 @@ class Engine:
         # under FSDP each holds a shard, and gathering them takes every process.
         if self.rundir.writer or distributed.lockstep():
             self.policy.save_adapter(adapter_dir)
+        if self.rundir.writer:
+            self.write_card(adapter_dir, result)
         logger.debug("topic '%s': adapter saved to %s", topic.name, adapter_dir)
         result.adapter = str(adapter_dir.relative_to(self.rundir.path))
         return result
+
+    def write_card(self, adapter_dir: Any, result: TopicResult) -> None:
+        """Replace the adapter's ``README.md`` (PEFT writes an empty template) with align's model
+        card: the base's hub id, the topics trained so far, the settings, this topic's metrics."""
+        from align.card import model_card
+        from align.core.rundir import atomic_write_text
+
+        results = [r.as_dict() for r in self.results if r.name != result.name] + [result.as_dict()]
+        card = model_card("adapter", config=self.plan.config, results=results)
+        atomic_write_text(adapter_dir / "README.md", card)
 
     def _rechecks(self, index: int) -> bool:
         return self.recheck == "earlier" and index > 0 and bool(self.recheck_evaluators)

@@ -689,8 +689,12 @@ class EnginePolicy:
         eval_batch_size: int = 16,
         tensorboard_dir: Path | None = None,
         gradient_checkpointing: bool = False,
+        report_to: Sequence[str] = (),
     ):
         self.model = model
+        #: ``report_to``'s trackers other than TensorBoard (which the policy writes into the run):
+        #: handed to every trainer as transformers' ``report_to``.
+        self.report_to = [name for name in report_to if name != "tensorboard"]
         self.gradient_checkpointing = gradient_checkpointing
         self.tokenizer = tokenizer
         self.seed = seed
@@ -779,12 +783,12 @@ class EnginePolicy:
         return callback
 
     def trainer_args(self) -> dict[str, Any]:
-        """Training arguments every objective shares: no checkpoints, no trackers, the run's seed."""
+        """Training arguments every objective shares: no checkpoints, the run's trackers, the run's seed."""
         import torch
 
         return {
             "output_dir": str(self.scratch_dir),
-            "report_to": "none",
+            "report_to": list(self.report_to) or "none",
             "save_strategy": "no",
             "logging_steps": 1,
             # The trainer would log a NaN loss as the mean of its finite neighbours; the NaN guard must see it.

@@ -17,7 +17,7 @@ from typing import Any
 
 from align.core import distributed
 from align.core.checkpoint import Checkpoints, check_settings
-from align.core.config import demo_config_path, demo_dir, dump_config
+from align.core.config import demo_config_path, demo_dir, dump_config, report_targets
 from align.core.engine import Engine, Reporter
 from align.core.plan import Plan
 from align.core.rundir import RunDir
@@ -130,6 +130,7 @@ def load_policy(plan: Plan, scratch_dir: Path, tensorboard_dir: Path | None = No
         eval_batch_size=model_cfg["eval_batch_size"],
         tensorboard_dir=tensorboard_dir,
         gradient_checkpointing=model_cfg.get("gradient_checkpointing", False),
+        report_to=report_targets(plan.config.get("report_to")),
     )
 
 
@@ -174,7 +175,8 @@ def execute(
         from transformers import set_seed
 
         set_seed(plan.config["seed"])
-        tensorboard = rundir.path / "tensorboard" if plan.config.get("report_to") == "tensorboard" else None
+        trackers = report_targets(plan.config.get("report_to"))
+        tensorboard = rundir.path / "tensorboard" if "tensorboard" in trackers else None
         policy = load_policy(plan, rundir.scratch_dir, tensorboard)
         checkpoints.policy = policy
     if resume:
