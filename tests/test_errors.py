@@ -459,7 +459,7 @@ def _(c):
 
 @case("pair-missing-field")
 def _(c):
-    c.topic(preference_pairs=[{"prompt": "Hello?", "chosen": "Ahoy, little gull."}])
+    c.topic(preference_pairs=[{"prompt": "Hello?", "rejected": "Hello."}])
     return ["validate", "--topics", str(c.tmp / "topics")]
 
 
