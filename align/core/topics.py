@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from align.core.sources import ROWS, TOPICS, TopicSources, is_saved_dataset
-from align.errors import AlignError, TopicError, closest
+from align.errors import AlignError, TopicError, brief, closest
 
 TOPIC_SUFFIXES = (".yaml", ".yml", ".json")
 MAX_TOPIC_FILE_BYTES = 16 * 1024 * 1024
@@ -408,7 +408,9 @@ def _text(item: Mapping[str, Any], key: str, at: _At) -> str:
     value = item.get(key)
     if not isinstance(value, str) or not value.strip():
         if at.row and value is not None and not isinstance(value, str):
-            raise TopicError(f"{at(key)}: must be a non-empty string, got {type(value).__name__}")
+            raise TopicError(
+                f"{at(key)}: must be a non-empty string, got {type(value).__name__} {brief(value)}; write it as text"
+            )
         raise TopicError(f"{at(key)}: required, a non-empty string")
     return value
 
@@ -674,11 +676,17 @@ def load_topic_file(path: str | Path, sources: TopicSources | None = None) -> To
 
 def _topic_reader(path: Path, sources: TopicSources) -> Any:
     reader = sources.find(path, TOPICS)
-    if reader is None and (is_saved_dataset(path) or sources.find(path, ROWS) is not None):
+    rows = None if reader is not None else sources.find(path, ROWS)
+    if rows is not None and rows.name in ("text", "text_folder"):
+        raise TopicError(
+            f"{path}: text, not a topic file; name it in a topic file ('content: {path.name}' beside "
+            f"'name:'), or draft topics from it: align topics draft {path} --output topics/"
+        )
+    if reader is None and (is_saved_dataset(path) or rows is not None):
         kind = "a datasets save_to_disk directory" if path.is_dir() else "a data file"
         raise TopicError(
             f"{path}: {kind}, not a topic file; name it in a topic file, e.g. "
-            f"'preference_pairs: {path.name}' beside 'name:' and 'content:' (see the README's Topics)"
+            f"'preference_pairs: {path.name}' beside 'name:' and 'content:' (or quiz:, voice_pairs:)"
         )
     return reader
 
