@@ -149,6 +149,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
     align validate my.yaml         resolve and print the plan; trains nothing
     align plugins                  every plugin as JSON
     align new-plugin NAME          a plugin package with tests, ready to pip install
+    align topics draft NOTES... --output DIR             topic files drafted from notes
     align eval --adapter runs/<name>/adapters/<topic>    score a saved adapter
     align compare runs/a runs/b    two runs side by side
     align sample --adapter DIR "prompt" --base
@@ -382,6 +383,51 @@ def validate(config, topics, model, overrides, output, strict_plugins, debug):
             click.echo(line)
     for warning in [*warnings, *settings_that_do_nothing(plan)]:
         click.echo(f"Warning: {warning}", err=True)
+
+
+@cli.group()
+def topics() -> None:
+    """Work with topic files: draft them from notes."""
+
+
+@topics.command("draft")
+@click.argument("notes", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--output", "-o", required=True, type=click.Path(file_okay=False), help="A new or empty directory."
+)
+@_debug_option
+@_handle_errors
+def topics_draft(notes, output, debug):
+    """Draft topic files from NOTES for you to review: passages, a cloze quiz, pairs.
+
+    \b
+    NOTES are text or markdown files (a topic per top-level heading, else per file; `Q:`/`A:`
+    lines become preference pairs), chat exports (a JSON list of {role, content}: your turns are
+    the assistant's) and pair files (JSON Lines, CSV, Parquet with prompt and chosen). Pairs
+    have no rejected answer: the model's own answers take their place when the run trains.
+    Loads no model.
+
+    \b
+    align topics draft notes.md interview.json --output topics/
+    align validate --topics topics/
+    """
+    from align.core.sources import TopicSources
+    from align.drafting import draft_topics, write_drafts
+    from align.plugins.manager import load_plugins
+
+    plugins = load_plugins()
+    _check_failures(plugins, strict=False)
+    drafted = draft_topics(notes, TopicSources.from_registry(plugins.registry))
+    for path, topic in zip(write_drafts(drafted, output), drafted.topics):
+        click.echo(
+            f"wrote {path}: {len(topic.content)} passages, {len(topic.quiz)} quiz questions, "
+            f"{len(topic.preference_pairs)} preference pairs, {len(topic.voice_pairs)} voice pairs"
+        )
+    if drafted.notes:
+        click.echo("\n# could not draft")
+        for note in drafted.notes:
+            click.echo(f"- {note}")
+    click.echo(f"\nReview the drafts, then: align validate --topics {output}")
 
 
 @cli.command()

@@ -558,6 +558,31 @@ def _(c):
     return ["validate", "--topics", str(c.tmp / "pairs")]
 
 
+# -- align topics draft ------------------------------------------------------------------------
+@case("draft-output-not-empty")
+def _(c):
+    notes = c.write("notes.md", "Ilse was born in 1931 in Brackenford.\n")
+    c.write("topics/home.yaml", "name: home\n")
+    return ["topics", "draft", str(notes), "--output", str(c.tmp / "topics")]
+
+
+@case("draft-notes-not-found")
+def _(c):
+    return ["topics", "draft", str(c.tmp / "notes.md"), "--output", str(c.tmp / "topics")]
+
+
+@case("draft-format-unknown")
+def _(c):
+    notes = c.write("notes.pdf", b"%PDF-1.4\n")
+    return ["topics", "draft", str(notes), "--output", str(c.tmp / "topics")]
+
+
+@case("draft-nothing-to-draft")
+def _(c):
+    notes = c.write("notes.md", "# Home\n\n## Later\n")
+    return ["topics", "draft", str(notes), "--output", str(c.tmp / "topics")]
+
+
 # -- the model ----------------------------------------------------------------------------------
 @case("model-not-found")
 def _(c):
