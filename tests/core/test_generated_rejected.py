@@ -77,3 +77,19 @@ def test_evaluators_outside_a_run_leave_out_pairs_without_rejected():
     assert VoiceEvaluator().evaluate(model, topic)["score"] == 0.0  # the one pair with rejected
     with pytest.raises(AlignError, match="voice_pairs: none has a rejected answer"):
         VoiceEvaluator().evaluate(model, make_topic(voice_pairs=VOICE[:1]))
+
+
+def test_align_report_shows_the_generated_answers(tmp_path):
+    from align.report import write_report
+
+    run_protocol(
+        [{"name": "voice", "evaluate": ["voice"]}],
+        [make_topic(voice_pairs=VOICE)],
+        model=StubModel(generate=plain),
+        output=tmp_path / "run",
+    )
+    write_report(tmp_path / "run", samples=False)
+    report = (tmp_path / "run" / "report.md").read_text()
+    section = report.split("## Generated answers\n", 1)[1].split("\n## ", 1)[0]
+    assert "### voice pairs: before training, from the bare model" in section
+    assert "| How are you? | I am fine, thank you. |" in section
