@@ -180,3 +180,48 @@ def test_what_cannot_be_drafted_from_is_one_line(tmp_path, name):
     assert result.exit_code == 1
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("Error: ")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_example_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
+    """The drafts have no rejected answers: DPO generates its own, the voice pairs get the bare
+    model's, and the style evaluator scores against them."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "sft": {"epochs": 1, "cloze": 1},
+                "dpo": {"max_steps": 1, "rejected_max_new_tokens": 8},
+                "protocol": [
+                    {"name": "sft", "train": "sft"},
+                    {"name": "dpo", "train": "dpo"},
+                    {"name": "after", "evaluate": ["quiz", "voice", {"use": "style", "max_new_tokens": 8}]},
+                ],
+            }
+        )
+    )
+    out = tmp_path / "run"
+    result = invoke(
+        "run",
+        str(config),
+        "--model",
+        str(tiny_model_dir),
+        "--topics",
+        str(EXAMPLE / "topics"),
+        "--output",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert [t["topic"] for t in summary["topics"]] == ["the_lighthouse", "the_garden", "leaving_the_light"]
+    for topic in summary["topics"]:
+        (after,) = [s for s in topic["steps"] if s["step"] == "after"]
+        assert {"quiz.accuracy", "voice.score", "style.score"} <= set(after["metrics"])
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    purposes = [(e["topic"], e["purpose"]) for e in events if e["kind"] == "generated"]
+    assert purposes == [
+        ("", "voice_rejected"),
+        ("the_lighthouse", "rejected"),
+        ("the_garden", "rejected"),
+        ("leaving_the_light", "rejected"),
+    ]
