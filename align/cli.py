@@ -369,6 +369,15 @@ def validate(config, topics, model, overrides, output, strict_plugins, debug):
             f"- {topic.name} ({topic.source}): {len(topic.content)} passages, {len(topic.quiz)} quiz items, "
             f"{len(topic.preference_pairs)} preference pairs, {len(topic.voice_pairs)} voice pairs"
         )
+        for field, whose in (
+            ("preference_pairs", "the policy's own answers, generated right before DPO"),
+            ("voice_pairs", "the bare model's answers, generated before training"),
+        ):
+            missing = sum(1 for pair in getattr(topic, field) if pair.rejected is None)
+            if missing:
+                click.echo(
+                    f"  {topic.source}: {field}: {missing} without rejected; {whose}, take their place"
+                )
         for index, item in enumerate(topic.quiz):
             if item.given is not None:  # the file gave the choice's text: say which index it became
                 click.echo(f"  {topic.source}: quiz[{index}].answer: {item.given!r} is choice {item.answer}")

@@ -169,6 +169,10 @@ def test_the_example_s_drafts_are_what_the_command_drafts_and_validate(tmp_path)
         assert path.read_text() == (committed / path.name).read_text(), path.name
     result = invoke("validate", "--topics", str(committed))
     assert result.exit_code == 0, result.output
+    assert (
+        f"  {committed / '03_leaving_the_light.yaml'}: voice_pairs: 1 without rejected; the bare model's answers, "
+        "generated before training, take their place"
+    ) in result.output
     assert all(topic.voice_pairs and topic.preference_pairs for topic in load_topics(committed))
 
 
