@@ -357,10 +357,13 @@ def validate(config, topics, model, overrides, output, strict_plugins, debug):
     """Resolve CONFIG and print the plan (config, topics, steps); trains nothing and loads no model."""
     from align.console import gates_in_questions, settings_that_do_nothing
     from align.core.config import dump_config
+    from align.core.sources import TopicSources
+    from align.core.topics import stray_data_files
 
-    _, plan = _load_plan(
+    plugins, plan = _load_plan(
         strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
     )
+    stray = stray_data_files(plan.config["topics"], TopicSources.from_registry(plugins.registry))
     click.echo(f"# resolved config from {plan.source}")
     click.echo(dump_config(plan.config).rstrip())
     click.echo("\n# topics")
@@ -390,7 +393,7 @@ def validate(config, topics, model, overrides, output, strict_plugins, debug):
         click.echo("\n# gates and rollback guards in quiz questions, for each topic")
         for line in lines:
             click.echo(line)
-    for warning in [*warnings, *settings_that_do_nothing(plan)]:
+    for warning in [*warnings, *settings_that_do_nothing(plan), *stray]:
         click.echo(f"Warning: {warning}", err=True)
 
 

@@ -760,6 +760,40 @@ def load_topics(path: str | Path, sources: TopicSources | None = None) -> list[T
     return topics
 
 
+def stray_data_files(path: str | Path, sources: TopicSources | None = None) -> list[str]:
+    """A warning for each data file (or data directory) in the topic directory ``path`` that no
+    topic names: it is not read, which a user who put it there may not expect."""
+    path = Path(path)
+    if not path.is_dir() or is_saved_dataset(path):
+        return []
+    sources = sources or TopicSources.builtin()
+    entries = sorted(path.iterdir())
+    named: set[Path] = set()
+    for entry in entries:
+        reader = sources.find(entry, TOPICS) if entry.is_file() else None
+        if reader is None:
+            continue
+        try:
+            for data in sources.read(reader, entry):
+                named |= _references(data, entry.parent)
+        except TopicError:
+            continue
+    warnings = []
+    for entry in entries:
+        if entry.is_file() and sources.find(entry, TOPICS) is not None:
+            continue
+        if not (is_saved_dataset(entry) or sources.find(entry, ROWS) is not None):
+            continue
+        resolved = entry.resolve()
+        if resolved in named or any(resolved in p.parents for p in named):
+            continue
+        warnings.append(
+            f"{entry}: a data file that no topic names, so it is not read; name it in a topic "
+            f"(e.g. preference_pairs: {entry.name}) or move it out of the topic directory"
+        )
+    return warnings
+
+
 def check_unique_names(topics: Sequence[Topic]) -> None:
     """Topic names name adapter directories, so they must differ even where case is ignored
     (as it is on macOS and Windows file systems)."""

@@ -256,3 +256,24 @@ def test_validate_and_a_tiny_run_read_every_format_and_record_the_rows(formats, 
     assert [a["answer"] for a in generated[0]["answers"]] == [
         p["rejected"] for p in recorded[0]["voice_pairs"]
     ]
+
+
+def test_validate_warns_of_a_data_file_no_topic_names(tmp_path):
+    """It was silently ignored: a pairs file dropped beside the topics is not read."""
+    topics = tmp_path / "topics"
+    (topics / "notes").mkdir(parents=True)
+    (topics / "notes" / "a.md").write_text("Ilse lives in Wrackhouse.\n", encoding="utf-8")
+    jsonl(topics / "pairs.jsonl", STANDARD)
+    jsonl(topics / "used.jsonl", STANDARD)
+    topic_file(topics, content={"path": "notes"}, preference_pairs="used.jsonl")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"protocol": [{"name": "sft", "train": "sft"}]}))
+    result = CliRunner().invoke(
+        cli, ["validate", str(config), "--topics", str(topics)], env={"ALIGN_LOAD_PLUGINS": ""}
+    )
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "no topic names" in line]
+    assert warnings == [
+        f"Warning: {topics / 'pairs.jsonl'}: a data file that no topic names, so it is not read; name it in a "
+        "topic (e.g. preference_pairs: pairs.jsonl) or move it out of the topic directory"
+    ]
