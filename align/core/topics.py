@@ -257,7 +257,8 @@ class _Fields:
         path = path if path.is_absolute() else self.base_dir / path
         named = f"named by {where} in {self.source}"
         if not path.exists():
-            if key == "content" and (" " in name.strip() or "\n" in name):
+            suffix = Path(name.strip()).suffix
+            if key == "content" and (not suffix or any(c.isspace() for c in suffix)):  # a passage, not a file
                 raise TopicError(f"{self.source}: content: must be a list of strings, got str")
             raise TopicError(f"{path}: data file not found ({named}; paths are relative to the topic file)")
         sources = self.sources or TopicSources.builtin()
