@@ -351,6 +351,8 @@ def _row_item(row: Mapping[str, Any], key: str, column: Mapping[str, str], at: _
         prompt = _prompt_text(_messages(prompt, at, "prompt"))
     if isinstance(rejected, list):
         rejected = _last_assistant(rejected, at, "rejected")[1]
+    if isinstance(rejected, str) and not rejected.strip():  # an empty cell: no rejected answer
+        rejected = None
     item = {"prompt": prompt, "chosen": chosen}
     if rejected is not None:
         item["rejected"] = rejected

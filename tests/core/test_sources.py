@@ -277,3 +277,18 @@ def test_validate_warns_of_a_data_file_no_topic_names(tmp_path):
         f"Warning: {topics / 'pairs.jsonl'}: a data file that no topic names, so it is not read; name it in a "
         "topic (e.g. preference_pairs: pairs.jsonl) or move it out of the topic directory"
     ]
+
+
+def test_empty_rejected_cells_of_a_csv_are_pairs_without_rejected(tmp_path):
+    (tmp_path / "pairs.csv").write_text(
+        "prompt,chosen,rejected\nWhere?,Here.,\nWhy?,Because.,No.\n", encoding="utf-8"
+    )
+    (tmp_path / "more.jsonl").write_text(
+        json.dumps({"prompt": "Who?", "chosen": "Me.", "rejected": " "}) + "\n"
+    )
+    (topic,) = load_topics(topic_file(tmp_path, preference_pairs=["pairs.csv", "more.jsonl"]))
+    assert topic.preference_pairs == (
+        PreferencePair("Where?", "Here."),
+        PreferencePair("Why?", "Because.", "No."),
+        PreferencePair("Who?", "Me."),
+    )
