@@ -41,7 +41,7 @@ class TopicSource:
         rows of a data file a topic's field names).
     :cvar suffixes: the file name endings it reads (``(".jsonl",)``); override :meth:`matches` for
         anything else (a directory, a file's first bytes).
-    :cvar describe: how errors and ``align plugins`` name the format (``"JSON Lines"``).
+    :cvar describe: how errors name the format (``"JSON Lines"``).
     """
 
     kind: str = ROWS
@@ -53,7 +53,7 @@ class TopicSource:
         return path.is_file() and path.name.lower().endswith(self.suffixes)
 
     def read(self, path: Path) -> list[Mapping[str, Any]]:
-        """The topic mappings, or rows, in ``path``; raise :class:`align.TopicError` for bad input."""
+        """The topic mappings, or rows, in ``path``; raise :class:`align.errors.TopicError` for bad input."""
         raise NotImplementedError
 
 
