@@ -207,7 +207,11 @@ class _Fields:
             if is_reference:
                 found += self.file_items(entry, key, where)
             else:
-                found.append((entry, _At(self.source, f"{key}[{i}]")))
+                at = _At(self.source, f"{key}[{i}]")
+                if key.endswith("_pairs") and _conversational(entry):
+                    _check_keys(entry, FIELD_COLUMNS[key], at)
+                    entry = _row_item(entry, key, {f: f for f in FIELD_COLUMNS[key]}, at)
+                found.append((entry, at))
         return found
 
     def file_items(self, entry: Any, key: str, where: str) -> list[tuple[Any, _At]]:
@@ -318,6 +322,13 @@ def _chat_pairs(rows: Sequence[Mapping[str, Any]], path: Path) -> list[tuple[Any
             "the person's turns must be the assistant's"
         )
     return found
+
+
+def _conversational(item: Any) -> bool:
+    """Whether an inline pair is written as messages (TRL's conversational form, or ``messages``)."""
+    return isinstance(item, Mapping) and (
+        "messages" in item or any(isinstance(item.get(k), list) for k in ("prompt", "chosen", "rejected"))
+    )
 
 
 def _needed_fields(key: str, first: Mapping[str, Any], column: Mapping[str, str]) -> tuple[str, ...]:

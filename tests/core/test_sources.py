@@ -292,3 +292,18 @@ def test_empty_rejected_cells_of_a_csv_are_pairs_without_rejected(tmp_path):
         PreferencePair("Why?", "Because.", "No."),
         PreferencePair("Who?", "Me."),
     )
+
+
+def test_inline_pairs_may_be_written_as_messages(tmp_path):
+    (topic,) = load_topics(topic_file(tmp_path, voice_pairs=[*CONVERSATIONAL, {"messages": CHAT_EXPORT}]))
+    assert topic.voice_pairs == (
+        PreferencePair("How are you?", "Bright as a gull, love.", "Fine."),
+        PreferencePair("Tea?", "Always, with salt on the wind.", "Yes."),
+        PreferencePair(
+            "User: What do you do all day?\n\nAssistant: Mend nets and watch the swell, little gull.\n\n"
+            "User: And at night?",
+            "Count the lighthouse flashes.",
+        ),
+    )
+    with pytest.raises(TopicError, match=r"home.yaml: voice_pairs\[0\].chosen: has no assistant turn"):
+        load_topics(topic_file(tmp_path, voice_pairs=[{"chosen": [{"role": "user", "content": "Hi"}]}]))
