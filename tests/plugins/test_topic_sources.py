@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 from align import hookimpl
 from align.core.plan import make_plan
@@ -117,3 +118,13 @@ def test_a_reader_that_fails_is_one_line_naming_it_and_its_plugin(tmp_path, monk
         plan_for(plugins, tmp_path / "talk.yaml")
     expected = f"{tmp_path / 'talk.vtt'}: topic source 'webvtt' (plugin 'Plugin') {message}"
     assert str(excinfo.value) == f"{expected} ALIGN_DISABLE_PLUGINS=Plugin"
+
+
+def test_a_harness_without_the_built_in_plugins_still_reads_topic_files(tmp_path):
+    from align.testing import PluginHarness, StubEvaluator, StubPlugin, make_topic, run_protocol
+
+    (tmp_path / "home.yaml").write_text(yaml.safe_dump(make_topic(name="home").to_dict()), encoding="utf-8")
+    harness = PluginHarness(builtins=False)
+    harness.register(StubPlugin(evaluators={"count": StubEvaluator({"n": 1.0})}))
+    result = run_protocol([{"name": "check", "evaluate": ["count"]}], tmp_path, harness=harness)
+    assert [t["topic"] for t in result.summary["topics"]] == ["home"]
