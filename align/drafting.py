@@ -43,9 +43,7 @@ DISTRACTORS = 3
 #: A word blanked when a passage has no number or name: one this long found nowhere else.
 RARE_WORD_LENGTH = 7
 _HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+(.+?)\s*#*\s*$")
-_QA = re.compile(
-    r"^\s*(?:[-*]\s+)?(?:\*\*|__)?(q|question|a|answer)\s*[:.](?:\*\*|__)?\s*(.*)$", re.IGNORECASE
-)
+_QA = re.compile(r"^\s*(?:[-*]\s+)?(?:\*\*|__)?(q|question|a|answer)\s*:(?:\*\*|__)?\s*(.*)$", re.IGNORECASE)
 _WORD = re.compile(r"[A-Za-z][A-Za-z'’-]+")
 
 
@@ -122,15 +120,14 @@ def _split_qa(text: str) -> tuple[str, list[dict[str, str]]]:
 
     for line in text.split("\n"):
         match = _QA.match(line)
-        if match:
-            role, rest = match.group(1).lower()[0], match.group(2).strip()
+        role = match.group(1).lower()[0] if match else None
+        if match and (role == "q" or question is not None):  # an A: with no Q: before it is text
+            rest = match.group(2).strip()
             if role == "q":
                 close()
-                question, current = [rest] if rest else [], None
-                current = question
-            elif question is not None:
-                answer = [rest] if rest else []
-                current = answer
+                question = current = [rest] if rest else []
+            else:
+                answer = current = [rest] if rest else []
             continue
         if current is not None and line.strip() and not _HEADING.match(line):
             current.append(line.strip())

@@ -229,3 +229,13 @@ def test_the_example_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
         ("the_garden", "rejected"),
         ("leaving_the_light", "rejected"),
     ]
+
+
+def test_q_and_a_lines_bold_or_not_and_an_answer_without_a_question_stays_text():
+    from align.drafting import _split_qa
+
+    text, pairs = _split_qa(
+        "A: no question before me\n\n**Q:** Who?\n**A:** Me,\nlittle gull.\n\nA. Smith wrote it."
+    )
+    assert pairs == [{"prompt": "Who?", "chosen": "Me, little gull."}]
+    assert "A: no question before me" in text and "A. Smith wrote it." in text and "Who?" not in text
