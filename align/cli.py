@@ -158,6 +158,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
     align validate my.yaml         resolve and print the plan; trains nothing
     align plugins                  every plugin as JSON
     align new-plugin NAME          a plugin package with tests, ready to pip install
+    align topics draft NOTES... --output DIR             topic files drafted from notes
     align eval --adapter runs/<name>/adapters/<topic>    score a saved adapter
     align compare runs/a runs/b    two runs side by side
     align sample --adapter DIR "prompt" --base
@@ -367,10 +368,13 @@ def validate(config, topics, model, overrides, output, strict_plugins, debug):
     """Resolve CONFIG and print the plan (config, topics, steps); trains nothing and loads no model."""
     from align.console import gates_in_questions, settings_that_do_nothing
     from align.core.config import dump_config
+    from align.core.sources import TopicSources
+    from align.core.topics import stray_data_files
 
-    _, plan = _load_plan(
+    plugins, plan = _load_plan(
         strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
     )
+    stray = stray_data_files(plan.config["topics"], TopicSources.from_registry(plugins.registry))
     click.echo(f"# resolved config from {plan.source}")
     click.echo(dump_config(plan.config).rstrip())
     click.echo("\n# topics")
@@ -379,6 +383,15 @@ def validate(config, topics, model, overrides, output, strict_plugins, debug):
             f"- {topic.name} ({topic.source}): {len(topic.content)} passages, {len(topic.quiz)} quiz items, "
             f"{len(topic.preference_pairs)} preference pairs, {len(topic.voice_pairs)} voice pairs"
         )
+        for field, whose in (
+            ("preference_pairs", "the policy's own answers, generated right before DPO"),
+            ("voice_pairs", "the bare model's answers, generated before training"),
+        ):
+            missing = sum(1 for pair in getattr(topic, field) if pair.rejected is None)
+            if missing:
+                click.echo(
+                    f"  {topic.source}: {field}: {missing} without rejected; {whose}, take their place"
+                )
         for index, item in enumerate(topic.quiz):
             if item.given is not None:  # the file gave the choice's text: say which index it became
                 click.echo(f"  {topic.source}: quiz[{index}].answer: {item.given!r} is choice {item.answer}")
@@ -391,8 +404,53 @@ def validate(config, topics, model, overrides, output, strict_plugins, debug):
         click.echo("\n# gates and rollback guards in quiz questions, for each topic")
         for line in lines:
             click.echo(line)
-    for warning in [*warnings, *settings_that_do_nothing(plan)]:
+    for warning in [*warnings, *settings_that_do_nothing(plan), *stray]:
         click.echo(f"Warning: {warning}", err=True)
+
+
+@cli.group()
+def topics() -> None:
+    """Work with topic files: draft them from notes."""
+
+
+@topics.command("draft")
+@click.argument("notes", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--output", "-o", required=True, type=click.Path(file_okay=False), help="A new or empty directory."
+)
+@_debug_option
+@_handle_errors
+def topics_draft(notes, output, debug):
+    """Draft topic files from NOTES for you to review: passages, a cloze quiz, pairs.
+
+    \b
+    NOTES are text or markdown files (a topic per top-level heading, else per file; `Q:`/`A:`
+    lines become preference pairs), chat exports (a JSON list of {role, content}: your turns are
+    the assistant's) and pair files (JSON Lines, CSV, Parquet with prompt and chosen). Pairs
+    have no rejected answer: the model's own answers take their place when the run trains.
+    Loads no model.
+
+    \b
+    align topics draft notes.md interview.json --output topics/
+    align validate --topics topics/
+    """
+    from align.core.sources import TopicSources
+    from align.drafting import draft_topics, write_drafts
+    from align.plugins.manager import load_plugins
+
+    plugins = load_plugins()
+    _check_failures(plugins, strict=False)
+    drafted = draft_topics(notes, TopicSources.from_registry(plugins.registry))
+    for path, topic in zip(write_drafts(drafted, output), drafted.topics):
+        click.echo(
+            f"wrote {path}: {len(topic.content)} passages, {len(topic.quiz)} quiz questions, "
+            f"{len(topic.preference_pairs)} preference pairs, {len(topic.voice_pairs)} voice pairs"
+        )
+    if drafted.notes:
+        click.echo("\n# could not draft")
+        for note in drafted.notes:
+            click.echo(f"- {note}")
+    click.echo(f"\nReview the drafts, then: align validate --topics {output}")
 
 
 @cli.command()

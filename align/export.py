@@ -18,9 +18,6 @@ Everything is written into a staging directory beside ``output`` and renamed int
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -370,7 +367,8 @@ def export(
 ) -> Path:
     """Export a run's adapter (its last topic's, or ``topic``'s) into ``output`` (new or empty)."""
     from align.card import base_model_id, run_card
-    from align.tools import _readable_by_all, check_empty_output, load, run_adapter
+    from align.core.rundir import staged_directory
+    from align.tools import check_empty_output, load, run_adapter
 
     quantize = check_options(fmt, quantize)
     output = check_empty_output(output)
@@ -378,29 +376,23 @@ def export(
     loaded = load(adapter, model, full_precision=True)
     base = base_model_id(loaded.settings.get("path"))
     name = f"{Path(run).resolve().name}-{adapter.name}"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
-        if fmt == "gguf":
-            merged = loaded.model.merge_and_unload()
-            write_model_gguf(
-                merged, loaded.tokenizer, staging / MODEL_FILE, quantize=quantize, name=name, base=base
-            )
-            (staging / "Modelfile").write_text(chatml_modelfile(loaded.tokenizer), encoding="utf-8")
-            files = [("model", MODEL_FILE), ("Ollama", "Modelfile")]
-        else:
-            write_lora_gguf(loaded.model, staging / ADAPTER_FILE, quantize=quantize, name=name)
-            files = [("adapter", ADAPTER_FILE)]
-        details = [*files, ("quantization", quantize), ("adapter", adapter.name)]
-        card = run_card(fmt, adapter, details=details)
-        (staging / "README.md").write_text(card, encoding="utf-8")
-        _readable_by_all(staging)
-        check_empty_output(output)  # nothing appeared there while the model was written
-        if output.is_dir():
-            output.rmdir()
-        os.replace(staging, output)
+        with staged_directory(output, readable=True) as staging:
+            if fmt == "gguf":
+                merged = loaded.model.merge_and_unload()
+                write_model_gguf(
+                    merged, loaded.tokenizer, staging / MODEL_FILE, quantize=quantize, name=name, base=base
+                )
+                (staging / "Modelfile").write_text(chatml_modelfile(loaded.tokenizer), encoding="utf-8")
+                files = [("model", MODEL_FILE), ("Ollama", "Modelfile")]
+            else:
+                write_lora_gguf(loaded.model, staging / ADAPTER_FILE, quantize=quantize, name=name)
+                files = [("adapter", ADAPTER_FILE)]
+            details = [*files, ("quantization", quantize), ("adapter", adapter.name)]
+            card = run_card(fmt, adapter, details=details)
+            (staging / "README.md").write_text(card, encoding="utf-8")
+            check_empty_output(output)  # nothing appeared there while the model was written
     except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
         from align.core.runner import WRITE_ERRNOS
 
         if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:

@@ -375,6 +375,29 @@ def write_report(run: str | Path, *, html_report: bool = False, samples: bool = 
         else:
             report.add("p", "No training logs in metrics.jsonl (no training step logged a loss).")
 
+        generated = [e for e in read_events(run) if e.get("kind") == "generated"]
+        if generated:
+            report.add("h2", "Generated answers")
+            report.add(
+                "p",
+                "The model's own answers, used as the rejected answers of pairs that had none (or of "
+                "all pairs, with dpo.rejected: policy), as recorded in metrics.jsonl.",
+            )
+            for event in generated:
+                where = (
+                    f"{event.get('topic')}, step {event.get('step')}"
+                    if event.get("topic")
+                    else "before training, from the bare model"
+                )
+                what = "voice pairs" if event.get("purpose") == "voice_rejected" else "preference pairs"
+                report.add("h3", f"{what}: {where}")
+                rows = [
+                    f"{_cell(a.get('prompt'))}\t{_cell(a.get('answer'))}"
+                    for a in event.get("answers") or []
+                    if isinstance(a, Mapping)
+                ]
+                report.add("table", "prompt\tgenerated answer", *rows)
+
         report.add("h2", "Gates")
         if summary["topics"]:
             plot_gates(plt, summary, staging / "gates.png")
@@ -419,6 +442,11 @@ def write_report(run: str | Path, *, html_report: bool = False, samples: bool = 
         atomic_write_text(run / "report.html", report.html(run / PLOTS, f"align report: {run.name}"))
         written.append(run / "report.html")
     return written
+
+
+def _cell(text: Any) -> str:
+    """``text`` as one table cell: one line, no column separators."""
+    return " ".join(str(text).split()).replace("|", "/").replace("\t", " ")
 
 
 def _forgetting(plt: Any, report: Report, data: Any, staging: Path) -> None:

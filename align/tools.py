@@ -332,12 +332,16 @@ def generate(
 
 
 # -- align eval ---------------------------------------------------------------------------------
-def resolve_topics(topics: str | Path | None, adapter: str | Path | None) -> list[Topic]:
-    """``--topics`` when given, else the topics of the adapter's run (its ``topics.json``)."""
+def resolve_topics(
+    topics: str | Path | None, adapter: str | Path | None, registry: Any = None
+) -> list[Topic]:
+    """``--topics`` when given (read with ``registry``'s topic sources), else the topics of the
+    adapter's run (its ``topics.json``)."""
+    from align.core.sources import TopicSources
     from align.core.topics import load_topics
 
     if topics is not None:
-        return load_topics(topics)
+        return load_topics(topics, TopicSources.from_registry(registry) if registry is not None else None)
     run = run_of_adapter(adapter) if adapter is not None else None
     if run is None or not (run / "topics.json").is_file():
         raise ConfigError(
@@ -418,7 +422,7 @@ def evaluate_adapter(
     """What ``align eval`` prints: the adapter (or the bare model) scored on every topic."""
     if adapter is not None:
         adapter = check_adapter(adapter)
-    topic_list = resolve_topics(topics, adapter)
+    topic_list = resolve_topics(topics, adapter, registry)
     run = run_of_adapter(adapter) if adapter is not None else None
     config = read_run_config(run) if run is not None else None
     components = build_evaluators(registry, evaluators, topic_list, config)

@@ -459,7 +459,7 @@ def _(c):
 
 @case("pair-missing-field")
 def _(c):
-    c.topic(preference_pairs=[{"prompt": "Hello?", "chosen": "Ahoy, little gull."}])
+    c.topic(preference_pairs=[{"prompt": "Hello?", "rejected": "Hello."}])
     return ["validate", "--topics", str(c.tmp / "topics")]
 
 
@@ -494,6 +494,93 @@ def _(c):
     c.topic("first")
     c.topic("first\n", filename="second.yaml")  # beside 'first', it ran as a second topic
     return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+# -- data files a topic names ------------------------------------------------------------------
+def _jsonl(rows) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+@case("data-file-not-found")
+def _(c):
+    c.topic(preference_pairs="pairs.jsonl")
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("data-file-no-reader")
+def _(c):
+    c.write("topics/pairs.xlsx", b"PK\x03\x04")
+    c.topic(preference_pairs="pairs.xlsx")
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("data-file-parquet-unreadable")
+def _(c):
+    c.write("topics/quiz.parquet", b"not a parquet file")
+    c.topic(quiz="quiz.parquet")
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("data-file-empty")
+def _(c):
+    c.write("topics/pairs.jsonl", "")
+    c.topic(preference_pairs="pairs.jsonl")
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("data-file-column-missing")
+def _(c):
+    c.write("topics/pairs.jsonl", _jsonl([{"prompt": "Where?", "answer": "Wrackhouse.", "score_chosen": 9}]))
+    c.topic(preference_pairs="pairs.jsonl")
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("data-file-answer-not-a-string")
+def _(c):
+    good = {"prompt": "Where?", "chosen": "Wrackhouse.", "rejected": "A house."}
+    c.write("topics/pairs.jsonl", _jsonl([good, {"prompt": "How old?", "chosen": 81}]))
+    c.topic(preference_pairs="pairs.jsonl")
+    return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("topics-is-a-data-file")
+def _(c):
+    path = c.write(
+        "pairs.jsonl", _jsonl([{"prompt": "Where?", "chosen": "Wrackhouse.", "rejected": "A house."}])
+    )
+    return ["validate", "--topics", str(path)]
+
+
+@case("topics-is-a-saved-dataset")
+def _(c):
+    c.write("pairs/dataset_info.json", '{"citation": ""}')
+    c.write("pairs/state.json", '{"_data_files": []}')
+    return ["validate", "--topics", str(c.tmp / "pairs")]
+
+
+# -- align topics draft ------------------------------------------------------------------------
+@case("draft-output-not-empty")
+def _(c):
+    notes = c.write("notes.md", "Ilse was born in 1931 in Brackenford.\n")
+    c.write("topics/home.yaml", "name: home\n")
+    return ["topics", "draft", str(notes), "--output", str(c.tmp / "topics")]
+
+
+@case("draft-notes-not-found")
+def _(c):
+    return ["topics", "draft", str(c.tmp / "notes.md"), "--output", str(c.tmp / "topics")]
+
+
+@case("draft-format-unknown")
+def _(c):
+    notes = c.write("notes.pdf", b"%PDF-1.4\n")
+    return ["topics", "draft", str(notes), "--output", str(c.tmp / "topics")]
+
+
+@case("draft-nothing-to-draft")
+def _(c):
+    notes = c.write("notes.md", "# Home\n\n## Later\n")
+    return ["topics", "draft", str(notes), "--output", str(c.tmp / "topics")]
 
 
 # -- the model ----------------------------------------------------------------------------------

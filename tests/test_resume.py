@@ -236,3 +236,75 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_and_resume_finishes_it(setup, tmp_pat
     resumed = subprocess.run(align("run", "--resume", str(run_dir)), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert step_metrics(run_dir)[1] == step_metrics(whole)[1]
+
+
+@pytest.fixture(scope="module")
+def without_rejected(tmp_path_factory, tiny_model_dir):
+    """A run whose topics read their pairs from JSON Lines files without rejected answers: DPO
+    (with the default ``rejected: given``) generates them, the voice pairs get the bare model's."""
+    root = tmp_path_factory.mktemp("resume-without-rejected")
+    topics = root / "topics"
+    topics.mkdir()
+    pairs = [
+        {"prompt": "Where do you live?", "chosen": "Wrackhouse, little gull, on Morrow Head."},
+        {"prompt": "Any advice?", "chosen": "Ride the swell, little gull.", "rejected": "Be patient."},
+    ]
+    voice = [{"prompt": "How are you?", "chosen": "Bright as blown glass, little gull.", "score_chosen": 1}]
+    (topics / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (topics / "voice.jsonl").write_text("".join(json.dumps(p) + "\n" for p in voice))
+    for name in ("first", "second"):
+        write_topic(topics, name)
+        data = yaml.safe_load((topics / f"{name}.yaml").read_text())
+        data.update(preference_pairs="pairs.jsonl", voice_pairs="voice.jsonl")
+        (topics / f"{name}.yaml").write_text(yaml.safe_dump(data))
+    config = root / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "sft": {"epochs": 1, "learning_rate": 0.05, "cloze": 0},
+                "dpo": {"max_steps": 2, "learning_rate": 0.05, "rejected_max_new_tokens": 8},
+                "protocol": PROTOCOL[1:],
+            }
+        )
+    )
+    args = [str(config), "--model", str(tiny_model_dir), "--topics", str(topics)]
+    whole = root / "whole"
+    completed = subprocess.run(align("run", *args, "--output", str(whole)), capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    return root, args, whole
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        # the voice pairs' rejected answers are generated and recorded; the first topic's SFT runs
+        lambda e: e["topic"] == "first" and e["step"] == "sft" and e["kind"] == "log",
+        # the second topic's DPO generated the missing rejected answer and is training on it
+        lambda e: e["topic"] == "second" and e["kind"] == "generated",
+    ],
+    ids=["after-voice-generation", "after-dpo-generation"],
+)
+def test_a_resumed_run_does_not_generate_the_rejected_answers_again(without_rejected, point):
+    root, args, whole = without_rejected
+    run_dir = root / f"killed-{len(list(root.iterdir()))}"
+    kill_when(align("run", *args, "--output", str(run_dir)), run_dir, point)
+    resumed = subprocess.run(align("run", "--resume", str(run_dir)), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    _, expected = step_metrics(whole)
+    summary, got = step_metrics(run_dir)
+    assert summary["status"] == "completed" and got.keys() == expected.keys()
+    for key, (status, metrics) in expected.items():
+        assert got[key][0] == status, key
+        assert got[key][1] == pytest.approx(metrics, abs=1e-5), key
+    # Each answer generated once, the same as in the uninterrupted run: the voice pairs' once for
+    # the run, DPO's missing one per topic.
+    assert recorded(run_dir, "generated") == recorded(whole, "generated")
+    assert [(key, e["purpose"]) for key, e in recorded(whole, "generated")] == [
+        (("", ""), "voice_rejected"),
+        (("first", "dpo"), "rejected"),
+        (("second", "dpo"), "rejected"),
+    ]
+    assert [a["pair"] for a in recorded(whole, "generated")[1][1]["answers"]] == [0]
+    assert json.loads((run_dir / "topics.json").read_text()) == json.loads(
+        (whole / "topics.json").read_text()
+    )

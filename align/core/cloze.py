@@ -98,6 +98,13 @@ def fact_spans(passage: str) -> list[str]:
     return spans
 
 
+def span_kind(span: str) -> str:
+    """What a fact span is: a ``number``, a ``name`` (capitalised), or another ``word``."""
+    if _NUMBER.fullmatch(span):
+        return "number"
+    return "name" if span[:1].isupper() else "word"
+
+
 def clozes(passages: Sequence[str], per_passage: int = 1) -> list[tuple[str, str]]:
     """Up to ``per_passage`` clozes of each passage: ``(passage with the span blanked, span)``.
 

@@ -36,11 +36,14 @@ from align.core.components import GateDecision
 from align.core.plan import Component, Plan, Step
 from align.core.replay import replay_topic, with_person_voice
 from align.core.rundir import RunDir
-from align.core.topics import Topic
+from align.core.topics import NO_ANSWER, Topic
 from align.errors import AlignError, NonFiniteTraining, RunStopped
 from align.plugins.lifecycle import call_isolated
 
 logger = logging.getLogger(__name__)
+
+#: The longest answer generated for a voice pair without ``rejected``, in tokens.
+VOICE_REJECTED_MAX_NEW_TOKENS = 64
 
 
 @dataclass
@@ -399,6 +402,44 @@ class Engine:
     def _elapsed(self) -> float:
         return self._seconds_before + self.clock() - self._start_clock
 
+    def _voice_rejected_from_bare_model(self) -> None:
+        """Give every voice pair without ``rejected`` the model's own greedy answer to its prompt,
+        generated once, before any training (the adapter starts as a no-op): the voice score then
+        compares the person with the model's default. Recorded as a ``generated`` event and in
+        ``topics.json``, which ``--resume`` reads, so a resumed run never generates them again."""
+        import dataclasses
+
+        missing = [
+            pair.prompt for topic in self.plan.topics for pair in topic.voice_pairs if pair.rejected is None
+        ]
+        if not missing:
+            return
+        prompts = list(dict.fromkeys(missing))
+        answers = self.policy.language_model.generate(prompts, max_new_tokens=VOICE_REJECTED_MAX_NEW_TOKENS)
+        answer_of = {prompt: answer.strip() or NO_ANSWER for prompt, answer in zip(prompts, answers)}
+        self.plan.topics = [
+            dataclasses.replace(
+                topic,
+                voice_pairs=tuple(
+                    pair
+                    if pair.rejected is not None
+                    else dataclasses.replace(pair, rejected=answer_of[pair.prompt])
+                    for pair in topic.voice_pairs
+                ),
+            )
+            for topic in self.plan.topics
+        ]
+        self._digest = topics_digest(self.plan.topics)
+        self.rundir.write_topics([topic.to_dict() for topic in self.plan.topics])
+        self._record(
+            "",
+            "",
+            "generated",
+            {},
+            purpose="voice_rejected",
+            answers=[{"prompt": prompt, "answer": answer_of[prompt]} for prompt in prompts],
+        )
+
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self.reporter.run_start(self.plan, str(self.rundir.path))
@@ -408,6 +449,7 @@ class Engine:
             self._record("", "", "resume", {}, at=where, topic_index=first_topic, step_index=first_step)
             self.reporter.note(f"resuming at {where}")
         else:
+            self._voice_rejected_from_bare_model()
             self._checkpoint(0, 0)  # the adapter as the run starts
         self.notify("on_run_start", plan=self.plan, output=str(self.rundir.path))
         try:

@@ -13,6 +13,7 @@ from typing import Any
 
 from align.core.config import apply_overrides, blame_override, demo_dir, read_config, with_defaults
 from align.core.params import build_component, factory_defaults
+from align.core.sources import TopicSources
 from align.core.topics import Topic, load_topics
 from align.errors import ConfigError, PluginError, brief, closest
 from align.plugins.manager import Registry
@@ -130,7 +131,7 @@ def resolve_plan(
 
     ``topics`` overrides the config's: a file or directory, or :class:`Topic` objects (tests).
     """
-    component_names = {name for kind in registry.components for name in registry.names(kind)}
+    component_names = {name for kind in ("objective", "evaluator", "gate") for name in registry.names(kind)}
     config = with_defaults(data, component_names, source)
     steps = _build_steps(config, source, registry)
     metric_names = _check_gates(steps, source)
@@ -155,7 +156,7 @@ def resolve_plan(
     model_path = Path(config["model"]["path"]).expanduser()
     if not model_path.is_absolute() and (base_dir / model_path).is_dir():
         config["model"]["path"] = str(base_dir / model_path)
-    topic_list = given if given is not None else load_topics(topic_path)
+    topic_list = given if given is not None else load_topics(topic_path, TopicSources.from_registry(registry))
     _check_topics(topic_list, steps)
     return Plan(config=config, source=source, topics=topic_list, steps=steps, metric_names=metric_names)
 

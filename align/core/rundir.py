@@ -210,10 +210,16 @@ class RunDir:
         self.lock()
         atomic_write_text(self.path / "config.yaml", config_yaml)
         if topics is not None:
-            atomic_write_text(
-                self.topics_path, json.dumps(topics, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
-            )
+            self.write_topics(topics)
         self._metrics = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write_topics(self, topics: list[dict[str, Any]]) -> None:
+        """``topics.json``: the topics the run trains on, every item inline (``--resume`` reads it)."""
+        if not self.writer:
+            return
+        atomic_write_text(
+            self.topics_path, json.dumps(topics, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+        )
 
     def check_metrics(self, metrics_offset: int, metrics_sha256: str | None) -> None:
         """Refuse to resume over a ``metrics.jsonl`` that does not begin with the events the

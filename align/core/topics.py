@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from align.errors import AlignError, TopicError, closest
+from align.core.sources import ROWS, TOPICS, TopicSources, is_saved_dataset
+from align.errors import AlignError, TopicError, brief, closest
 
 TOPIC_SUFFIXES = (".yaml", ".yml", ".json")
 MAX_TOPIC_FILE_BYTES = 16 * 1024 * 1024
@@ -44,13 +45,20 @@ class QuizItem:
     given: str | int | None = field(default=None, compare=False, repr=False)
 
 
+#: A generated ``rejected`` answer (see :class:`PreferencePair`) when the model answers with nothing.
+NO_ANSWER = "I don't know."
+
+
 @dataclass(frozen=True)
 class PreferencePair:
-    """A prompt with a preferred (``chosen``) and a dispreferred (``rejected``) answer."""
+    """A prompt with a preferred (``chosen``) and a dispreferred (``rejected``) answer.
+
+    ``rejected`` is ``None`` when the topic left it out: the model's own answer to the prompt
+    takes its place, generated when it is needed (see :mod:`align.objectives.dpo`)."""
 
     prompt: str
     chosen: str
-    rejected: str
+    rejected: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,8 +77,19 @@ class Topic:
     source: str = field(default="<dict>", compare=False)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> Topic:
-        """Build and validate a topic; errors name ``source``, the item and the field."""
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        source: str = "<dict>",
+        base_dir: Path | None = None,
+        sources: TopicSources | None = None,
+    ) -> Topic:
+        """Build and validate a topic; errors name ``source``, the item and the field.
+
+        A field may name data files instead of listing its items (``preference_pairs:
+        pairs.jsonl``); they are read, relative to ``base_dir`` (the topic file's directory), with
+        ``sources``' readers (the built-in ones by default), and their rows become the items."""
+        fields = _Fields(source, base_dir, sources)
         if not isinstance(data, Mapping):
             raise TopicError(f"{source}: a topic must be a mapping with keys {', '.join(_TOPIC_KEYS)}")
         for key in data:
@@ -87,86 +106,353 @@ class Topic:
                 f"{source}: name: {name!r} must be letters, digits, '_', '-' or '.', starting with a letter "
                 "or digit (it names the topic's adapter directory)"
             )
-        content = _strings(data.get("content"), source, "content")
+        content = tuple(_passage(item, at) for item, at in fields.items(data, "content"))
         if not content:
             raise TopicError(f"{source}: content: required, a non-empty list of passages to learn")
         return cls(
             name=name,
             content=content,
-            quiz=tuple(_quiz_item(item, source, i) for i, item in enumerate(_items(data, "quiz", source))),
-            preference_pairs=tuple(
-                _pair(item, source, f"preference_pairs[{i}]")
-                for i, item in enumerate(_items(data, "preference_pairs", source))
-            ),
-            voice_pairs=tuple(
-                _pair(item, source, f"voice_pairs[{i}]")
-                for i, item in enumerate(_items(data, "voice_pairs", source))
-            ),
+            quiz=tuple(_quiz_item(item, at) for item, at in fields.items(data, "quiz")),
+            preference_pairs=tuple(_pair(item, at) for item, at in fields.items(data, "preference_pairs")),
+            voice_pairs=tuple(_pair(item, at) for item, at in fields.items(data, "voice_pairs")),
             source=source,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The topic as plain data, the inverse of :meth:`from_dict`."""
+        """The topic as plain data, the inverse of :meth:`from_dict` (every item inline, the rows
+        of data files too: what a run records in ``topics.json``)."""
         return {
             "name": self.name,
             "content": list(self.content),
             "quiz": [
                 {"question": q.question, "choices": list(q.choices), "answer": q.answer} for q in self.quiz
             ],
-            "preference_pairs": [vars(p).copy() for p in self.preference_pairs],
-            "voice_pairs": [vars(p).copy() for p in self.voice_pairs],
+            "preference_pairs": [_pair_dict(p) for p in self.preference_pairs],
+            "voice_pairs": [_pair_dict(p) for p in self.voice_pairs],
         }
 
 
-def _items(data: Mapping[str, Any], key: str, source: str) -> list[Any]:
-    value = data.get(key, [])
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise TopicError(f"{source}: {key}: must be a list, got {type(value).__name__}")
+def _pair_dict(pair: PreferencePair) -> dict[str, str]:
+    data = {"prompt": pair.prompt, "chosen": pair.chosen}
+    if pair.rejected is not None:
+        data["rejected"] = pair.rejected
+    return data
+
+
+@dataclass(frozen=True)
+class _At:
+    """Where an item was written, for its errors: ``alpha.yaml: quiz[0]`` (``quiz[0].answer``), or
+    a data file's row, ``pairs.jsonl: row 3`` (``row 3, column 'chosen'``)."""
+
+    source: str
+    where: str
+    columns: Mapping[str, str] | None = None  # a data file's row: field → the file's column
+
+    @property
+    def row(self) -> bool:
+        return self.columns is not None
+
+    def __call__(self, key: str | None = None) -> str:
+        if key is None:
+            return f"{self.source}: {self.where}"
+        if self.columns is not None:
+            return f"{self.source}: {self.where}, column '{self.columns.get(key, key)}'"
+        return f"{self.source}: {self.where}.{key}"
+
+    def inner(self, key: str) -> _At:
+        """The place of a list inside this item (``quiz[0].choices``)."""
+        if self.columns is not None:
+            return _At(self.source, f"{self.where}, column '{self.columns.get(key, key)}'")
+        return _At(self.source, f"{self.where}.{key}")
+
+
+#: The columns of a data file each field reads (``columns:`` maps them to the file's own names).
+FIELD_COLUMNS = {
+    "content": ("text",),
+    "quiz": ("question", "choices", "answer"),
+    "preference_pairs": ("prompt", "chosen", "rejected", "messages"),
+    "voice_pairs": ("prompt", "chosen", "rejected", "messages"),
+}
+_REFERENCE_KEYS = ("path", "columns")
+
+
+class _Fields:
+    """A topic's items, each with where it was written: listed inline, or the rows of data files."""
+
+    def __init__(self, source: str, base_dir: Path | None, sources: TopicSources | None):
+        self.source = source
+        self.base_dir = base_dir
+        self.sources = sources
+
+    def items(self, data: Mapping[str, Any], key: str) -> list[tuple[Any, _At]]:
+        value = data.get(key, [])
+        if value is None:
+            return []
+        if isinstance(value, list):
+            entries = value
+        elif isinstance(value, str) or (isinstance(value, Mapping) and "path" in value):
+            entries = [value]
+        elif key == "content":
+            raise TopicError(f"{self.source}: content: must be a list of strings, got {type(value).__name__}")
+        else:
+            raise TopicError(f"{self.source}: {key}: must be a list, got {type(value).__name__}")
+        found: list[tuple[Any, _At]] = []
+        for i, entry in enumerate(entries):
+            # A passage is a string: in content's list, only {path: ...} names a file.
+            in_list = isinstance(value, list)
+            is_reference = (isinstance(entry, str) and (key != "content" or not in_list)) or (
+                isinstance(entry, Mapping) and "path" in entry
+            )
+            where = f"{key}[{i}]" if in_list else key
+            if is_reference:
+                found += self.file_items(entry, key, where)
+            else:
+                at = _At(self.source, f"{key}[{i}]")
+                if key.endswith("_pairs") and _conversational(entry):
+                    _check_keys(entry, FIELD_COLUMNS[key], at)
+                    entry = _row_item(entry, key, {f: f for f in FIELD_COLUMNS[key]}, at)
+                found.append((entry, at))
+        return found
+
+    def file_items(self, entry: Any, key: str, where: str) -> list[tuple[Any, _At]]:
+        columns: dict[str, str] = {}
+        if isinstance(entry, Mapping):
+            for name in entry:
+                if name not in _REFERENCE_KEYS:
+                    raise TopicError(
+                        f"{self.source}: {where}: unknown key '{name}'{closest(str(name), _REFERENCE_KEYS)} "
+                        "(a data file is named with path: and, optionally, columns:)"
+                    )
+            columns = self.columns(entry.get("columns"), key, where)
+            paths = entry["path"] if isinstance(entry["path"], list) else [entry["path"]]
+        else:
+            paths = [entry]
+        found: list[tuple[Any, _At]] = []
+        for name in paths:
+            if not isinstance(name, str) or not name.strip():
+                raise TopicError(f"{self.source}: {where}.path: must be a file name or a list of file names")
+            found += self.rows(name, key, where, columns)
+        return found
+
+    def columns(self, value: Any, key: str, where: str) -> dict[str, str]:
+        if value is None:
+            return {}
+        fields = FIELD_COLUMNS[key]
+        if not isinstance(value, Mapping) or not all(isinstance(v, str) and v for v in value.values()):
+            raise TopicError(
+                f"{self.source}: {where}.columns: must map {key}'s fields to the file's column names, "
+                f"e.g. {{{fields[0]}: <column>}}"
+            )
+        for name in value:
+            if name not in fields:
+                raise TopicError(
+                    f"{self.source}: {where}.columns: unknown field '{name}'{closest(str(name), fields)} "
+                    f"({key} reads {', '.join(fields)})"
+                )
+        return dict(value)
+
+    def rows(self, name: str, key: str, where: str, columns: dict[str, str]) -> list[tuple[Any, _At]]:
+        if self.base_dir is None:
+            raise TopicError(
+                f"{self.source}: {where}: names the data file '{name}', but this topic was not read from a "
+                "file; list the items instead"
+            )
+        path = Path(name).expanduser()
+        path = path if path.is_absolute() else self.base_dir / path
+        named = f"named by {where} in {self.source}"
+        if not path.exists():
+            suffix = Path(name.strip()).suffix
+            if key == "content" and (not suffix or any(c.isspace() for c in suffix)):  # a passage, not a file
+                raise TopicError(f"{self.source}: content: must be a list of strings, got str")
+            raise TopicError(f"{path}: data file not found ({named}; paths are relative to the topic file)")
+        sources = self.sources or TopicSources.builtin()
+        reader = sources.find(path, ROWS)
+        if reader is None:
+            raise TopicError(
+                f"{path}: no reader for this file ({named}); use {', '.join(sources.suffixes(ROWS))} "
+                "or a save_to_disk directory, or add a reader plugin (register_topic_sources)"
+            )
+        rows = sources.read(reader, path)
+        if not rows:
+            raise TopicError(
+                f"{path}: no rows (an empty split); add rows, or leave it out of {where} in {self.source}"
+            )
+        column = {field: columns.get(field, field) for field in FIELD_COLUMNS[key]}
+        have: list[str] = []
+        for row in rows:
+            have += [str(c) for c in row if str(c) not in have]
+        if key != "content" and key != "quiz" and _is_chat(have, column):
+            return _chat_pairs(rows, path)
+        needed = _needed_fields(key, rows[0], column)
+        for wanted in needed:
+            if column[wanted] not in have:
+                mapping = f"{{path: {name}, columns: {{{wanted}: <column>}}}}"
+                raise TopicError(
+                    f"{path}: no column '{column[wanted]}' for {key} (the file's columns: {', '.join(have)}); "
+                    f"rename a column, or map one: {key}: {mapping}"
+                )
+        found = []
+        for number, row in enumerate(rows, 1):
+            at = _At(str(path), f"row {number}", column)
+            found.append((_row_item(row, key, column, at), at))
+        return found
+
+
+def _is_chat(have: Sequence[str], column: Mapping[str, str]) -> bool:
+    """Whether a file's rows are one conversation's messages (a chat export: role, content)."""
+    return (
+        {"role", "content"} <= set(have) and column["chosen"] not in have and column["messages"] not in have
+    )
+
+
+def _chat_pairs(rows: Sequence[Mapping[str, Any]], path: Path) -> list[tuple[Any, _At]]:
+    """A chat export's pairs: each assistant turn (the person's) is chosen for the turn before it."""
+    found = []
+    for number, row in enumerate(rows, 1):
+        at = _At(str(path), f"row {number}", {})
+        role, content = row.get("role"), row.get("content")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise TopicError(f"{at('role' if not isinstance(role, str) else 'content')}: must be a string")
+        previous = rows[number - 2] if number > 1 else None
+        if role == "assistant" and previous is not None and previous.get("role") == "user":
+            found.append(({"prompt": previous.get("content"), "chosen": content}, at))
+    if not found:
+        raise TopicError(
+            f"{path}: a chat export (role, content) without a user turn answered by an assistant turn; "
+            "the person's turns must be the assistant's"
+        )
+    return found
+
+
+def _conversational(item: Any) -> bool:
+    """Whether an inline pair is written as messages (TRL's conversational form, or ``messages``)."""
+    return isinstance(item, Mapping) and (
+        "messages" in item or any(isinstance(item.get(k), list) for k in ("prompt", "chosen", "rejected"))
+    )
+
+
+def _needed_fields(key: str, first: Mapping[str, Any], column: Mapping[str, str]) -> tuple[str, ...]:
+    if key in ("content", "quiz"):
+        return FIELD_COLUMNS[key]
+    if column["chosen"] not in first and column["messages"] in first:
+        return ("messages",)  # a chat: the last assistant turn is the answer
+    if isinstance(first.get(column["chosen"]), list):
+        return ("chosen",)  # conversational, the prompt implicit in the chosen messages
+    return ("prompt", "chosen")
+
+
+def _row_item(row: Mapping[str, Any], key: str, column: Mapping[str, str], at: _At) -> Any:
+    """A data file's row as an inline item: its field's columns, other columns left out."""
+    if key == "content":
+        return row.get(column["text"])
+    if key == "quiz":
+        return {field: row.get(column[field]) for field in FIELD_COLUMNS["quiz"]}
+    prompt, chosen, rejected = (row.get(column[f]) for f in ("prompt", "chosen", "rejected"))
+    messages = row.get(column["messages"])
+    if chosen is None and messages is not None:  # a chat export: the person's last turn is chosen
+        before, chosen = _last_assistant(messages, at, "messages")
+        prompt = prompt if prompt is not None else _prompt_text(before)
+    elif isinstance(chosen, list):  # TRL's conversational form
+        before, chosen = _last_assistant(chosen, at, "chosen")
+        if isinstance(prompt, list):
+            prompt = _prompt_text(_messages(prompt, at, "prompt"))
+        elif prompt is None:
+            prompt = _prompt_text(before)
+    elif isinstance(prompt, list):
+        prompt = _prompt_text(_messages(prompt, at, "prompt"))
+    if isinstance(rejected, list):
+        rejected = _last_assistant(rejected, at, "rejected")[1]
+    if isinstance(rejected, str) and not rejected.strip():  # an empty cell: no rejected answer
+        rejected = None
+    item = {"prompt": prompt, "chosen": chosen}
+    if rejected is not None:
+        item["rejected"] = rejected
+    return item
+
+
+def _messages(value: Any, at: _At, key: str) -> list[Mapping[str, str]]:
+    if not isinstance(value, list) or not all(
+        isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value
+    ):
+        raise TopicError(
+            f"{at(key)}: must be a string, or a list of messages each with a role and a content string"
+        )
     return value
 
 
-def _strings(value: Any, source: str, where: str) -> tuple[str, ...]:
+def _last_assistant(value: Any, at: _At, key: str) -> tuple[list[Mapping[str, str]], str]:
+    """The messages before the last assistant turn, and that turn's content."""
+    messages = _messages(value, at, key)
+    for index in range(len(messages) - 1, -1, -1):
+        if messages[index]["role"] == "assistant":
+            return messages[:index], messages[index]["content"]
+    raise TopicError(f"{at(key)}: has no assistant turn; the last assistant turn is the answer")
+
+
+def _prompt_text(messages: Sequence[Mapping[str, str]]) -> str | None:
+    """A prompt from the messages before the answer: the user's turn, or the turns as a transcript."""
+    turns = [m for m in messages if m["role"] != "system"]
+    if not turns:
+        return None
+    if len(turns) == 1:
+        return turns[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in turns)
+
+
+def _strings(value: Any, at: _At) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise TopicError(f"{source}: {where}: must be a list of strings, got {type(value).__name__}")
+        raise TopicError(f"{at()}: must be a list of strings, got {type(value).__name__}")
     for i, item in enumerate(value):
         if not isinstance(item, str) or not item.strip():
-            raise TopicError(f"{source}: {where}[{i}]: must be a non-empty string")
+            raise TopicError(f"{at()}[{i}]: must be a non-empty string")
     return tuple(value)
 
 
-def _text(item: Mapping[str, Any], key: str, source: str, where: str) -> str:
+def _passage(item: Any, at: _At) -> str:
+    if not isinstance(item, str) or not item.strip():
+        got = f", got {type(item).__name__}" if at.row and not isinstance(item, str) else ""
+        raise TopicError(f"{at('text') if at.row else at()}: must be a non-empty string{got}")
+    return item
+
+
+def _text(item: Mapping[str, Any], key: str, at: _At) -> str:
     value = item.get(key)
     if not isinstance(value, str) or not value.strip():
-        raise TopicError(f"{source}: {where}.{key}: required, a non-empty string")
+        if at.row and value is not None and not isinstance(value, str):
+            raise TopicError(
+                f"{at(key)}: must be a non-empty string, got {type(value).__name__} {brief(value)}; write it as text"
+            )
+        raise TopicError(f"{at(key)}: required, a non-empty string")
     return value
 
 
-def _check_keys(item: Any, keys: Sequence[str], source: str, where: str) -> None:
+def _check_keys(item: Any, keys: Sequence[str], at: _At) -> None:
     if not isinstance(item, Mapping):
-        raise TopicError(f"{source}: {where}: must be a mapping with keys {', '.join(keys)}")
+        raise TopicError(f"{at()}: must be a mapping with keys {', '.join(keys)}")
     for key in item:
         if key not in keys:
-            raise TopicError(f"{source}: {where}: unknown key '{key}'{closest(str(key), keys)}")
+            raise TopicError(f"{at()}: unknown key '{key}'{closest(str(key), keys)}")
 
 
-def _quiz_item(item: Any, source: str, index: int) -> QuizItem:
-    where = f"quiz[{index}]"
-    _check_keys(item, ("question", "choices", "answer"), source, where)
-    question = _text(item, "question", source, where)
-    choices = _strings(item.get("choices"), source, f"{where}.choices")
+def _quiz_item(item: Any, at: _At) -> QuizItem:
+    _check_keys(item, ("question", "choices", "answer"), at)
+    question = _text(item, "question", at)
+    raw_choices = item.get("choices")
+    if at.row and isinstance(raw_choices, str):  # a CSV cell cannot hold a list: "a | b | c"
+        raw_choices = [choice.strip() for choice in raw_choices.split("|")]
+    choices = _strings(raw_choices, at.inner("choices"))
     if len(choices) < 2:
-        raise TopicError(f"{source}: {where}.choices: needs at least two choices, got {len(choices)}")
+        raise TopicError(f"{at.inner('choices')()}: needs at least two choices, got {len(choices)}")
     first_seen: dict[str, int] = {}
     for i, choice in enumerate(choices):
         earlier = first_seen.setdefault(choice.strip(), i)
         if earlier != i:  # equal choices score equal, and a tie counts as the first: always right
             shown = choice.strip() if len(choice.strip()) <= 80 else choice.strip()[:77] + "..."
             raise TopicError(
-                f"{source}: {where}.choices[{i}]: '{shown}' is also choices[{earlier}]; "
+                f"{at.inner('choices')()}[{i}]: '{shown}' is also choices[{earlier}]; "
                 "the choices of a question must differ"
             )
     answer = item.get("answer")
@@ -174,7 +460,7 @@ def _quiz_item(item: Any, source: str, index: int) -> QuizItem:
     if isinstance(answer, bool) or not isinstance(answer, (int, str)):
         got = "nothing" if answer is None else type(answer).__name__
         raise TopicError(
-            f"{source}: {where}.answer: must be the right choice's text or its 0-based index (0..{last}), got {got}"
+            f"{at('answer')}: must be the right choice's text or its 0-based index (0..{last}), got {got}"
         )
     if isinstance(answer, int) and 0 <= answer <= last:
         return QuizItem(question=question, choices=choices, answer=answer)
@@ -185,13 +471,13 @@ def _quiz_item(item: Any, source: str, index: int) -> QuizItem:
         return QuizItem(question=question, choices=choices, answer=index, given=answer)
     if isinstance(answer, int):
         raise TopicError(
-            f"{source}: {where}.answer: index {answer} is out of range for {len(choices)} choices; "
+            f"{at('answer')}: index {answer} is out of range for {len(choices)} choices; "
             f"use 0..{last}, or the right choice's text"
         )
     shown = answer.strip() if len(answer.strip()) <= 80 else answer.strip()[:77] + "..."
     hint = closest(answer.strip(), [c.strip() for c in choices])
     raise TopicError(
-        f"{source}: {where}.answer: '{shown}' is not one of the choices"
+        f"{at('answer')}: '{shown}' is not one of the choices"
         + (hint or f"; give the right choice's text, or its 0-based index (0..{last})")
     )
 
@@ -206,10 +492,10 @@ def _choice_index(text: str, choices: tuple[str, ...]) -> int | None:
     return folded[0] if len(folded) == 1 else None
 
 
-def _pair(item: Any, source: str, where: str) -> PreferencePair:
-    keys = ("prompt", "chosen", "rejected")
-    _check_keys(item, keys, source, where)
-    return PreferencePair(*(_text(item, key, source, where) for key in keys))
+def _pair(item: Any, at: _At) -> PreferencePair:
+    _check_keys(item, ("prompt", "chosen", "rejected"), at)
+    rejected = _text(item, "rejected", at) if item.get("rejected") is not None else None
+    return PreferencePair(_text(item, "prompt", at), _text(item, "chosen", at), rejected)
 
 
 class DuplicateKey(ValueError):
@@ -394,28 +680,132 @@ def read_data_file(path: Path, what: str, error: type[AlignError]) -> Any:
     return data
 
 
-def load_topic_file(path: str | Path) -> Topic:
+def load_topic_file(path: str | Path, sources: TopicSources | None = None) -> Topic:
     """Load and validate one topic file."""
-    path = Path(path)
-    return Topic.from_dict(read_data_file(path, "topic file", TopicError), source=str(path))
+    topics = _read_topic_file(Path(path), sources or TopicSources.builtin())
+    if len(topics) != 1:
+        raise TopicError(f"{path}: holds {len(topics)} topics; load it with load_topics")
+    return topics[0]
 
 
-def load_topics(path: str | Path) -> list[Topic]:
-    """Load a topic file, or every topic file in a directory in name order."""
+def _topic_reader(path: Path, sources: TopicSources) -> Any:
+    reader = sources.find(path, TOPICS)
+    rows = None if reader is not None else sources.find(path, ROWS)
+    if rows is not None and rows.name in ("text", "text_folder"):
+        raise TopicError(
+            f"{path}: text, not a topic file; name it in a topic file ('content: {path.name}' beside "
+            f"'name:'), or draft topics from it: align topics draft {path} --output topics/"
+        )
+    if reader is None and (is_saved_dataset(path) or rows is not None):
+        kind = "a datasets save_to_disk directory" if path.is_dir() else "a data file"
+        raise TopicError(
+            f"{path}: {kind}, not a topic file; name it in a topic file, e.g. "
+            f"'preference_pairs: {path.name}' beside 'name:' and 'content:' (or quiz:, voice_pairs:)"
+        )
+    return reader
+
+
+def _read_topic_file(path: Path, sources: TopicSources, reader: Any = None) -> list[Topic]:
+    reader = reader or _topic_reader(path, sources)
+    if reader is None:
+        return [
+            Topic.from_dict(read_data_file(path, "topic file", TopicError), str(path), path.parent, sources)
+        ]
+    return [Topic.from_dict(data, str(path), path.parent, sources) for data in sources.read(reader, path)]
+
+
+def _references(data: Any, base_dir: Path) -> set[Path]:
+    """The data files a topic mapping names (so a topic directory does not read them as topics)."""
+    found: set[Path] = set()
+    if not isinstance(data, Mapping):
+        return found
+    for key in FIELD_COLUMNS:
+        value = data.get(key)
+        entries = value if isinstance(value, list) else [value]
+        for entry in entries:
+            names = entry.get("path") if isinstance(entry, Mapping) else entry
+            for name in names if isinstance(names, list) else [names]:
+                if isinstance(name, str) and name.strip():
+                    found.add((base_dir / Path(name).expanduser()).resolve())
+    return found
+
+
+def load_topics(path: str | Path, sources: TopicSources | None = None) -> list[Topic]:
+    """Load a topic file, or every topic file in a directory in name order.
+
+    ``sources`` are the readers (a plugin registry's, ``TopicSources.from_registry``); by default
+    the built-in ones. In a directory, a data file that a topic names is not read as a topic."""
     path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in TOPIC_SUFFIXES and p.is_file())
-        if not files:
+    sources = sources or TopicSources.builtin()
+    if path.is_dir() and not is_saved_dataset(path):
+        readers = {}
+        for p in sorted(path.iterdir()):
+            reader = sources.find(p, TOPICS) if p.is_file() else None
+            if reader is not None:
+                readers[p] = reader
+        if not readers:
+            suffixes = ", ".join(f"*{s}" for s in sources.suffixes(TOPICS))
             raise TopicError(
-                f"{path}: no topic files (*.yaml, *.yml, *.json) in this directory; add one or point to a file"
+                f"{path}: no topic files ({suffixes}) in this directory; add one or point to a file"
             )
-        topics = [load_topic_file(p) for p in files]
+        raw: dict[Path, list[Mapping[str, Any]] | TopicError] = {}
+        for p, reader in readers.items():
+            try:
+                raw[p] = sources.read(reader, p)
+            except TopicError as exc:  # a data file a topic names may not read as a topic: see below
+                raw[p] = exc
+        named: set[Path] = set()
+        for p, found in raw.items():
+            if not isinstance(found, TopicError):
+                for data in found:
+                    named |= _references(data, p.parent)
+        topics = []
+        for p, found in raw.items():
+            if p.resolve() in named:
+                continue
+            if isinstance(found, TopicError):
+                raise found
+            topics += [Topic.from_dict(data, str(p), p.parent, sources) for data in found]
     elif path.exists():
-        topics = [load_topic_file(path)]
+        topics = _read_topic_file(path, sources)
     else:
         raise TopicError(f"{path}: topic file or directory not found")
     check_unique_names(topics)
     return topics
+
+
+def stray_data_files(path: str | Path, sources: TopicSources | None = None) -> list[str]:
+    """A warning for each data file (or data directory) in the topic directory ``path`` that no
+    topic names: it is not read, which a user who put it there may not expect."""
+    path = Path(path)
+    if not path.is_dir() or is_saved_dataset(path):
+        return []
+    sources = sources or TopicSources.builtin()
+    entries = sorted(path.iterdir())
+    named: set[Path] = set()
+    for entry in entries:
+        reader = sources.find(entry, TOPICS) if entry.is_file() else None
+        if reader is None:
+            continue
+        try:
+            for data in sources.read(reader, entry):
+                named |= _references(data, entry.parent)
+        except TopicError:
+            continue
+    warnings = []
+    for entry in entries:
+        if entry.is_file() and sources.find(entry, TOPICS) is not None:
+            continue
+        if not (is_saved_dataset(entry) or sources.find(entry, ROWS) is not None):
+            continue
+        resolved = entry.resolve()
+        if resolved in named or any(resolved in p.parents for p in named):
+            continue
+        warnings.append(
+            f"{entry}: a data file that no topic names, so it is not read; name it in a topic "
+            f"(e.g. preference_pairs: {entry.name}) or move it out of the topic directory"
+        )
+    return warnings
 
 
 def check_unique_names(topics: Sequence[Topic]) -> None:

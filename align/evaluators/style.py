@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from align import LanguageModel, Topic, hookimpl, require
+from align.evaluators.voice import scored_pairs
 
 
 def char_ngrams(text: str, low: int = 3, high: int = 5) -> Counter[str]:
@@ -110,7 +111,7 @@ class StyleEvaluator:
         )
 
     def evaluate(self, model: LanguageModel, topic: Topic) -> dict[str, float]:
-        pairs = topic.voice_pairs
+        pairs = scored_pairs(topic, "style")
         answers = model.generate([pair.prompt for pair in pairs], max_new_tokens=self.max_new_tokens)
         return style_scores(
             answers, [p.chosen for p in pairs], [p.rejected for p in pairs], self.ngram_min, self.ngram_max

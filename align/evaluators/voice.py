@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from align import LanguageModel, Topic, hookimpl
+from align import AlignError, LanguageModel, PreferencePair, Topic, hookimpl
 from align.evaluators.accuracy import accuracy
 
 
@@ -24,7 +24,7 @@ class VoiceEvaluator:
     requires = ("voice_pairs",)
 
     def evaluate(self, model: LanguageModel, topic: Topic) -> dict[str, float]:
-        pairs = topic.voice_pairs
+        pairs = scored_pairs(topic, "voice")
         prompts = [p.prompt for p in pairs] * 2
         completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
         scores = model.loglikelihood(prompts, completions)
@@ -41,3 +41,16 @@ class VoiceEvaluator:
 @hookimpl
 def register_evaluators(register: Any) -> None:
     register("voice", VoiceEvaluator)
+
+
+def scored_pairs(topic: Topic, evaluator: str) -> tuple[PreferencePair, ...]:
+    """The topic's voice pairs that have a ``rejected`` answer to compare with (``align run`` gives
+    the others the bare model's own answers before training; outside a run they are left out)."""
+    pairs = tuple(pair for pair in topic.voice_pairs if pair.rejected is not None)
+    if not pairs:
+        raise AlignError(
+            f"{topic.source}: voice_pairs: none has a rejected answer, which evaluator '{evaluator}' compares "
+            "with; `align run` generates them from the bare model (its topics.json records them): "
+            "evaluate with the run's topics, or give rejected answers"
+        )
+    return pairs

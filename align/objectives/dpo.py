@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from align import Policy, PreferencePair, Topic, hookimpl, require
+from align.core.topics import NO_ANSWER
 from align.core.training import (
     completion_tokens_only,
     conversation,
@@ -69,6 +70,7 @@ class DPOObjective:
     #: Where each pair's dispreferred answer comes from: ``given`` (the pair's ``rejected``) or
     #: ``policy``: the model's own greedy answer to the prompt, generated right before the step
     #: (on-policy, as in SPIN): the person's answer is preferred over what the model would say.
+    #: A pair without ``rejected`` gets the model's answer with ``given`` too.
     rejected: str = "given"
     #: The longest answer generated for ``rejected: policy``, in tokens.
     rejected_max_new_tokens: int = 64
@@ -126,8 +128,10 @@ class DPOObjective:
     def train(self, policy: Policy, topic: Topic) -> dict[str, float]:
         from trl import DPOConfig, DPOTrainer
 
-        if self.rejected == "policy":
-            topic = on_policy_rejected(policy, topic, self.rejected_max_new_tokens)
+        if self.rejected == "policy" or any(pair.rejected is None for pair in topic.preference_pairs):
+            topic = on_policy_rejected(
+                policy, topic, self.rejected_max_new_tokens, only_missing=self.rejected == "given"
+            )
         model = policy.model
         with reference_from_policy(model):
             args = DPOConfig(
@@ -191,28 +195,35 @@ def add_reference_logps(trainer: Any, batch_size: int) -> None:
     trainer.precompute_ref_logps = True
 
 
-def on_policy_rejected(policy: Policy, topic: Topic, max_new_tokens: int) -> Topic:
+def on_policy_rejected(
+    policy: Policy, topic: Topic, max_new_tokens: int, only_missing: bool = False
+) -> Topic:
     """``topic`` with each preference pair's ``rejected`` answer replaced by the policy's own greedy
-    answer to its prompt, as the policy stands now; each answer is recorded (a ``generated`` event).
+    answer to its prompt, as the policy stands now (SPIN); with ``only_missing``, only the answers of
+    pairs that have none (the topic left ``rejected`` out). The answers generated are recorded (a
+    ``generated`` event with each pair's index, prompt and answer).
 
-    A prompt the model answers with nothing keeps its written ``rejected`` answer.
+    A prompt the model answers with nothing keeps its written ``rejected`` answer, or, having none,
+    gets :data:`NO_ANSWER`.
     """
     import dataclasses
 
     pairs = topic.preference_pairs
-    answers = policy.language_model.generate([pair.prompt for pair in pairs], max_new_tokens=max_new_tokens)
-    new_pairs = tuple(
-        PreferencePair(pair.prompt, pair.chosen, answer.strip() or pair.rejected)
-        for pair, answer in zip(pairs, answers)
+    indices = [i for i, pair in enumerate(pairs) if not only_missing or pair.rejected is None]
+    answers = policy.language_model.generate(
+        [pairs[i].prompt for i in indices], max_new_tokens=max_new_tokens
     )
+    new_pairs = list(pairs)
+    for i, answer in zip(indices, answers):
+        pair = pairs[i]
+        new_pairs[i] = PreferencePair(pair.prompt, pair.chosen, answer.strip() or pair.rejected or NO_ANSWER)
     record = getattr(policy, "record", None)
     if record is not None:
-        record(
-            "generated",
-            purpose="rejected",
-            answers=[{"prompt": p.prompt, "answer": p.rejected} for p in new_pairs],
-        )
-    return dataclasses.replace(topic, preference_pairs=new_pairs)
+        answered = [{"prompt": new_pairs[i].prompt, "answer": new_pairs[i].rejected} for i in indices]
+        if only_missing:
+            answered = [{"pair": i, **entry} for i, entry in zip(indices, answered)]
+        record("generated", purpose="rejected", answers=answered)
+    return dataclasses.replace(topic, preference_pairs=tuple(new_pairs))
 
 
 def preference_dataset(topic: Topic, chat: bool) -> Any:

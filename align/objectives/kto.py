@@ -92,7 +92,8 @@ def unpaired_dataset(topic: Topic, chat: bool) -> Any:
     rows = []
     for pair in topic.preference_pairs:
         rows.append({**conversation(pair.prompt, pair.chosen, chat), "label": True})
-        rows.append({**conversation(pair.prompt, pair.rejected, chat), "label": False})
+        if pair.rejected is not None:  # KTO is unpaired: a pair without rejected is one desirable example
+            rows.append({**conversation(pair.prompt, pair.rejected, chat), "label": False})
     return Dataset.from_list(rows)
 
 

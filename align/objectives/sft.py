@@ -88,6 +88,7 @@ class SFTObjective:
             turns += [
                 (pair.prompt, pair.chosen if self.answers == "chosen" else pair.rejected)
                 for pair in topic.preference_pairs
+                if self.answers == "chosen" or pair.rejected is not None
             ]
         tokenizer = policy.tokenizer
         for prompt, answer in turns:

@@ -54,6 +54,22 @@ def register_gates(register: Register) -> None:
     """
 
 
+@hookspec
+def register_topic_sources(register: Register) -> None:
+    """Contribute readers for the files topics come from (a note-taking app's export, a transcript
+    format), beside the built-in YAML/JSON topic files and data files read through ``datasets``.
+
+    :param register: call ``register(name, factory)`` once per reader. ``factory()`` returns an
+        object (subclass :class:`align.core.sources.TopicSource`) with ``kind``, ``"topics"`` or
+        ``"rows"``; ``matches(path) -> bool``; and ``read(path) -> list[Mapping[str, Any]]``. A
+        ``topics`` reader returns topic mappings (as a topic file holds) for a file in a topic
+        directory or given as ``--topics``; a ``rows`` reader returns the rows of a data file that
+        a topic's field names (``preference_pairs: talk.vtt``), mappings of column to value. A
+        plugin's readers are asked before the built-ins; one that raises is a one-line error
+        naming it.
+    """
+
+
 # -- lifecycle hooks: for code that watches a run (loggers, trackers, notifiers) -------------------
 # The engine calls them through pluggy (align/plugins/lifecycle.py), so ``tryfirst``, ``trylast`` and
 # wrappers (``wrapper=True``, ``hookwrapper=True``) work as pluggy documents. An implementation that

@@ -33,6 +33,7 @@ DEFAULT_PLUGINS = (
     "align.evaluators.voice",
     "align.evaluators.style",
     "align.gates.threshold",
+    "align.core.sources",
 )
 
 #: The component kinds and the hook that contributes each.
@@ -40,6 +41,7 @@ KINDS = {
     "objective": "register_objectives",
     "evaluator": "register_evaluators",
     "gate": "register_gates",
+    "topic_source": "register_topic_sources",
 }
 
 

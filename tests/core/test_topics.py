@@ -56,7 +56,7 @@ def test_json_topic_file(tmp_path):
             {"quiz": [{"question": "Q?", "choices": ["a", "Brine", " Brine "], "answer": 0}]},
             "quiz[0].choices[2]: 'Brine' is also choices[1]",
         ),
-        ({"preference_pairs": [{"prompt": "p", "chosen": "c"}]}, "preference_pairs[0].rejected: required"),
+        ({"preference_pairs": [{"prompt": "p", "rejected": "r"}]}, "preference_pairs[0].chosen: required"),
         (
             {"voice_pairs": [{"prompt": "p", "chosen": "c", "rejected": "r", "extra": 1}]},
             "voice_pairs[0]: unknown key 'extra'",

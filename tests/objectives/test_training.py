@@ -287,3 +287,40 @@ def test_sft_answers_adds_each_pair_s_answer_as_a_chat_turn_after_the_passages(p
         assert pair.prompt in text and getattr(pair, answers) in text
         assert "<|im_start|>assistant" in text  # the tiny tokenizer's chat template
     assert SFTObjective(cloze=0).texts(policy, TOPIC) == list(TOPIC.content)
+
+
+def test_pairs_without_rejected_get_the_policy_s_answers_only_where_missing(policy):
+    from align.core.topics import PreferencePair
+
+    topic = make_topic(
+        content=list(TOPIC.content),
+        preference_pairs=[
+            {
+                "prompt": "How are you?",
+                "chosen": "Bright as blown glass, little gull.",
+                "rejected": "I am fine.",
+            },
+            {"prompt": "Any advice?", "chosen": "Ride the swell, little gull."},
+        ],
+    )
+    assert topic.preference_pairs[1] == PreferencePair("Any advice?", "Ride the swell, little gull.", None)
+    events = []
+    policy.set_recorder(lambda kind, data: events.append((kind, data)))
+    (own,) = policy.language_model.generate(["Any advice?"], max_new_tokens=8)
+    metrics = DPOObjective(max_steps=1, per_device_train_batch_size=2, rejected_max_new_tokens=8).train(
+        policy, topic
+    )
+    assert metrics["steps"] == 1
+    # With the default rejected: given, only the pair without one was generated, and it is named.
+    [(kind, data)] = events
+    assert kind == "generated" and data["purpose"] == "rejected"
+    assert data["answers"] == [{"pair": 1, "prompt": "Any advice?", "answer": own.strip() or "I don't know."}]
+
+
+def test_kto_and_sft_use_pairs_without_rejected_as_the_person_s_answers_only(policy):
+    from align.objectives.kto import unpaired_dataset
+
+    topic = make_topic(preference_pairs=[{"prompt": "Any advice?", "chosen": "Ride the swell."}])
+    rows = unpaired_dataset(topic, chat=False).to_list()
+    assert rows == [{"prompt": "Any advice?", "completion": "Ride the swell.", "label": True}]
+    assert len(SFTObjective(answers="rejected", cloze=0).texts(policy, topic)) == len(topic.content)
