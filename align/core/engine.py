@@ -448,11 +448,12 @@ class Engine:
             where = self._describe_position(first_topic, first_step)
             self._record("", "", "resume", {}, at=where, topic_index=first_topic, step_index=first_step)
             self.reporter.note(f"resuming at {where}")
-        else:
-            self._voice_rejected_from_bare_model()
-            self._checkpoint(0, 0)  # the adapter as the run starts
-        self.notify("on_run_start", plan=self.plan, output=str(self.rundir.path))
         try:
+            if self._resume is None:
+                # Inside the try: a failure while generating is the run's recorded failure.
+                self._voice_rejected_from_bare_model()
+                self._checkpoint(0, 0)  # the adapter as the run starts
+            self.notify("on_run_start", plan=self.plan, output=str(self.rundir.path))
             for index in range(first_topic, len(self.plan.topics)):
                 topic = self.plan.topics[index]
                 self._current_topic = topic.name

@@ -93,3 +93,19 @@ def test_align_report_shows_the_generated_answers(tmp_path):
     section = report.split("## Generated answers\n", 1)[1].split("\n## ", 1)[0]
     assert "### voice pairs: before training, from the bare model" in section
     assert "| How are you? | I am fine, thank you. |" in section
+
+
+def test_a_failure_while_generating_them_is_the_run_s_recorded_failure(tmp_path):
+    def broken(prompt: str) -> str:
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_protocol(
+            [{"name": "voice", "evaluate": ["voice"]}],
+            [make_topic(voice_pairs=VOICE[:1])],
+            model=StubModel(generate=broken),
+            output=tmp_path / "run",
+        )
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert "out of memory" in summary["error"]
