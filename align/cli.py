@@ -100,7 +100,8 @@ _plan_options = [
         help="A topic file or directory (default: the config's, else the demo's).",
     ),
     click.option(
-        "--model", help="A local Hugging Face model directory or hub id (default: the packaged SmolLM2)."
+        "--model",
+        help="A local Hugging Face model directory, a .gguf file or a hub id (default: the packaged SmolLM2).",
     ),
     click.option(
         "--set",
@@ -356,10 +357,12 @@ def validate(config, topics, model, overrides, output, strict_plugins, debug):
     """Resolve CONFIG and print the plan (config, topics, steps); trains nothing and loads no model."""
     from align.console import gates_in_questions, settings_that_do_nothing
     from align.core.config import dump_config
+    from align.core.model import check_model_path
 
     _, plan = _load_plan(
         strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
     )
+    check_model_path(plan.config["model"]["path"])  # what the run checks first, without loading it
     click.echo(f"# resolved config from {plan.source}")
     click.echo(dump_config(plan.config).rstrip())
     click.echo("\n# topics")

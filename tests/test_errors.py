@@ -507,6 +507,32 @@ def _(c):
     return c.run("--model", str(c.write("model.bin", b"weights")))
 
 
+@case("model-empty")
+def _(c):
+    return c.run("--model", "")
+
+
+@case("model-gguf-not-gguf")
+def _(c):
+    return c.run("--model", str(c.write("model.gguf", b"<html>Not found</html>")))
+
+
+@case("model-gguf-unreadable")
+def _(c):
+    from align.testing import save_tiny_gguf
+
+    c.monkeypatch.setenv("ALIGN_CACHE", str(c.tmp / "cache"))
+    (c.tmp / "cache").mkdir()
+    gguf = save_tiny_gguf(c.tmp / "model.gguf")
+    gguf.write_bytes(gguf.read_bytes()[:2000])  # cut short
+    return c.run("--model", str(gguf))
+
+
+@case("validate-model-not-found")
+def _(c):
+    return ["validate", c.config(""), "--topics", c.topics(), "--model", str(c.tmp / "no-model")]
+
+
 @case("model-not-a-model-directory")
 def _(c):
     (c.tmp / "empty-model").mkdir()
