@@ -303,7 +303,12 @@ def _launch_command(num_processes: int | None, config_file: str | None, argv: li
                 # process joins over gloo on the CPU (its --cpu would want MPI instead). With a
                 # config, its distributed type decides: --multi_gpu would override FSDP or DeepSpeed.
                 command.append("--multi_gpu")
-    return [*command, "-m", "align", *_without_launcher_options(argv)]
+    return [*command, str(RELAUNCH_SCRIPT), *_without_launcher_options(argv)]
+
+
+#: What the relaunched processes run: ``align`` as a script in a directory of its own, so that a
+#: folder named ``align/`` in the working directory cannot shadow the installed package there.
+RELAUNCH_SCRIPT = Path(__file__).resolve().parent / "relaunch" / "align_main.py"
 
 
 def _has_accelerate_config(config_file: str | None) -> bool:
