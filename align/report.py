@@ -86,8 +86,11 @@ class Report:
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
             f"<title>{esc(title)}</title>",
+            # The metrics block wraps instead of scrolling sideways (a scroll bar hid its rollback
+            # line); plots take the page's width.
             "<style>body{font-family:sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
-            "img{max-width:100%}pre{background:#f4f4f4;padding:.5rem;overflow-x:auto}"
+            "img{display:block;width:100%;height:auto}"
+            "pre{background:#f4f4f4;padding:.5rem;white-space:pre-wrap;overflow-wrap:anywhere}"
             "blockquote{border-left:3px solid #ccc;margin:0 0 1rem;padding-left:.75rem;white-space:pre-wrap}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .5rem;text-align:right}"
             "</style></head><body>",
@@ -169,7 +172,12 @@ def plot_metric(
     for k, step in enumerate(steps):
         xs = [i + (k - (len(steps) - 1) / 2) * width for i, t in enumerate(topics) if t in values[step]]
         ys = [values[step][t] for t in topics if t in values[step]]
-        ax.bar(xs, ys, width=width, label=step)
+        bars = ax.bar(xs, ys, width=width, label=step, edgecolor="black", linewidth=0.6)
+        # A value of 0 is a bar of no height: its label (and outline) shows it was measured.
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+    measured = [value for by_topic in values.values() for value in by_topic.values()]
+    if measured and min(measured) >= 0.0 and max(measured) <= 1.0:
+        ax.set_ylim(0.0, 1.12)  # a score in [0, 1]: the whole scale, room for the labels
     ax.set_xticks(range(len(topics)), topics)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per topic, before and after")
@@ -289,7 +297,8 @@ def plot_forgetting(
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
             if value is not None:
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white", fontsize=8)
+                color = label_color(image.cmap(image.norm(value)))
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color=color, fontsize=8)
     ax.set_xticks(range(len(topics)), topics, rotation=30, ha="right")
     ax.set_yticks(range(len(matrix)), [f"after {t}" for t in topics[: len(matrix)]])
     ax.set_xlabel("topic evaluated")
@@ -298,9 +307,17 @@ def plot_forgetting(
     _save(plt, fig, path)
 
 
+def label_color(rgba: Sequence[float]) -> str:
+    """Black or white text, whichever contrasts more with the cell (WCAG's relative luminance):
+    viridis ends in yellow, where the white labels were unreadable."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return "black" if (luminance + 0.05) / 0.05 > 1.05 / (luminance + 0.05) else "white"
+
+
 def _save(plt: Any, fig: Any, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
+    fig.savefig(path, format="png", dpi=150)  # sharp at the page's full width
     plt.close(fig)
 
 
