@@ -88,9 +88,9 @@ class Report:
             f"<title>{esc(title)}</title>",
             # The metrics block wraps instead of scrolling sideways (a scroll bar hid its rollback
             # line); plots take the page's width.
-            "<style>body{font-family:sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
+            "<style>body{font-family:sans-serif;max-width:64rem;margin:2rem auto;padding:0 1rem}"
             "img{display:block;width:100%;height:auto}"
-            "pre{background:#f4f4f4;padding:.5rem;white-space:pre-wrap;overflow-wrap:anywhere}"
+            "pre{background:#f4f4f4;padding:.5rem;font-size:.8rem;white-space:pre-wrap;overflow-wrap:anywhere}"
             "blockquote{border-left:3px solid #ccc;margin:0 0 1rem;padding-left:.75rem;white-space:pre-wrap}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .5rem;text-align:right}"
             "</style></head><body>",
@@ -240,7 +240,9 @@ def plot_gates(plt: Any, summary: Mapping[str, Any], path: Path) -> None:
         for s in t["steps"]
         if s.get("gate") and "gate" in s["gate"]
     }
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(steps) + 1.5), 0.6 * len(topics) + 1.6))
+    # The topic names sit left of the cells: a long one took the cells' width.
+    names = 0.09 * max((len(topic) for topic in topics), default=0)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(steps) + 3.0) + names, 0.6 * len(topics) + 1.6))
     for i, topic in enumerate(topics):
         for j, step in enumerate(steps):
             status = grid[i][j]
@@ -290,7 +292,8 @@ def plot_forgetting(
         np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
     )
     size = 1.0 * len(topics) + 2.5
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    names = 0.09 * max((len(topic) for topic in topics), default=0)  # the row labels, left of the cells
+    fig, ax = plt.subplots(figsize=(size + 1 + names, size))
     known = values.compressed()
     low, high = (min(0.0, float(known.min())), max(1.0, float(known.max()))) if known.size else (0.0, 1.0)
     image = ax.imshow(values, cmap="viridis", vmin=low, vmax=high)
@@ -317,7 +320,8 @@ def label_color(rgba: Sequence[float]) -> str:
 
 def _save(plt: Any, fig: Any, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=150)  # sharp at the page's full width
+    # "tight": the saved image holds every label, title and colour bar (long names pushed them out).
+    fig.savefig(path, format="png", dpi=150, bbox_inches="tight")  # sharp at the page's full width
     plt.close(fig)
 
 
