@@ -516,15 +516,25 @@ def compare(run_a, run_b, as_json, debug):
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="The sampling seed (with --temperature > 0)."
 )
+@click.option(
+    "--repetition-penalty",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Above 1 makes the answer less likely to repeat itself (1.1 to 1.5); 1 is none.",
+)
 @_base_model_option
 @_debug_option
 @_handle_errors
-def sample(adapter, prompt, base, max_new_tokens, temperature, seed, model, debug):
+def sample(adapter, prompt, base, max_new_tokens, temperature, seed, repetition_penalty, model, debug):
     """Answer PROMPT with a saved adapter attached (as a user turn of the chat template).
+    An answer that loops (a phrase said over and over) is flagged.
 
     \b
     align sample --adapter runs/demo/adapters/home "Where do you live?" --base
+    align sample --adapter runs/demo/adapters/home "Where do you live?" --repetition-penalty 1.3
     """
+    from align.tools import repetition_note
     from align.tools import sample as answer
 
     answers = answer(
@@ -535,10 +545,15 @@ def sample(adapter, prompt, base, max_new_tokens, temperature, seed, model, debu
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         seed=seed,
+        repetition_penalty=repetition_penalty,
     )
-    click.echo(f"with adapter {adapter}:\n{answers['adapter']}")
-    if base:
-        click.echo(f"\nbare model:\n{answers['base']}")
+    shown = [("adapter", f"with adapter {adapter}")] + ([("base", "\nbare model")] if base else [])
+    for key, title in shown:
+        click.echo(f"{title}:\n{answers[key]}")
+        note = repetition_note(answers[key])
+        if note:
+            hint = "" if repetition_penalty > 1.0 else "; --repetition-penalty 1.3 discourages it"
+            click.echo(f"(this answer {note}{hint})")
 
 
 @cli.command()

@@ -431,8 +431,10 @@ def write_report(run: str | Path, *, html_report: bool = False, samples: bool = 
                     report.add("h3", topic)
                     for row in rows:
                         report.add("p", f"Prompt: {row['prompt']}")
-                        report.add("quote", "bare model:", row["bare"])
-                        report.add("quote", f"with the {topic} adapter:", row["adapter"])
+                        report.add("quote", flagged("bare model", row["bare"]), row["bare"])
+                        report.add(
+                            "quote", flagged(f"with the {topic} adapter", row["adapter"]), row["adapter"]
+                        )
                         report.add("quote", "the person (held out, never trained on):", row["person"])
                 if not answers:
                     report.add("p", "No topic has both a saved adapter and voice pairs.")
@@ -447,6 +449,14 @@ def write_report(run: str | Path, *, html_report: bool = False, samples: bool = 
         atomic_write_text(run / "report.html", report.html(run / PLOTS, f"align report: {run.name}"))
         written.append(run / "report.html")
     return written
+
+
+def flagged(title: str, answer: str) -> str:
+    """A sample's heading, with a word when the answer loops (as the style evaluator counts it)."""
+    from align.tools import repetition_note
+
+    note = repetition_note(answer)
+    return f"{title} ({note}):" if note else f"{title}:"
 
 
 def _forgetting(plt: Any, report: Report, data: Any, staging: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -288,7 +289,16 @@ def load(
     return loaded
 
 
-def check_generation_options(max_new_tokens: int, temperature: float) -> None:
+def check_generation_options(
+    max_new_tokens: int, temperature: float, repetition_penalty: float = 1.0
+) -> None:
+    if not math.isfinite(temperature):
+        raise AlignError(f"--temperature: must be a finite number (got {temperature})")
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise AlignError(
+            f"--repetition-penalty: must be a number > 0 (got {repetition_penalty}); 1 is none, "
+            "1.1 to 1.5 discourage repeating what the answer already said"
+        )
     if temperature < 0:
         raise AlignError(f"--temperature: must be >= 0 (got {temperature}); 0 is greedy")
     if max_new_tokens < 1:
@@ -302,21 +312,25 @@ def generate(
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     seed: int = 0,
+    repetition_penalty: float = 1.0,
 ) -> list[str]:
     """Answer each prompt as a user turn of the chat template (as align scores it).
 
     Greedy (deterministic) at ``temperature`` 0; above it, sampled from a generator seeded with
     ``seed`` before each prompt, so the same call gives the same answers. One prompt at a time,
-    so no padding can change an answer.
+    so no padding can change an answer. ``repetition_penalty`` above 1 makes tokens the answer
+    (or the prompt) already holds less likely (transformers' CTRL-style penalty).
     """
     import torch
 
-    check_generation_options(max_new_tokens, temperature)
+    check_generation_options(max_new_tokens, temperature, repetition_penalty)
     language_model = loaded.language_model()
     device = next(loaded.model.parameters()).device
     options: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
         options = {"do_sample": True, "temperature": float(temperature), "top_k": 0, "top_p": 1.0}
+    if repetition_penalty != 1.0:
+        options["repetition_penalty"] = float(repetition_penalty)
     answers = []
     with torch.inference_mode():
         for prompt in prompts:
@@ -554,16 +568,32 @@ def sample(
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     seed: int = 0,
+    repetition_penalty: float = 1.0,
 ) -> dict[str, str]:
     """The answer to ``prompt`` with the adapter attached, and the bare model's with ``base``."""
-    check_generation_options(max_new_tokens, temperature)
+    check_generation_options(max_new_tokens, temperature, repetition_penalty)
     loaded = load(adapter, model)
-    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+    options = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        "repetition_penalty": repetition_penalty,
+    }
     answers = {"adapter": generate(loaded, [prompt], **options)[0]}
     if base:
         with loaded.bare():
             answers["base"] = generate(loaded, [prompt], **options)[0]
     return answers
+
+
+def repetition_note(answer: str) -> str | None:
+    """A word for an answer that loops (a phrase said over and over, as a model stuck in a loop
+    does until the token limit): the style evaluator's own test for a degenerate answer."""
+    from align.evaluators.style import repeats
+
+    if not repeats(answer):
+        return None
+    return "repeats itself (a word or phrase loops), which is not the person's voice"
 
 
 # -- align merge --------------------------------------------------------------------------------

@@ -938,6 +938,18 @@ def run_with_adapter(c) -> str:
     return str(c.tmp / "run")
 
 
+@case("sample-repetition-penalty-not-positive")
+def _(c):
+    return [
+        "sample",
+        "--adapter",
+        run_with_adapter(c) + "/adapters/alpha",
+        "Hi?",
+        "--repetition-penalty",
+        "0",
+    ]
+
+
 @case("merge-output-link-to-a-directory")
 def _(c):
     (c.tmp / "merged").mkdir()

@@ -1,6 +1,7 @@
 """`align report`: report.md, real PNG plots, the forgetting heat map, HTML, samples."""
 
 import base64
+import html
 import json
 import re
 import shutil
@@ -326,3 +327,19 @@ def test_the_html_report_in_a_headless_browser_fits_the_window(runner, tmp_path)
     shot = tmp_path / "report.png"
     subprocess.run([*browser, f"--screenshot={shot}", (run / "report.html").as_uri()], timeout=120)
     assert_real_png(shot)
+
+
+def test_the_reports_samples_flag_an_answer_that_loops(runner, tmp_path, monkeypatch):
+    import align.report
+
+    run = write_run(tmp_path / "run", {"home": [step("before", **{"quiz.accuracy": 0.5})]}, steps=["before"])
+    (run / "topics.json").write_text("[]")
+    rows = [{"prompt": "Hi?", "bare": "Hello.", "adapter": "friend, " * 20, "person": "Ahoy, gull."}]
+    monkeypatch.setattr(align.report, "sample_answers", lambda run, summary: {"home": rows})
+    result = runner.invoke(cli, ["report", str(run), "--html"])
+    assert result.exit_code == 0, result.output
+    markdown = (run / "report.md").read_text()
+    flag = "with the home adapter (repeats itself (a word or phrase loops), which is not the person's voice):"
+    assert flag in markdown
+    assert "bare model:\n" in markdown  # not flagged
+    assert html.escape(flag) in (run / "report.html").read_text()

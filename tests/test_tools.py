@@ -260,7 +260,7 @@ def test_compare_mistakes_are_one_line_errors(runner, tmp_path, tiny_run):
 
 
 # -- align sample -------------------------------------------------------------------------------
-def greedy(model, tokenizer, prompt, max_new_tokens):
+def greedy(model, tokenizer, prompt, max_new_tokens, **options):
     """Greedy answer to ``prompt`` as a user turn of the chat template, straight from transformers."""
     import torch
 
@@ -272,7 +272,11 @@ def greedy(model, tokenizer, prompt, max_new_tokens):
     )["input_ids"]
     with torch.inference_mode():
         out = model.generate(
-            input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            input_ids=ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            **options,
         )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
@@ -292,6 +296,44 @@ def test_sample_answers_with_the_adapter_and_beside_it_the_bare_model(runner, ti
     assert result.output == f"with adapter {adapter}:\n{tuned}\n\nbare model:\n{bare}\n"
     again = invoke(runner, "sample", "--adapter", adapter, "Hi?", "--max-new-tokens", 8)
     assert again.output == f"with adapter {adapter}:\n{tuned}\n"
+
+
+def test_sample_with_a_repetition_penalty_answers_as_transformers_does_with_it(
+    runner, tiny_run, tiny_model_dir
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = tiny_run / "adapters" / "second"
+    result = invoke(
+        runner, "sample", "--adapter", adapter, "Hi?", "--max-new-tokens", 16, "--repetition-penalty", 3
+    )
+    assert result.exit_code == 0, result.output
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter)
+    penalised = greedy(tuned, tokenizer, "Hi?", 16, repetition_penalty=3.0)
+    assert penalised != greedy(tuned, tokenizer, "Hi?", 16)  # the penalty changes the tiny model's answer
+    assert result.output.startswith(f"with adapter {adapter}:\n{penalised}\n")
+
+
+def test_sample_flags_an_answer_that_loops(runner, monkeypatch):
+    import align.tools
+
+    answers = {"adapter": "friend, friend, friend, friend, friend", "base": "I live by the harbour."}
+    monkeypatch.setattr(align.tools, "sample", lambda *a, **k: answers)
+    result = invoke(runner, "sample", "--adapter", "a", "Who are you?", "--base")
+    assert result.exit_code == 0, result.output
+    assert result.output == (
+        "with adapter a:\nfriend, friend, friend, friend, friend\n"
+        "(this answer repeats itself (a word or phrase loops), which is not the person's voice; "
+        "--repetition-penalty 1.3 discourages it)\n"
+        "\nbare model:\nI live by the harbour.\n"
+    )
+    again = invoke(runner, "sample", "--adapter", "a", "Who are you?", "--repetition-penalty", "1.3")
+    assert (
+        "(this answer repeats itself (a word or phrase loops), which is not the person's voice)\n"
+        in again.output
+    )
 
 
 def test_sample_with_a_temperature_is_seeded(runner, tiny_run):
