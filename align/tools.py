@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from align.core.topics import Topic
-from align.errors import AlignError, ConfigError, ModelError, closest
+from align.errors import AlignError, ConfigError, ModelError, brief, closest
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -148,15 +146,13 @@ def check_summary(summary: Mapping[str, Any], run: Path) -> None:
 
 def read_run_config(run: str | Path) -> dict[str, Any] | None:
     """A run's recorded ``config.yaml`` as data, or ``None`` when it has none."""
+    from align.core.topics import read_data_file
+
     path = Path(run) / "config.yaml"
     if not path.is_file():
         return None
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise AlignError(
-            f"{path}: unreadable ({str(exc).splitlines()[0]}); restore it from the run"
-        ) from None
+    # Read as a config file is, bounded (aliases, depth, size): a run directory may be damaged.
+    data = read_data_file(path, "config file", AlignError)
     return data if isinstance(data, dict) else None
 
 
@@ -509,7 +505,60 @@ def compare_runs(a: str | Path, b: str | Path) -> dict[str, Any]:
                 continue
             for name in names:
                 rows.append(_row(topic, step, name, metrics[0].get(name), metrics[1].get(name), statuses))
-    return {"a": str(a), "b": str(b), "rows": rows}
+    configs = [read_run_config(a), read_run_config(b)]
+    return {
+        "a": str(a),
+        "b": str(b),
+        "rows": rows,
+        "config": config_differences(*configs) if None not in configs else None,
+        "rolled_back": {"a": rollbacks(summaries[0]), "b": rollbacks(summaries[1])},
+    }
+
+
+#: Config keys that name a run rather than say how it ran: they differ between any two runs.
+_RUN_IDENTITY_KEYS = ("name", "output")
+
+
+def config_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The settings two run configs give differently, as ``{key, a, b}`` with dotted keys (a
+    protocol step by its name: ``protocol.after_dpo.rollback``); a key one lacks is ``None`` there."""
+    flat = [_flatten({k: v for k, v in config.items() if k not in _RUN_IDENTITY_KEYS}) for config in (a, b)]
+    keys = _ordered_union(list(flat[0]), list(flat[1]))
+    return [
+        {"key": key, "a": flat[0].get(key), "b": flat[1].get(key)}
+        for key in keys
+        if flat[0].get(key) != flat[1].get(key)
+    ]
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    named = isinstance(value, list) and value and all(isinstance(i, Mapping) and "name" in i for i in value)
+    if named and len({str(item["name"]) for item in value}) == len(value):
+        out = {}
+        for item in value:
+            rest = {k: v for k, v in item.items() if k != "name"}
+            out.update(_flatten(rest, f"{prefix}{item['name']}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def rollbacks(summary: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The training steps a run rolled back: ``{topic, step, reason}``."""
+    return [
+        {
+            "topic": topic["topic"],
+            "step": str(step["rollback"].get("step")),
+            "reason": str(step["rollback"].get("reason")),
+        }
+        for topic in summary["topics"]
+        for step in topic["steps"]
+        if isinstance(step.get("rollback"), Mapping)
+    ]
 
 
 def _row(
@@ -555,6 +604,24 @@ def compare_table(result: Mapping[str, Any]) -> str:
             f"{topic:<{topic_width}}{step:<{step_width}}{row['metric'] or '':<{metric_width}}"
             f"{cells[0]:>9}{cells[1]:>9}{diff:>9}"
         )
+    differences = result.get("config")
+    lines.append("")
+    if differences is None:
+        lines.append("config: not compared (a run has no config.yaml)")
+    elif not differences:
+        lines.append("config: the same (apart from name and output)")
+    else:
+        lines.append("config: what differs (a -> b)")
+        width = column_width("", (d["key"] for d in differences))
+        for difference in differences:
+            shown = ["(not set)" if difference[side] is None else brief(difference[side]) for side in "ab"]
+            lines.append(f"  {difference['key']:<{width}}{shown[0]} -> {shown[1]}")
+    for side in ("a", "b"):
+        rolled = result.get("rolled_back", {}).get(side, [])
+        if not rolled:
+            lines.append(f"rolled back in {side}: none")
+        for entry in rolled:
+            lines.append(f"rolled back in {side}: {entry['topic']} {entry['step']} ({entry['reason']})")
     return "\n".join(lines)
 
 

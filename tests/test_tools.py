@@ -247,6 +247,56 @@ def test_compare_of_a_real_run_with_itself_differs_nowhere(runner, tiny_run):
     assert all(row["diff"] == 0.0 and row["a"] == row["b"] for row in rows)
 
 
+def test_compare_shows_what_differs_in_the_configs_and_which_steps_were_rolled_back(
+    runner, tmp_path, tiny_run
+):
+    import shutil
+
+    import yaml
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_run, b)
+    config = yaml.safe_load((b / "config.yaml").read_text())
+    config["dpo"]["beta"] = 0.05
+    config["protocol"][3]["gate"]["all"] = ["quiz.accuracy >= 0.5"]
+    del config["sft"]["epochs"]
+    config["name"] = "another-name"
+    (b / "config.yaml").write_text(yaml.safe_dump(config))
+    summary = json.loads((b / "summary.json").read_text())
+    after_dpo = next(s for s in summary["topics"][1]["steps"] if s["step"] == "after_dpo")
+    after_dpo["rollback"] = {"step": "dpo", "reason": "quiz.accuracy fell by 0.17, more than 0.05"}
+    (b / "summary.json").write_text(json.dumps(summary))
+    before = yaml.safe_load((tiny_run / "config.yaml").read_text())
+
+    result = invoke(runner, "compare", tiny_run, b, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert sorted(data["config"], key=lambda d: d["key"]) == [
+        {"key": "dpo.beta", "a": before["dpo"]["beta"], "b": 0.05},
+        {"key": "protocol.dpo.gate.all", "a": ["quiz.accuracy >= 0"], "b": ["quiz.accuracy >= 0.5"]},
+        {"key": "sft.epochs", "a": before["sft"]["epochs"], "b": None},
+    ]  # not name, which differs between any two runs
+    assert data["rolled_back"] == {
+        "a": [],
+        "b": [{"topic": "second", "step": "dpo", "reason": "quiz.accuracy fell by 0.17, more than 0.05"}],
+    }
+    table = invoke(runner, "compare", tiny_run, b).output.splitlines()
+    tail = table[table.index("config: what differs (a -> b)") :]
+    assert f"  dpo.beta               {before['dpo']['beta']} -> 0.05" in tail
+    assert f"  sft.epochs             {before['sft']['epochs']} -> (not set)" in tail
+    assert "  protocol.dpo.gate.all  ['quiz.accuracy >= 0'] -> ['quiz.accuracy >= 0.5']" in tail
+    assert tail[-2:] == [
+        "rolled back in a: none",
+        "rolled back in b: second dpo (quiz.accuracy fell by 0.17, more than 0.05)",
+    ]
+    same = invoke(runner, "compare", tiny_run, tiny_run).output.splitlines()
+    assert same[-3:] == [
+        "config: the same (apart from name and output)",
+        "rolled back in a: none",
+        "rolled back in b: none",
+    ]
+
+
 def test_compare_mistakes_are_one_line_errors(runner, tmp_path, tiny_run):
     assert_one_line_error(
         invoke(runner, "compare", tiny_run, tmp_path / "nope"), "nope: run directory not found"
