@@ -489,6 +489,24 @@ def _(c):
     return ["validate", "--topics", str(c.tmp / "topics")]
 
 
+@case("topic-name-windows-device")
+def _(c):
+    c.topic(name="nul", filename="alpha.yaml")
+    return ["validate", c.config(""), "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-name-trailing-dot")
+def _(c):
+    c.topic(name="home.", filename="alpha.yaml")
+    return ["validate", c.config(""), "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-name-too-long")
+def _(c):
+    c.topic(name="a" * 300, filename="alpha.yaml")
+    return ["validate", c.config(""), "--topics", str(c.tmp / "topics")]
+
+
 @case("topic-name-trailing-newline")
 def _(c):
     c.topic("first")

@@ -20,7 +20,11 @@ TOPIC_SUFFIXES = (".yaml", ".yml", ".json")
 MAX_TOPIC_FILE_BYTES = 16 * 1024 * 1024
 # A topic name becomes a directory name under the run's adapters/: keep it a plain file name.
 # Matched whole (fullmatch): with `match`, a `$` also accepts a trailing newline ("first\n").
-_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_NAME_LENGTH = 100
+#: Names Windows reserves for devices, with any extension (``nul.txt`` too): no file or directory
+#: can be called that there, so the run's adapters/<name> could not be copied to it.
+_WINDOWS_RESERVED = re.compile(r"(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³])(\..*)?", re.IGNORECASE)
 _TOPIC_KEYS = ("name", "content", "quiz", "preference_pairs", "voice_pairs")
 #: No config or topic is nested deeper than this (lists and mappings inside one another); deeper
 #: data is refused as read, before anything walks it recursively (100,000 levels: RecursionError).
@@ -82,11 +86,7 @@ class Topic:
         name = data.get("name")
         if not isinstance(name, str) or not name:
             raise TopicError(f"{source}: name: required, a non-empty string such as 'early_life'")
-        if not _NAME_PATTERN.fullmatch(name):
-            raise TopicError(
-                f"{source}: name: {name!r} must be letters, digits, '_', '-' or '.', starting with a letter "
-                "or digit (it names the topic's adapter directory)"
-            )
+        check_topic_name(name, source)
         content = _strings(data.get("content"), source, "content")
         if not content:
             raise TopicError(f"{source}: content: required, a non-empty list of passages to learn")
@@ -125,6 +125,32 @@ def _items(data: Mapping[str, Any], key: str, source: str) -> list[Any]:
     if not isinstance(value, list):
         raise TopicError(f"{source}: {key}: must be a list, got {type(value).__name__}")
     return value
+
+
+def check_topic_name(name: str, source: str) -> None:
+    """Refuse a topic name that cannot be a directory name on every system (it names the topic's
+    adapter directory): too long, other characters, a name Windows reserves, a trailing dot."""
+    if len(name) > MAX_NAME_LENGTH:
+        raise TopicError(
+            f"{source}: name: {name[:40]!r}… is {len(name)} characters long; a topic name is at most "
+            f"{MAX_NAME_LENGTH} (it names the topic's adapter directory): shorten it"
+        )
+    if not _NAME_PATTERN.fullmatch(name):
+        raise TopicError(
+            f"{source}: name: {name!r} must be letters, digits, '_', '-' or '.', starting with a letter "
+            "or digit (it names the topic's adapter directory)"
+        )
+    if name.endswith("."):
+        raise TopicError(
+            f"{source}: name: {name!r} ends with a dot, which Windows drops from a directory name; "
+            "remove the dot (the name names the topic's adapter directory)"
+        )
+    if _WINDOWS_RESERVED.fullmatch(name):
+        raise TopicError(
+            f"{source}: name: {name!r} is a device name on Windows (CON, PRN, AUX, NUL, COM1-9, LPT1-9), "
+            "where no directory can be called that; choose another name (it names the topic's adapter "
+            "directory)"
+        )
 
 
 def _strings(value: Any, source: str, where: str) -> tuple[str, ...]:

@@ -156,3 +156,19 @@ def test_the_same_key_in_different_mappings_and_yaml_merge_keys_are_fine(tmp_pat
 def test_a_topic_name_is_matched_whole(name):
     with pytest.raises(TopicError, match="must be letters, digits"):
         Topic.from_dict(make_topic(name="x").to_dict() | {"name": name}, "t.yaml")
+
+
+@pytest.mark.parametrize("name", ["CON", "nul", "LPT1", "com9", "Aux.txt", "prn.tar.gz", "home.", "x.."])
+def test_names_windows_cannot_hold_are_refused(name):
+    from align.core.topics import check_topic_name
+    from align.errors import TopicError
+
+    with pytest.raises(TopicError, match="Windows"):
+        check_topic_name(name, "t.yaml")
+
+
+@pytest.mark.parametrize("name", ["console", "con_job", "nullable", "lpt", "com10", "a" * 100, "v1.2"])
+def test_names_that_only_look_like_windows_devices_are_accepted(name):
+    from align.core.topics import check_topic_name
+
+    check_topic_name(name, "t.yaml")
