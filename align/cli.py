@@ -15,7 +15,13 @@ from typing import Any
 import click
 
 from align import __version__
-from align.errors import AlignError, PluginError, Terminated
+from align.errors import AlignError, PluginError, Terminated, printable
+
+
+def _echo(text: str = "", err: bool = False) -> None:
+    """``click.echo`` of ``text`` with the characters a terminal acts on escaped (ESC, …): what
+    align prints holds names and values from configs, topics, plugins and models."""
+    click.echo(printable(text), err=err)
 
 
 def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -29,7 +35,7 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except AlignError as exc:
             if debug:
                 raise
-            click.echo(f"Error: {exc}", err=True)
+            _echo(f"Error: {printable(str(exc), newlines=False)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
             terminated = isinstance(exc, Terminated)
@@ -41,7 +47,7 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                     f": results so far are in {run_dir}; `align run --resume {run_dir}` goes on "
                     "from the last finished step"
                 )
-            click.echo(f"\n{what}.", err=True)
+            _echo(f"\n{what}.", err=True)
             sys.exit(128 + signal.SIGTERM if terminated else 130)
 
     return wrapper
@@ -69,7 +75,7 @@ def _check_failures(plugins: Any, strict: bool) -> None:
             raise PluginError(
                 f"{message}; fix or uninstall it, or skip it with ALIGN_DISABLE_PLUGINS={failure.name}"
             )
-        click.echo(f"Warning: {message}; `align plugins` shows it", err=True)
+        _echo(f"Warning: {message}; `align plugins` shows it", err=True)
 
 
 def _load_plan(strict_flag: bool, config: Any, **options: Any) -> tuple[Any, Any]:
@@ -242,7 +248,7 @@ def run(
                 )
             if run_status(resume) == "completed":
                 if main_process:
-                    click.echo(f"{resume}: the run completed; nothing to resume")
+                    _echo(f"{resume}: the run completed; nothing to resume")
                 return
             plugins, plan = _load_plan(strict_plugins, **resume_plan_options(resume))
         else:
@@ -265,7 +271,7 @@ def run(
         # Every process stops at the same place (the engine decides failures once): the main one
         # says why, once, and all leave together, so the launcher kills none before it has spoken.
         if main_process:
-            click.echo(f"Error: {exc}", err=True)
+            _echo(f"Error: {printable(str(exc), newlines=False)}", err=True)
         distributed.setup()
         distributed.shutdown()
         sys.exit(exc.exit_code)
@@ -368,28 +374,28 @@ def validate(config, topics, model, overrides, output, strict_plugins, debug):
         strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
     )
     check_model_path(plan.config["model"]["path"])  # what the run checks first, without loading it
-    click.echo(f"# resolved config from {plan.source}")
-    click.echo(dump_config(plan.config).rstrip())
-    click.echo("\n# topics")
+    _echo(f"# resolved config from {plan.source}")
+    _echo(dump_config(plan.config).rstrip())
+    _echo("\n# topics")
     for topic in plan.topics:
-        click.echo(
+        _echo(
             f"- {topic.name} ({topic.source}): {len(topic.content)} passages, {len(topic.quiz)} quiz items, "
             f"{len(topic.preference_pairs)} preference pairs, {len(topic.voice_pairs)} voice pairs"
         )
         for index, item in enumerate(topic.quiz):
             if item.given is not None:  # the file gave the choice's text: say which index it became
-                click.echo(f"  {topic.source}: quiz[{index}].answer: {item.given!r} is choice {item.answer}")
-    click.echo("\n# protocol, for each topic")
+                _echo(f"  {topic.source}: quiz[{index}].answer: {item.given!r} is choice {item.answer}")
+    _echo("\n# protocol, for each topic")
     for index, step in enumerate(plan.steps, 1):
-        click.echo(f"{index}. {step.describe()}")
-    click.echo(f"\n# metrics recorded: {', '.join(plan.metric_names)}")
+        _echo(f"{index}. {step.describe()}")
+    _echo(f"\n# metrics recorded: {', '.join(plan.metric_names)}")
     lines, warnings = gates_in_questions(plan)
     if lines:
-        click.echo("\n# gates and rollback guards in quiz questions, for each topic")
+        _echo("\n# gates and rollback guards in quiz questions, for each topic")
         for line in lines:
-            click.echo(line)
+            _echo(line)
     for warning in [*warnings, *settings_that_do_nothing(plan)]:
-        click.echo(f"Warning: {warning}", err=True)
+        _echo(f"Warning: {warning}", err=True)
 
 
 @cli.command()
@@ -476,7 +482,7 @@ def eval_command(adapter, topics, evaluators, model, as_json, debug):
     _check_failures(plugins, strict=False)  # a plugin that failed to load may be the one asked for
     names = [name.strip() for name in evaluators.split(",") if name.strip()]
     result = evaluate_adapter(plugins.registry, adapter=adapter, topics=topics, evaluators=names, model=model)
-    click.echo(json.dumps(result, indent=2) if as_json else eval_table(result))
+    _echo(json.dumps(result, indent=2) if as_json else eval_table(result))
 
 
 @cli.command()
@@ -494,7 +500,7 @@ def compare(run_a, run_b, as_json, debug):
     from align.tools import compare_runs, compare_table
 
     result = compare_runs(run_a, run_b)
-    click.echo(json.dumps(result, indent=2) if as_json else compare_table(result))
+    _echo(json.dumps(result, indent=2) if as_json else compare_table(result))
 
 
 @cli.command()
@@ -549,11 +555,11 @@ def sample(adapter, prompt, base, max_new_tokens, temperature, seed, repetition_
     )
     shown = [("adapter", f"with adapter {adapter}")] + ([("base", "\nbare model")] if base else [])
     for key, title in shown:
-        click.echo(f"{title}:\n{answers[key]}")
+        _echo(f"{title}:\n{answers[key]}")
         note = repetition_note(answers[key])
         if note:
             hint = "" if repetition_penalty > 1.0 else "; --repetition-penalty 1.3 discourages it"
-            click.echo(f"(this answer {note}{hint})")
+            _echo(f"(this answer {note}{hint})")
 
 
 @cli.command()
@@ -581,7 +587,7 @@ def merge(run_dir, topic, output, model, debug):
 
     adapter = run_adapter(run_dir, topic)
     path = merge_adapter(adapter, output, model=model)
-    click.echo(f"Merged {adapter} into the base model: {path} (safetensors, tokenizer, chat template)")
+    _echo(f"Merged {adapter} into the base model: {path} (safetensors, tokenizer, chat template)")
 
 
 @cli.command()
@@ -600,7 +606,7 @@ def report(run_dir, html_report, no_samples, debug):
     from align.report import write_report
 
     for path in write_report(run_dir, html_report=html_report, samples=not no_samples):
-        click.echo(f"wrote {path}")
+        _echo(f"wrote {path}")
 
 
 def main() -> None:

@@ -157,6 +157,11 @@ def _(c):
     return ["validate", c.config("lroa: {rank: 1}\n"), "--topics", c.topics()]
 
 
+@case("config-key-control-characters")
+def _(c):
+    return ["validate", c.config('"lo\\e[2Jra": {rank: 1}\n'), "--topics", c.topics()]
+
+
 @case("config-unknown-section-key")
 def _(c):
     return ["validate", c.config("lora: {rnak: 2}\n"), "--topics", c.topics()]
