@@ -247,6 +247,21 @@ def _(c):
     return ["validate", c.config("sft:\n  learning_rate: .inf\n"), "--topics", c.topics()]
 
 
+@case("rank-too-large")
+def _(c):
+    return ["validate", c.config("lora: {rank: 1e30}\n"), "--topics", c.topics()]
+
+
+@case("integer-param-too-large")
+def _(c):
+    return ["validate", c.config("dpo: {max_steps: 1e30}\n"), "--topics", c.topics()]
+
+
+@case("integer-param-not-a-number")
+def _(c):
+    return ["validate", c.config("dpo: {per_device_train_batch_size: two}\n"), "--topics", c.topics()]
+
+
 @case("dtype-unknown")
 def _(c):
     return ["validate", c.config("model: {dtype: float8}\n"), "--topics", c.topics()]
