@@ -429,6 +429,18 @@ def _(c):
     return ["validate", "--topics", str(path)]
 
 
+@case("topic-link-to-a-system-file")
+def _(c):
+    (c.tmp / "topics").mkdir()
+    (c.tmp / "topics" / "alpha.yaml").symlink_to("/etc/passwd")
+    return ["validate", c.config(""), "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-not-a-regular-file")
+def _(c):
+    return ["validate", c.config(""), "--topics", "/dev/zero"]
+
+
 @case("topic-missing-name")
 def _(c):
     c.write("topics/alpha.yaml", "content: [Ilse keeps a donkey.]\n")

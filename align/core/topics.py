@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,13 +368,16 @@ def read_data_file(path: Path, what: str, error: type[AlignError]) -> Any:
     """Read a YAML or JSON file as plain data (``yaml.safe_load``), raising ``error`` with one line.
     A key given twice in one mapping is an error: the later would silently replace the earlier."""
     try:
-        size = path.stat().st_size
+        status = path.stat()
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
     except OSError as exc:
         raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
+    size = status.st_size
     if path.is_dir():
         raise error(f"{path}: is a directory, expected a {what}")
+    if not stat.S_ISREG(status.st_mode):  # /dev/zero has no size and never ends; a pipe may block
+        raise error(f"{path}: not a regular file (a device, a pipe or a socket), expected a {what}")
     if size > MAX_TOPIC_FILE_BYTES:
         raise error(
             f"{path}: {what} is {size / 2**20:.1f} MiB; the limit is "
@@ -423,6 +427,15 @@ def read_data_file(path: Path, what: str, error: type[AlignError]) -> Any:
 def load_topic_file(path: str | Path) -> Topic:
     """Load and validate one topic file."""
     path = Path(path)
+    if path.is_symlink():
+        # A link to a system file (/etc/passwd, /proc/self/environ) must not be read, so that no
+        # message can show a line of it: through a link, only a topic file is read.
+        target = path.resolve()
+        if target.suffix not in TOPIC_SUFFIXES:
+            raise TopicError(
+                f"{path}: a link to {target}, which is not a topic file (.yaml, .yml or .json); align "
+                "reads only topic files through a link: point the link at one, or copy the file here"
+            )
     return Topic.from_dict(read_data_file(path, "topic file", TopicError), source=str(path))
 
 

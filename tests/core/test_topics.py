@@ -172,3 +172,13 @@ def test_names_that_only_look_like_windows_devices_are_accepted(name):
     from align.core.topics import check_topic_name
 
     check_topic_name(name, "t.yaml")
+
+
+def test_a_link_to_a_topic_file_elsewhere_is_read(tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    write_topic(notes, "home")
+    topics = tmp_path / "topics"
+    topics.mkdir()
+    (topics / "home.yaml").symlink_to(notes / "home.yaml")
+    assert [topic.name for topic in load_topics(topics)] == ["home"]
