@@ -390,7 +390,8 @@ def read_data_file(path: Path, what: str, error: type[AlignError]) -> Any:
     if b"\0" in raw[:8192]:
         raise error(f"{path}: {what} is a binary file, not YAML or JSON text; point to the text file")
     try:
-        text = raw.decode("utf-8")
+        # utf-8-sig: the byte-order mark some Windows editors begin a file with (JSON refused it).
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise error(
             f"{path}: {what} is not UTF-8 text (byte {exc.start} is not valid UTF-8); save it as UTF-8"

@@ -1,6 +1,7 @@
 import re
 
 import pytest
+import yaml
 
 from align import Topic, load_topics
 from align.errors import TopicError
@@ -182,3 +183,13 @@ def test_a_link_to_a_topic_file_elsewhere_is_read(tmp_path):
     topics.mkdir()
     (topics / "home.yaml").symlink_to(notes / "home.yaml")
     assert [topic.name for topic in load_topics(topics)] == ["home"]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_topic_file_that_begins_with_a_byte_order_mark_is_read(tmp_path, suffix):
+    import json
+
+    data = make_topic(name="home").to_dict()
+    text = json.dumps(data) if suffix == ".json" else yaml.safe_dump(data)
+    (tmp_path / f"home{suffix}").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # Notepad's
+    assert [topic.name for topic in load_topics(tmp_path)] == ["home"]
