@@ -125,14 +125,14 @@ def _file_name(text: str) -> str:
 
 
 def read_events(run: Path) -> list[dict[str, Any]]:
-    """The events of ``metrics.jsonl`` (none when it is missing; a torn last line is left out)."""
+    """The events of ``metrics.jsonl`` (none when it is missing; a torn or damaged line is left out)."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         return []
     events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            event = json.loads(line)
+    for line in path.read_bytes().splitlines():
+        try:  # a line that is no UTF-8 or no JSON (torn, or damaged) is left out
+            event = json.loads(line.decode("utf-8"))
         except ValueError:
             continue
         if isinstance(event, dict):

@@ -153,7 +153,12 @@ def read_run_config(run: str | Path) -> dict[str, Any] | None:
         return None
     # Read as a config file is, bounded (aliases, depth, size): a run directory may be damaged.
     data = read_data_file(path, "config file", AlignError)
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):  # the default model would stand in for the run's, without a word
+        raise AlignError(
+            f"{path}: holds {'nothing' if data is None else type(data).__name__}, not the run's config (a "
+            "mapping of sections); the file is damaged: restore it from a copy of the run"
+        )
+    return data
 
 
 def read_run_topics(run: str | Path) -> list[Topic]:
@@ -226,6 +231,7 @@ class LoadedModel:
     def add_adapter(self, adapter: str | Path, name: str = "default") -> None:
         """Attach a saved adapter (the first one wraps the model in a PEFT model) and make it active."""
         from peft import PeftModel
+        from safetensors import SafetensorError
 
         adapter = check_adapter(adapter)
         try:
@@ -238,6 +244,11 @@ class LoadedModel:
                 f"{adapter}: does not fit the model {self.settings['path']} "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); pass the --model "
                 "the run trained on (its config.yaml model.path)"
+            ) from None
+        except (SafetensorError, OSError) as exc:  # cut short, overwritten, or a link to another file
+            raise ModelError(
+                f"{adapter}: the adapter's weights could not be read ({str(exc).splitlines()[0] if str(exc) else ''}); "
+                "the file is damaged: save the adapter again, or restore it from a copy of the run"
             ) from None
         self.model.set_adapter(name)
         self.model.eval()

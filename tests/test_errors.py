@@ -1000,6 +1000,26 @@ def _(c):
     ]
 
 
+@case("run-config-not-a-mapping")
+def _(c):
+    adapter = run_with_adapter(c) + "/adapters/alpha"
+    c.write("run/config.yaml", "not the run's\n")  # overwritten: the default model stood in for the run's
+    return ["eval", "--adapter", adapter, "--topics", c.topics()]
+
+
+@case("adapter-weights-damaged")
+def _(c):
+    from align.core.model import attach_adapter, load_model
+
+    model, _ = load_model(str(c._model_dir))
+    adapter = c.tmp / "run" / "adapters" / "alpha"
+    attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=["o_proj"]).save_pretrained(adapter)
+    c.write("run/config.yaml", yaml.safe_dump({"model": {"path": str(c.model())}}))
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return ["eval", "--adapter", str(adapter), "--topics", c.topics(), "--evaluators", "quiz"]
+
+
 @case("merge-output-link-to-a-directory")
 def _(c):
     (c.tmp / "merged").mkdir()
