@@ -8,4 +8,5 @@ nothing else, so nothing in it can shadow a module either.
 
 from align.cli import main
 
-main()
+if __name__ == "__main__":
+    main()
