@@ -365,7 +365,8 @@ def _resume_conflicts(config, topics, model, overrides, output) -> list[tuple[st
 @_with_plan_options
 @_handle_errors
 def validate(config, topics, model, overrides, output, strict_plugins, debug):
-    """Resolve CONFIG and print the plan (config, topics, steps); trains nothing and loads no model."""
+    """Resolve CONFIG and print the plan (config, topics, steps) and check the model path as `align run`
+    does; trains nothing and loads no model."""
     from align.console import gates_in_questions, settings_that_do_nothing
     from align.core.config import dump_config
     from align.core.model import check_model_path
