@@ -16,7 +16,13 @@ from typing import Any
 import click
 
 from align import __version__
-from align.errors import AlignError, PluginError, Terminated
+from align.errors import AlignError, PluginError, Terminated, printable
+
+
+def _echo(text: str = "", err: bool = False, nl: bool = True) -> None:
+    """``click.echo`` of ``text`` with the characters a terminal acts on escaped (ESC, …): what
+    align prints holds names and values from configs, topics, plugins and models."""
+    click.echo(printable(text), err=err, nl=nl)
 
 
 def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -30,7 +36,7 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except AlignError as exc:
             if debug:
                 raise
-            click.echo(f"Error: {exc}", err=True)
+            _echo(f"Error: {printable(str(exc), newlines=False)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
             terminated = isinstance(exc, Terminated)
@@ -42,7 +48,7 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                     f": results so far are in {run_dir}; `align run --resume {run_dir}` goes on "
                     "from the last finished step"
                 )
-            click.echo(f"\n{what}.", err=True)
+            _echo(f"\n{what}.", err=True)
             sys.exit(128 + signal.SIGTERM if terminated else 130)
 
     return wrapper
@@ -70,13 +76,13 @@ def _check_failures(plugins: Any, strict: bool) -> None:
             raise PluginError(
                 f"{message}; fix or uninstall it, or skip it with ALIGN_DISABLE_PLUGINS={failure.name}"
             )
-        click.echo(f"Warning: {message}; `align plugins` shows it", err=True)
+        _echo(f"Warning: {message}; `align plugins` shows it", err=True)
 
 
 def _warn_shadowing(plugins: Any) -> None:
     """One warning for each built-in component a plugin replaces (it is the plugin's that runs)."""
     for warning in plugins.warnings:
-        click.echo(f"Warning: {warning}", err=True)
+        _echo(f"Warning: {warning}", err=True)
 
 
 def _load_plan(strict_flag: bool, config: Any, **options: Any) -> tuple[Any, Any]:
@@ -109,7 +115,8 @@ _plan_options = [
         help="A topic file or directory (default: the config's, else the demo's).",
     ),
     click.option(
-        "--model", help="A local Hugging Face model directory or hub id (default: the packaged SmolLM2)."
+        "--model",
+        help="A local Hugging Face model directory, a .gguf file or a hub id (default: the packaged SmolLM2).",
     ),
     click.option(
         "--set",
@@ -253,7 +260,7 @@ def run(
                 )
             if run_status(resume) == "completed":
                 if main_process:
-                    click.echo(f"{resume}: the run completed; nothing to resume")
+                    _echo(f"{resume}: the run completed; nothing to resume")
                 return
             plugins, plan = _load_plan(strict_plugins, **resume_plan_options(resume))
         else:
@@ -276,7 +283,7 @@ def run(
         # Every process stops at the same place (the engine decides failures once): the main one
         # says why, once, and all leave together, so the launcher kills none before it has spoken.
         if main_process:
-            click.echo(f"Error: {exc}", err=True)
+            _echo(f"Error: {printable(str(exc), newlines=False)}", err=True)
         distributed.setup()
         distributed.shutdown()
         sys.exit(exc.exit_code)
@@ -314,7 +321,12 @@ def _launch_command(num_processes: int | None, config_file: str | None, argv: li
                 # process joins over gloo on the CPU (its --cpu would want MPI instead). With a
                 # config, its distributed type decides: --multi_gpu would override FSDP or DeepSpeed.
                 command.append("--multi_gpu")
-    return [*command, "-m", "align", *_without_launcher_options(argv)]
+    return [*command, str(RELAUNCH_SCRIPT), *_without_launcher_options(argv)]
+
+
+#: What the relaunched processes run: ``align`` as a script in a directory of its own, so that a
+#: folder named ``align/`` in the working directory cannot shadow the installed package there.
+RELAUNCH_SCRIPT = Path(__file__).resolve().parent / "relaunch" / "align_main.py"
 
 
 def _has_accelerate_config(config_file: str | None) -> bool:
@@ -365,9 +377,11 @@ def _resume_conflicts(config, topics, model, overrides, output) -> list[tuple[st
 @_with_plan_options
 @_handle_errors
 def validate(config, topics, model, overrides, output, strict_plugins, debug):
-    """Resolve CONFIG and print the plan (config, topics, steps); trains nothing and loads no model."""
+    """Resolve CONFIG and print the plan (config, topics, steps) and check the model path as `align run`
+    does; trains nothing and loads no model."""
     from align.console import gates_in_questions, settings_that_do_nothing
     from align.core.config import dump_config
+    from align.core.model import check_model_path
     from align.core.sources import TopicSources
     from align.core.topics import stray_data_files
 
@@ -375,11 +389,12 @@ def validate(config, topics, model, overrides, output, strict_plugins, debug):
         strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
     )
     stray = stray_data_files(plan.config["topics"], TopicSources.from_registry(plugins.registry))
-    click.echo(f"# resolved config from {plan.source}")
-    click.echo(dump_config(plan.config).rstrip())
-    click.echo("\n# topics")
+    check_model_path(plan.config["model"]["path"])  # what the run checks first, without loading it
+    _echo(f"# resolved config from {plan.source}")
+    _echo(dump_config(plan.config).rstrip())
+    _echo("\n# topics")
     for topic in plan.topics:
-        click.echo(
+        _echo(
             f"- {topic.name} ({topic.source}): {len(topic.content)} passages, {len(topic.quiz)} quiz items, "
             f"{len(topic.preference_pairs)} preference pairs, {len(topic.voice_pairs)} voice pairs"
         )
@@ -389,23 +404,23 @@ def validate(config, topics, model, overrides, output, strict_plugins, debug):
         ):
             missing = sum(1 for pair in getattr(topic, field) if pair.rejected is None)
             if missing:
-                click.echo(
+                _echo(
                     f"  {topic.source}: {field}: {missing} without rejected; {whose}, take their place"
                 )
         for index, item in enumerate(topic.quiz):
             if item.given is not None:  # the file gave the choice's text: say which index it became
-                click.echo(f"  {topic.source}: quiz[{index}].answer: {item.given!r} is choice {item.answer}")
-    click.echo("\n# protocol, for each topic")
+                _echo(f"  {topic.source}: quiz[{index}].answer: {item.given!r} is choice {item.answer}")
+    _echo("\n# protocol, for each topic")
     for index, step in enumerate(plan.steps, 1):
-        click.echo(f"{index}. {step.describe()}")
-    click.echo(f"\n# metrics recorded: {', '.join(plan.metric_names)}")
+        _echo(f"{index}. {step.describe()}")
+    _echo(f"\n# metrics recorded: {', '.join(plan.metric_names)}")
     lines, warnings = gates_in_questions(plan)
     if lines:
-        click.echo("\n# gates and rollback guards in quiz questions, for each topic")
+        _echo("\n# gates and rollback guards in quiz questions, for each topic")
         for line in lines:
-            click.echo(line)
+            _echo(line)
     for warning in [*warnings, *settings_that_do_nothing(plan), *stray]:
-        click.echo(f"Warning: {warning}", err=True)
+        _echo(f"Warning: {warning}", err=True)
 
 
 @cli.group()
@@ -442,15 +457,15 @@ def topics_draft(notes, output, debug):
     _check_failures(plugins, strict=False)
     drafted = draft_topics(notes, TopicSources.from_registry(plugins.registry))
     for path, topic in zip(write_drafts(drafted, output), drafted.topics):
-        click.echo(
+        _echo(
             f"wrote {path}: {len(topic.content)} passages, {len(topic.quiz)} quiz questions, "
             f"{len(topic.preference_pairs)} preference pairs, {len(topic.voice_pairs)} voice pairs"
         )
     if drafted.notes:
-        click.echo("\n# could not draft")
+        _echo("\n# could not draft")
         for note in drafted.notes:
-            click.echo(f"- {note}")
-    click.echo(f"\nReview the drafts, then: align validate --topics {output}")
+            _echo(f"- {note}")
+    _echo(f"\nReview the drafts, then: align validate --topics {output}")
 
 
 @cli.command()
@@ -461,7 +476,7 @@ def plugins(debug: bool = False):
 
     loaded = load_plugins()
     for warning in loaded.warnings:  # stderr: stdout stays JSON
-        click.echo(f"Warning: {warning}", err=True)
+        _echo(f"Warning: {warning}", err=True)
     click.echo(json.dumps(describe_plugins(loaded), indent=2))
 
 
@@ -494,8 +509,8 @@ def new_plugin(name, kind, directory, debug):
     from align.scaffold import new_plugin as scaffold
 
     path = scaffold(name, kind, directory)
-    click.echo(f"Created {path} ({kind} '{name.replace('-', '_')}')")
-    click.echo(f"Next: cd {path} && pip install -e . && python -m pytest")
+    _echo(f"Created {path} ({kind} '{name.replace('-', '_')}')")
+    _echo(f"Next: cd {path} && pip install -e . && python -m pytest")
 
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -541,7 +556,7 @@ def eval_command(adapter, topics, evaluators, model, as_json, debug):
     _warn_shadowing(plugins)
     names = [name.strip() for name in evaluators.split(",") if name.strip()]
     result = evaluate_adapter(plugins.registry, adapter=adapter, topics=topics, evaluators=names, model=model)
-    click.echo(json.dumps(result, indent=2) if as_json else eval_table(result))
+    _echo(json.dumps(result, indent=2) if as_json else eval_table(result))
 
 
 @cli.command()
@@ -559,7 +574,7 @@ def compare(run_a, run_b, as_json, debug):
     from align.tools import compare_runs, compare_table
 
     result = compare_runs(run_a, run_b)
-    click.echo(json.dumps(result, indent=2) if as_json else compare_table(result))
+    _echo(json.dumps(result, indent=2) if as_json else compare_table(result))
 
 
 @cli.command()
@@ -581,15 +596,25 @@ def compare(run_a, run_b, as_json, debug):
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="The sampling seed (with --temperature > 0)."
 )
+@click.option(
+    "--repetition-penalty",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Above 1 makes the answer less likely to repeat itself (1.1 to 1.5); 1 is none.",
+)
 @_base_model_option
 @_debug_option
 @_handle_errors
-def sample(adapter, prompt, base, max_new_tokens, temperature, seed, model, debug):
+def sample(adapter, prompt, base, max_new_tokens, temperature, seed, repetition_penalty, model, debug):
     """Answer PROMPT with a saved adapter attached (as a user turn of the chat template).
+    An answer that loops (a phrase said over and over) is flagged.
 
     \b
     align sample --adapter runs/demo/adapters/home "Where do you live?" --base
+    align sample --adapter runs/demo/adapters/home "Where do you live?" --repetition-penalty 1.3
     """
+    from align.tools import repetition_note
     from align.tools import sample as answer
 
     answers = answer(
@@ -600,10 +625,15 @@ def sample(adapter, prompt, base, max_new_tokens, temperature, seed, model, debu
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         seed=seed,
+        repetition_penalty=repetition_penalty,
     )
-    click.echo(f"with adapter {adapter}:\n{answers['adapter']}")
-    if base:
-        click.echo(f"\nbare model:\n{answers['base']}")
+    shown = [("adapter", f"with adapter {adapter}")] + ([("base", "\nbare model")] if base else [])
+    for key, title in shown:
+        _echo(f"{title}:\n{answers[key]}")
+        note = repetition_note(answers[key])
+        if note:
+            hint = "" if repetition_penalty > 1.0 else "; --repetition-penalty 1.3 discourages it"
+            _echo(f"(this answer {note}{hint})")
 
 
 @cli.command()
@@ -650,11 +680,11 @@ def chat(adapter, base, system, max_new_tokens, temperature, seed, model, debug)
     interactive = sys.stdin.isatty()
 
     def write(text: str) -> None:
-        click.echo(text, nl=False)
+        _echo(text, nl=False)
         sys.stdout.flush()
 
     if interactive:
-        click.echo(
+        _echo(
             f"align chat: {path} on {loaded.settings['path']}; /reset forgets the conversation, /quit ends it",
             err=True,
         )
@@ -698,7 +728,7 @@ def merge(run_dir, topic, output, model, debug):
 
     adapter = run_adapter(run_dir, topic)
     path = merge_adapter(adapter, output, model=model)
-    click.echo(f"Merged {adapter} into the base model: {path} (safetensors, tokenizer, chat template)")
+    _echo(f"Merged {adapter} into the base model: {path} (safetensors, tokenizer, chat template)")
 
 
 @cli.command()
@@ -743,7 +773,7 @@ def export(run_dir, fmt, output, topic, quantize, model, debug):
     check_options(fmt, quantize)
     path = write_export(run_dir, output, fmt=fmt, topic=topic, quantize=quantize, model=model)
     written = ", ".join(sorted(p.name for p in path.iterdir()))
-    click.echo(f"Exported {run_dir} ({fmt}, {quantize or 'f16'}): {path} ({written})")
+    _echo(f"Exported {run_dir} ({fmt}, {quantize or 'f16'}): {path} ({written})")
 
 
 @cli.command()
@@ -762,7 +792,7 @@ def report(run_dir, html_report, no_samples, debug):
     from align.report import write_report
 
     for path in write_report(run_dir, html_report=html_report, samples=not no_samples):
-        click.echo(f"wrote {path}")
+        _echo(f"wrote {path}")
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from typing import Any, TextIO
 from align.core.engine import Reporter, StepResult
 from align.core.plan import Plan
 from align.core.topics import Topic
+from align.errors import printable
 
 #: The metric the end-of-run table shows the forgetting matrix of.
 FORGETTING_METRIC = "quiz.accuracy"
@@ -28,6 +29,13 @@ PROGRESS_INTERVAL = 30.0
 _LOG_HANDLER_NAME = "align-console"
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with the characters a terminal acts on escaped, as everything align prints."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 def configure_logging(verbosity: int) -> None:
     """Set up the standard :mod:`logging` module for ``align run -v``: ``0`` leaves it alone
     (warnings only), ``1`` shows align's INFO messages (model load, adapter, steps with their
@@ -40,7 +48,7 @@ def configure_logging(verbosity: int) -> None:
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_LOG_HANDLER_NAME)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(_PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     logging.getLogger("align").setLevel(logging.INFO if verbosity == 1 else logging.DEBUG)
     if verbosity >= 2:
@@ -92,7 +100,9 @@ class ConsoleReporter(Reporter):
             self._write(text, self.stream)
 
     def _write(self, text: str, stream: TextIO) -> None:
-        """A line on ``stream``; while bars are up, above them (tqdm draws them again below)."""
+        """A line on ``stream``; while bars are up, above them (tqdm draws them again below).
+        Names and values from configs, topics and plugins are shown escaped (:func:`printable`)."""
+        text = printable(text)
         if self._topics_bar is not None or self._step_bar is not None:
             from tqdm import tqdm
 
@@ -169,7 +179,12 @@ class ConsoleReporter(Reporter):
             self._close_step_bar()
             # One refresh per optimizer step (a trainer logs each one), however fast they come.
             self._step_bar = self._bar(
-                total=total or None, unit="step", position=1, leave=False, mininterval=0, desc=f"  {step}"
+                total=total or None,
+                unit="step",
+                position=1,
+                leave=False,
+                mininterval=0,
+                desc=printable(f"  {step}"),
             )
             self._step_bar_name = step
         self._step_bar.set_postfix_str(f"loss {logs['loss']:.4f}", refresh=False)

@@ -7,6 +7,7 @@ Anything else is a bug in align or in a plugin and keeps its traceback.
 from __future__ import annotations
 
 import difflib
+import re
 import reprlib
 from collections.abc import Iterable
 from typing import Any
@@ -75,3 +76,28 @@ def brief(value: Any) -> str:
     (reprlib stops early at each level, so even the repr of a huge value is never built)."""
     text = _BRIEF.repr(value)
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+#: Characters a terminal acts on instead of showing: C0 and C1 controls and DEL (an ESC starts a
+#: sequence that can clear the screen, move the cursor or forge a line), the bidirectional
+#: overrides and isolates (they reorder what follows) and the Unicode line separators.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+
+
+def printable(text: str, newlines: bool = True) -> str:
+    """``text`` with every character a terminal would act on written as its escape (``\\x1b``,
+    ``\\u202e``), so a metric name, a config key or a model's answer cannot clear the screen or
+    forge output. Tabs and (with ``newlines``) line breaks stay; without it a line break is shown
+    as ``\\n`` too, as in an error, which is one line. Everything align prints passes through it."""
+    pattern = _UNPRINTABLE if newlines else _UNPRINTABLE_OR_NEWLINE
+    return pattern.sub(_escape, text)
+
+
+_UNPRINTABLE_OR_NEWLINE = re.compile(_UNPRINTABLE.pattern[:-1] + "\n\r]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return {"\n": "\\n", "\r": "\\r"}.get(char) or (
+        f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+    )

@@ -83,8 +83,11 @@ class Report:
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
             f"<title>{esc(title)}</title>",
-            "<style>body{font-family:sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
-            "img{max-width:100%}pre{background:#f4f4f4;padding:.5rem;overflow-x:auto}"
+            # The metrics block wraps instead of scrolling sideways (a scroll bar hid its rollback
+            # line); plots take the page's width.
+            "<style>body{font-family:sans-serif;max-width:64rem;margin:2rem auto;padding:0 1rem}"
+            "img{display:block;width:100%;height:auto}"
+            "pre{background:#f4f4f4;padding:.5rem;font-size:.8rem;white-space:pre-wrap;overflow-wrap:anywhere}"
             "blockquote{border-left:3px solid #ccc;margin:0 0 1rem;padding-left:.75rem;white-space:pre-wrap}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .5rem;text-align:right}"
             "</style></head><body>",
@@ -119,14 +122,14 @@ def _file_name(text: str) -> str:
 
 
 def read_events(run: Path) -> list[dict[str, Any]]:
-    """The events of ``metrics.jsonl`` (none when it is missing; a torn last line is left out)."""
+    """The events of ``metrics.jsonl`` (none when it is missing; a torn or damaged line is left out)."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         return []
     events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            event = json.loads(line)
+    for line in path.read_bytes().splitlines():
+        try:  # a line that is no UTF-8 or no JSON (torn, or damaged) is left out
+            event = json.loads(line.decode("utf-8"))
         except ValueError:
             continue
         if isinstance(event, dict):
@@ -166,7 +169,12 @@ def plot_metric(
     for k, step in enumerate(steps):
         xs = [i + (k - (len(steps) - 1) / 2) * width for i, t in enumerate(topics) if t in values[step]]
         ys = [values[step][t] for t in topics if t in values[step]]
-        ax.bar(xs, ys, width=width, label=step)
+        bars = ax.bar(xs, ys, width=width, label=step, edgecolor="black", linewidth=0.6)
+        # A value of 0 is a bar of no height: its label (and outline) shows it was measured.
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+    measured = [value for by_topic in values.values() for value in by_topic.values()]
+    if measured and min(measured) >= 0.0 and max(measured) <= 1.0:
+        ax.set_ylim(0.0, 1.12)  # a score in [0, 1]: the whole scale, room for the labels
     ax.set_xticks(range(len(topics)), topics)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per topic, before and after")
@@ -229,7 +237,9 @@ def plot_gates(plt: Any, summary: Mapping[str, Any], path: Path) -> None:
         for s in t["steps"]
         if s.get("gate") and "gate" in s["gate"]
     }
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(steps) + 1.5), 0.6 * len(topics) + 1.6))
+    # The topic names sit left of the cells: a long one took the cells' width.
+    names = 0.09 * max((len(topic) for topic in topics), default=0)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(steps) + 3.0) + names, 0.6 * len(topics) + 1.6))
     for i, topic in enumerate(topics):
         for j, step in enumerate(steps):
             status = grid[i][j]
@@ -279,14 +289,16 @@ def plot_forgetting(
         np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
     )
     size = 1.0 * len(topics) + 2.5
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    names = 0.09 * max((len(topic) for topic in topics), default=0)  # the row labels, left of the cells
+    fig, ax = plt.subplots(figsize=(size + 1 + names, size))
     known = values.compressed()
     low, high = (min(0.0, float(known.min())), max(1.0, float(known.max()))) if known.size else (0.0, 1.0)
     image = ax.imshow(values, cmap="viridis", vmin=low, vmax=high)
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
             if value is not None:
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white", fontsize=8)
+                color = label_color(image.cmap(image.norm(value)))
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color=color, fontsize=8)
     ax.set_xticks(range(len(topics)), topics, rotation=30, ha="right")
     ax.set_yticks(range(len(matrix)), [f"after {t}" for t in topics[: len(matrix)]])
     ax.set_xlabel("topic evaluated")
@@ -295,9 +307,18 @@ def plot_forgetting(
     _save(plt, fig, path)
 
 
+def label_color(rgba: Sequence[float]) -> str:
+    """Black or white text, whichever contrasts more with the cell (WCAG's relative luminance):
+    viridis ends in yellow, where the white labels were unreadable."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return "black" if (luminance + 0.05) / 0.05 > 1.05 / (luminance + 0.05) else "white"
+
+
 def _save(plt: Any, fig: Any, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
+    # "tight": the saved image holds every label, title and colour bar (long names pushed them out).
+    fig.savefig(path, format="png", dpi=150, bbox_inches="tight")  # sharp at the page's full width
     plt.close(fig)
 
 
@@ -429,8 +450,10 @@ def write_report(run: str | Path, *, html_report: bool = False, samples: bool = 
                     report.add("h3", topic)
                     for row in rows:
                         report.add("p", f"Prompt: {row['prompt']}")
-                        report.add("quote", "bare model:", row["bare"])
-                        report.add("quote", f"with the {topic} adapter:", row["adapter"])
+                        report.add("quote", flagged("bare model", row["bare"]), row["bare"])
+                        report.add(
+                            "quote", flagged(f"with the {topic} adapter", row["adapter"]), row["adapter"]
+                        )
                         report.add("quote", "the person (held out, never trained on):", row["person"])
                 if not answers:
                     report.add("p", "No topic has both a saved adapter and voice pairs.")
@@ -447,6 +470,14 @@ def write_report(run: str | Path, *, html_report: bool = False, samples: bool = 
 def _cell(text: Any) -> str:
     """``text`` as one table cell: one line, no column separators."""
     return " ".join(str(text).split()).replace("|", "/").replace("\t", " ")
+
+
+def flagged(title: str, answer: str) -> str:
+    """A sample's heading, with a word when the answer loops (as the style evaluator counts it)."""
+    from align.tools import repetition_note
+
+    note = repetition_note(answer)
+    return f"{title} ({note}):" if note else f"{title}:"
 
 
 def _forgetting(plt: Any, report: Report, data: Any, staging: Path) -> None:

@@ -426,6 +426,74 @@ def save_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     return directory
 
 
+def save_tiny_gguf(path: str | Path, seed: int = 0) -> Path:
+    """Write :func:`tiny_causal_lm` as a float32 GGUF file (llama layout, its byte-level tokenizer
+    and chat template), usable as ``--model FILE.gguf``; needs the ``gguf`` package."""
+    import gguf
+    import numpy as np
+
+    model, tokenizer = tiny_causal_lm(seed)
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    tokens = [
+        token for token, _ in sorted(tokenizer.backend_tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    ]
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if token.startswith("<|") else 1 for token in tokens])  # 3: control
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_chat_template(tokenizer.chat_template)
+    names = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
+
+    def permuted(weight: Any, heads: int) -> Any:  # llama.cpp's rotary layout, which transformers undoes
+        shape = weight.shape
+        return weight.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+    for name, tensor in model.state_dict().items():
+        array = tensor.detach().numpy().astype(np.float32)
+        if name == "lm_head.weight":  # tied to the embeddings
+            continue
+        if name == "model.embed_tokens.weight":
+            writer.add_tensor("token_embd.weight", array)
+        elif name == "model.norm.weight":
+            writer.add_tensor("output_norm.weight", array)
+        else:
+            parts = name.split(".")
+            module = ".".join(parts[3:-1])
+            if module == "self_attn.q_proj":
+                array = permuted(array, config.num_attention_heads)
+            elif module == "self_attn.k_proj":
+                array = permuted(array, config.num_key_value_heads)
+            writer.add_tensor(f"blk.{parts[2]}.{names[module]}.weight", array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+
+
 @pytest.fixture
 def stub_model() -> Callable[..., StubModel]:
     """Builds a :class:`StubModel`: ``stub_model(loglikelihood={...})``."""

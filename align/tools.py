@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from align.core.topics import Topic
-from align.errors import AlignError, ConfigError, ModelError, closest
+from align.errors import AlignError, ConfigError, ModelError, brief, closest
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -145,16 +144,19 @@ def check_summary(summary: Mapping[str, Any], run: Path) -> None:
 
 def read_run_config(run: str | Path) -> dict[str, Any] | None:
     """A run's recorded ``config.yaml`` as data, or ``None`` when it has none."""
+    from align.core.topics import read_data_file
+
     path = Path(run) / "config.yaml"
     if not path.is_file():
         return None
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
+    # Read as a config file is, bounded (aliases, depth, size): a run directory may be damaged.
+    data = read_data_file(path, "config file", AlignError)
+    if not isinstance(data, dict):  # the default model would stand in for the run's, without a word
         raise AlignError(
-            f"{path}: unreadable ({str(exc).splitlines()[0]}); restore it from the run"
-        ) from None
-    return data if isinstance(data, dict) else None
+            f"{path}: holds {'nothing' if data is None else type(data).__name__}, not the run's config (a "
+            "mapping of sections); the file is damaged: restore it from a copy of the run"
+        )
+    return data
 
 
 def read_run_topics(run: str | Path) -> list[Topic]:
@@ -227,6 +229,7 @@ class LoadedModel:
     def add_adapter(self, adapter: str | Path, name: str = "default") -> None:
         """Attach a saved adapter (the first one wraps the model in a PEFT model) and make it active."""
         from peft import PeftModel
+        from safetensors import SafetensorError
 
         adapter = check_adapter(adapter)
         try:
@@ -239,6 +242,11 @@ class LoadedModel:
                 f"{adapter}: does not fit the model {self.settings['path']} "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); pass the --model "
                 "the run trained on (its config.yaml model.path)"
+            ) from None
+        except (SafetensorError, OSError) as exc:  # cut short, overwritten, or a link to another file
+            raise ModelError(
+                f"{adapter}: the adapter's weights could not be read ({str(exc).splitlines()[0] if str(exc) else ''}); "
+                "the file is damaged: save the adapter again, or restore it from a copy of the run"
             ) from None
         self.model.set_adapter(name)
         self.model.eval()
@@ -286,7 +294,16 @@ def load(
     return loaded
 
 
-def check_generation_options(max_new_tokens: int, temperature: float) -> None:
+def check_generation_options(
+    max_new_tokens: int, temperature: float, repetition_penalty: float = 1.0
+) -> None:
+    if not math.isfinite(temperature):
+        raise AlignError(f"--temperature: must be a finite number (got {temperature})")
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise AlignError(
+            f"--repetition-penalty: must be a number > 0 (got {repetition_penalty}); 1 is none, "
+            "1.1 to 1.5 discourage repeating what the answer already said"
+        )
     if temperature < 0:
         raise AlignError(f"--temperature: must be >= 0 (got {temperature}); 0 is greedy")
     if max_new_tokens < 1:
@@ -300,21 +317,25 @@ def generate(
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     seed: int = 0,
+    repetition_penalty: float = 1.0,
 ) -> list[str]:
     """Answer each prompt as a user turn of the chat template (as align scores it).
 
     Greedy (deterministic) at ``temperature`` 0; above it, sampled from a generator seeded with
     ``seed`` before each prompt, so the same call gives the same answers. One prompt at a time,
-    so no padding can change an answer.
+    so no padding can change an answer. ``repetition_penalty`` above 1 makes tokens the answer
+    (or the prompt) already holds less likely (transformers' CTRL-style penalty).
     """
     import torch
 
-    check_generation_options(max_new_tokens, temperature)
+    check_generation_options(max_new_tokens, temperature, repetition_penalty)
     language_model = loaded.language_model()
     device = next(loaded.model.parameters()).device
     options: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
         options = {"do_sample": True, "temperature": float(temperature), "top_k": 0, "top_p": 1.0}
+    if repetition_penalty != 1.0:
+        options["repetition_penalty"] = float(repetition_penalty)
     answers = []
     with torch.inference_mode():
         for prompt in prompts:
@@ -497,7 +518,60 @@ def compare_runs(a: str | Path, b: str | Path) -> dict[str, Any]:
                 continue
             for name in names:
                 rows.append(_row(topic, step, name, metrics[0].get(name), metrics[1].get(name), statuses))
-    return {"a": str(a), "b": str(b), "rows": rows}
+    configs = [read_run_config(a), read_run_config(b)]
+    return {
+        "a": str(a),
+        "b": str(b),
+        "rows": rows,
+        "config": config_differences(*configs) if None not in configs else None,
+        "rolled_back": {"a": rollbacks(summaries[0]), "b": rollbacks(summaries[1])},
+    }
+
+
+#: Config keys that name a run rather than say how it ran: they differ between any two runs.
+_RUN_IDENTITY_KEYS = ("name", "output")
+
+
+def config_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The settings two run configs give differently, as ``{key, a, b}`` with dotted keys (a
+    protocol step by its name: ``protocol.after_dpo.rollback``); a key one lacks is ``None`` there."""
+    flat = [_flatten({k: v for k, v in config.items() if k not in _RUN_IDENTITY_KEYS}) for config in (a, b)]
+    keys = _ordered_union(list(flat[0]), list(flat[1]))
+    return [
+        {"key": key, "a": flat[0].get(key), "b": flat[1].get(key)}
+        for key in keys
+        if flat[0].get(key) != flat[1].get(key)
+    ]
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    named = isinstance(value, list) and value and all(isinstance(i, Mapping) and "name" in i for i in value)
+    if named and len({str(item["name"]) for item in value}) == len(value):
+        out = {}
+        for item in value:
+            rest = {k: v for k, v in item.items() if k != "name"}
+            out.update(_flatten(rest, f"{prefix}{item['name']}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def rollbacks(summary: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The training steps a run rolled back: ``{topic, step, reason}``."""
+    return [
+        {
+            "topic": topic["topic"],
+            "step": str(step["rollback"].get("step")),
+            "reason": str(step["rollback"].get("reason")),
+        }
+        for topic in summary["topics"]
+        for step in topic["steps"]
+        if isinstance(step.get("rollback"), Mapping)
+    ]
 
 
 def _row(
@@ -543,6 +617,24 @@ def compare_table(result: Mapping[str, Any]) -> str:
             f"{topic:<{topic_width}}{step:<{step_width}}{row['metric'] or '':<{metric_width}}"
             f"{cells[0]:>9}{cells[1]:>9}{diff:>9}"
         )
+    differences = result.get("config")
+    lines.append("")
+    if differences is None:
+        lines.append("config: not compared (a run has no config.yaml)")
+    elif not differences:
+        lines.append("config: the same (apart from name and output)")
+    else:
+        lines.append("config: what differs (a -> b)")
+        width = column_width("", (d["key"] for d in differences))
+        for difference in differences:
+            shown = ["(not set)" if difference[side] is None else brief(difference[side]) for side in "ab"]
+            lines.append(f"  {difference['key']:<{width}}{shown[0]} -> {shown[1]}")
+    for side in ("a", "b"):
+        rolled = result.get("rolled_back", {}).get(side, [])
+        if not rolled:
+            lines.append(f"rolled back in {side}: none")
+        for entry in rolled:
+            lines.append(f"rolled back in {side}: {entry['topic']} {entry['step']} ({entry['reason']})")
     return "\n".join(lines)
 
 
@@ -556,16 +648,32 @@ def sample(
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     seed: int = 0,
+    repetition_penalty: float = 1.0,
 ) -> dict[str, str]:
     """The answer to ``prompt`` with the adapter attached, and the bare model's with ``base``."""
-    check_generation_options(max_new_tokens, temperature)
+    check_generation_options(max_new_tokens, temperature, repetition_penalty)
     loaded = load(adapter, model)
-    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+    options = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        "repetition_penalty": repetition_penalty,
+    }
     answers = {"adapter": generate(loaded, [prompt], **options)[0]}
     if base:
         with loaded.bare():
             answers["base"] = generate(loaded, [prompt], **options)[0]
     return answers
+
+
+def repetition_note(answer: str) -> str | None:
+    """A word for an answer that loops (a phrase said over and over, as a model stuck in a loop
+    does until the token limit): the style evaluator's own test for a degenerate answer."""
+    from align.evaluators.style import repeats
+
+    if not repeats(answer):
+        return None
+    return "repeats itself (a word or phrase loops), which is not the person's voice"
 
 
 # -- align merge --------------------------------------------------------------------------------

@@ -129,6 +129,30 @@ def test_the_reporter_prints_each_recheck_under_its_topic():
     ]
 
 
+def test_control_characters_in_a_metric_name_reach_the_terminal_escaped():
+    """A plugin's metric named with an ANSI sequence cleared the screen (or forged a line)."""
+    from align.testing import make_topic
+
+    stream = io.StringIO()
+    reporter = ConsoleReporter(stream)
+    reporter.recheck_end(make_topic(name="home"), {"work": {"\x1b[2J\x1b[Hquiz.accuracy\r": 1.0}})
+    reporter.recheck_end(make_topic(name="home"), {"work": {"voice\u202eerocs": 0.5}})
+    printed = stream.getvalue()
+    assert "\x1b" not in printed and "\r" not in printed and "\u202e" not in printed
+    assert printed.splitlines() == [
+        "  recheck    work: \\x1b[2J\\x1b[Hquiz.accuracy\\r 1.00",
+        "  recheck    work: voice\\u202eerocs 0.50",
+    ]
+
+
+def test_printable_escapes_what_a_terminal_acts_on_and_keeps_text():
+    from align.errors import printable
+
+    assert printable("Ilse Várrow 🌊\tlives\nhere") == "Ilse Várrow 🌊\tlives\nhere"
+    assert printable("a\x1b[31mb\x07\x9b\x7f") == "a\\x1b[31mb\\x07\\x9b\\x7f"
+    assert printable("one\ntwo\r", newlines=False) == "one\\ntwo\\r"
+
+
 class Terminal(io.StringIO):
     def isatty(self):
         return True

@@ -640,7 +640,7 @@ def test_the_relaunch_lets_an_accelerate_config_choose_the_distributed_type(
     FSDP or DeepSpeed, so it is passed only when accelerate reads no config file."""
     import accelerate.commands.config as accelerate_config
 
-    from align.cli import _launch_command
+    from align.cli import RELAUNCH_SCRIPT, _launch_command
 
     monkeypatch.setattr(accelerate_config, "default_config_file", str(tmp_path / "none.yaml"))
     if environment_file:
@@ -653,4 +653,31 @@ def test_the_relaunch_lets_an_accelerate_config_choose_the_distributed_type(
     if config_file:
         assert command[command.index("--config_file") + 1] == config_file
     assert command[command.index("--num_processes") + 1] == "2"
-    assert command[-4:] == ["-m", "align", "run", "c.yaml"]
+    assert command[-3:] == [str(RELAUNCH_SCRIPT), "run", "c.yaml"]
+
+
+def test_the_relaunched_processes_import_the_installed_align_not_a_folder_in_the_working_directory(
+    tmp_path,
+):
+    """From the parent of a clone (a folder named align/ in the working directory) `python -m align`
+    imports that folder; the relaunch runs a script, whose own directory begins sys.path."""
+    from align.cli import RELAUNCH_SCRIPT
+
+    shadow = tmp_path / "align"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('the folder in the working directory')\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PYTHONSAFEPATH", None)
+    shadowed = subprocess.run(
+        [sys.executable, "-m", "align", "--version"], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert "the folder in the working directory" in shadowed.stderr  # what the relaunch used to do
+    relaunched = subprocess.run(
+        [sys.executable, str(RELAUNCH_SCRIPT), "--version"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert relaunched.returncode == 0, relaunched.stderr
+    assert relaunched.stdout.startswith("align, version")

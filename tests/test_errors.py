@@ -157,6 +157,11 @@ def _(c):
     return ["validate", c.config("lroa: {rank: 1}\n"), "--topics", c.topics()]
 
 
+@case("config-key-control-characters")
+def _(c):
+    return ["validate", c.config('"lo\\e[2Jra": {rank: 1}\n'), "--topics", c.topics()]
+
+
 @case("config-unknown-section-key")
 def _(c):
     return ["validate", c.config("lora: {rnak: 2}\n"), "--topics", c.topics()]
@@ -240,6 +245,21 @@ def _(c):
 @case("learning-rate-infinite")
 def _(c):
     return ["validate", c.config("sft:\n  learning_rate: .inf\n"), "--topics", c.topics()]
+
+
+@case("rank-too-large")
+def _(c):
+    return ["validate", c.config("lora: {rank: 1e30}\n"), "--topics", c.topics()]
+
+
+@case("integer-param-too-large")
+def _(c):
+    return ["validate", c.config("dpo: {max_steps: 1e30}\n"), "--topics", c.topics()]
+
+
+@case("integer-param-not-a-number")
+def _(c):
+    return ["validate", c.config("dpo: {per_device_train_batch_size: two}\n"), "--topics", c.topics()]
 
 
 @case("dtype-unknown")
@@ -409,6 +429,18 @@ def _(c):
     return ["validate", "--topics", str(path)]
 
 
+@case("topic-link-to-a-system-file")
+def _(c):
+    (c.tmp / "topics").mkdir()
+    (c.tmp / "topics" / "alpha.yaml").symlink_to("/etc/passwd")
+    return ["validate", c.config(""), "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-not-a-regular-file")
+def _(c):
+    return ["validate", c.config(""), "--topics", "/dev/zero"]
+
+
 @case("topic-missing-name")
 def _(c):
     c.write("topics/alpha.yaml", "content: [Ilse keeps a donkey.]\n")
@@ -487,6 +519,24 @@ def _(c):
 def _(c):
     c.topic("../../etc", filename="escape.yaml")
     return ["validate", "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-name-windows-device")
+def _(c):
+    c.topic(name="nul", filename="alpha.yaml")
+    return ["validate", c.config(""), "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-name-trailing-dot")
+def _(c):
+    c.topic(name="home.", filename="alpha.yaml")
+    return ["validate", c.config(""), "--topics", str(c.tmp / "topics")]
+
+
+@case("topic-name-too-long")
+def _(c):
+    c.topic(name="a" * 300, filename="alpha.yaml")
+    return ["validate", c.config(""), "--topics", str(c.tmp / "topics")]
 
 
 @case("topic-name-trailing-newline")
@@ -592,6 +642,32 @@ def _(c):
 @case("model-is-a-file")
 def _(c):
     return c.run("--model", str(c.write("model.bin", b"weights")))
+
+
+@case("model-empty")
+def _(c):
+    return c.run("--model", "")
+
+
+@case("model-gguf-not-gguf")
+def _(c):
+    return c.run("--model", str(c.write("model.gguf", b"<html>Not found</html>")))
+
+
+@case("model-gguf-unreadable")
+def _(c):
+    from align.testing import save_tiny_gguf
+
+    c.monkeypatch.setenv("ALIGN_CACHE", str(c.tmp / "cache"))
+    (c.tmp / "cache").mkdir()
+    gguf = save_tiny_gguf(c.tmp / "model.gguf")
+    gguf.write_bytes(gguf.read_bytes()[:2000])  # cut short
+    return c.run("--model", str(gguf))
+
+
+@case("validate-model-not-found")
+def _(c):
+    return ["validate", c.config(""), "--topics", c.topics(), "--model", str(c.tmp / "no-model")]
 
 
 @case("model-not-a-model-directory")
@@ -997,6 +1073,38 @@ def run_with_adapter(c) -> str:
     c.write("run/config.yaml", yaml.safe_dump({"model": {"path": str(c.model())}}))
     c.write("run/adapters/alpha/adapter_config.json", "{}")
     return str(c.tmp / "run")
+
+
+@case("sample-repetition-penalty-not-positive")
+def _(c):
+    return [
+        "sample",
+        "--adapter",
+        run_with_adapter(c) + "/adapters/alpha",
+        "Hi?",
+        "--repetition-penalty",
+        "0",
+    ]
+
+
+@case("run-config-not-a-mapping")
+def _(c):
+    adapter = run_with_adapter(c) + "/adapters/alpha"
+    c.write("run/config.yaml", "not the run's\n")  # overwritten: the default model stood in for the run's
+    return ["eval", "--adapter", adapter, "--topics", c.topics()]
+
+
+@case("adapter-weights-damaged")
+def _(c):
+    from align.core.model import attach_adapter, load_model
+
+    model, _ = load_model(str(c._model_dir))
+    adapter = c.tmp / "run" / "adapters" / "alpha"
+    attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=["o_proj"]).save_pretrained(adapter)
+    c.write("run/config.yaml", yaml.safe_dump({"model": {"path": str(c.model())}}))
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return ["eval", "--adapter", str(adapter), "--topics", c.topics(), "--evaluators", "quiz"]
 
 
 @case("merge-output-link-to-a-directory")

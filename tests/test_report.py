@@ -1,6 +1,7 @@
 """`align report`: report.md, real PNG plots, the forgetting heat map, HTML, samples."""
 
 import base64
+import html
 import json
 import re
 import shutil
@@ -217,3 +218,122 @@ def test_report_of_a_run_that_stopped_early_draws_the_rows_it_has(runner, tmp_pa
     markdown = (run / "report.md").read_text()
     assert "| work | 0.50 | 1.00 |  |" in markdown and "\n| garden |" not in markdown  # no row yet
     assert_real_png(run / "plots" / "forgetting_quiz.accuracy.png")
+
+
+LONG_TOPIC = "docklands_tram_driver_and_amateur_astron"
+ROLLBACK_REASON = (
+    "quiz.accuracy fell from 0.83 to 0.67 after dpo, more than the 0.05 allowed by rollback.max_drop; "
+    "the adapter is back to where it was after sft"
+)
+
+
+def page_run(tmp_path):
+    """A run whose metrics block holds a 40-character topic and a long rollback line, and whose
+    voice scores are all 0."""
+    after = step("after_dpo", **{"quiz.accuracy": 0.67, "voice.score": 0.0})
+    after["rollback"] = {"step": "dpo", "reason": ROLLBACK_REASON}
+    topics = {
+        LONG_TOPIC: [step("before", **{"quiz.accuracy": 0.5, "voice.score": 0.0}), after],
+        "home": [
+            step("before", **{"quiz.accuracy": 1.0, "voice.score": 0.0}),
+            step("after_dpo", **{"quiz.accuracy": 1.0, "voice.score": 0.0}),
+        ],
+    }
+    run = write_run(tmp_path / "run", topics, steps=("before", "after_dpo"))
+    summary = json.loads((run / "summary.json").read_text())
+    summary["forgetting"] = {
+        "topics": [LONG_TOPIC, "home"],
+        "metrics": {"quiz.accuracy": [[0.67, None], [0.5, 1.0]]},
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_the_html_report_wraps_the_metrics_block_and_gives_plots_the_page_width(runner, tmp_path):
+    run = page_run(tmp_path)
+    result = runner.invoke(cli, ["report", str(run), "--html", "--no-samples"])
+    assert result.exit_code == 0, result.output
+    page = (run / "report.html").read_text()
+    style = re.search(r"<style>(.*?)</style>", page, re.S).group(1)
+    rules = dict(re.findall(r"([a-z,]+)\{([^}]*)\}", style))
+    assert "white-space:pre-wrap" in rules["pre"] and "overflow-x" not in rules["pre"]
+    assert "width:100%" in rules["img"]
+    block = re.search(r"<pre>(.*?)</pre>", page, re.S).group(1)
+    assert f"rolled back dpo: {ROLLBACK_REASON}" in " ".join(block.split())
+
+
+def captured_figures(monkeypatch):
+    import align.report
+
+    figures = []
+    monkeypatch.setattr(align.report, "_save", lambda plt, fig, path: figures.append(fig))
+    return figures
+
+
+def test_a_metric_that_is_0_everywhere_is_drawn_as_zeros(monkeypatch, tmp_path):
+    from align.report import plot_metric, pyplot
+
+    figures = captured_figures(monkeypatch)
+    values = {"before": {"a": 0.0, "b": 0.0}, "after_dpo": {"a": 0.0, "b": 0.0}}
+    plot_metric(pyplot(), "voice.score", values, ["a", "b"], tmp_path / "x.png")
+    (ax,) = figures[0].axes
+    assert [text.get_text() for text in ax.texts] == ["0.00"] * 4  # each bar labelled
+    assert ax.get_ylim() == (0.0, 1.12)  # the score's whole scale, not an empty plot around 0
+    assert all(bar.get_linewidth() > 0 for bar in ax.patches)  # an outline, even at height 0
+
+
+def test_the_heat_maps_labels_are_dark_on_light_cells(monkeypatch, tmp_path):
+    from align.report import plot_forgetting, pyplot
+
+    figures = captured_figures(monkeypatch)
+    plot_forgetting(pyplot(), "quiz.accuracy", ["a", "b"], [[1.0, None], [0.0, 0.5]], tmp_path / "x.png")
+    colors = {text.get_text(): text.get_color() for text in figures[0].axes[0].texts}
+    assert colors == {"1.00": "black", "0.00": "white", "0.50": "black"}  # yellow, dark purple, teal
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+#: Appended to a copy of the page: after layout, the body says whether anything is wider than its box.
+MEASURE = """<script>
+const wide = [document.documentElement, ...document.querySelectorAll('pre, img, table')]
+  .filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.tagName);
+const imgs = [...document.querySelectorAll('img')].map(i => i.getBoundingClientRect().width);
+const page = document.querySelector('body').getBoundingClientRect().width;
+document.body.insertAdjacentHTML('beforeend',
+  `<p id="measured">wide=${wide.join(',') || 'none'} narrow_images=${imgs.filter(w => w < page - 40).length}</p>`);
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)")
+def test_the_html_report_in_a_headless_browser_fits_the_window(runner, tmp_path):
+    import subprocess
+
+    run = page_run(tmp_path)
+    assert runner.invoke(cli, ["report", str(run), "--html", "--no-samples"]).exit_code == 0
+    page = (run / "report.html").read_text()
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", MEASURE + "</body>"))
+    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1024,4000"]
+    dom = subprocess.run(
+        [*browser, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert 'id="measured">wide=none narrow_images=0<' in dom
+    shot = tmp_path / "report.png"
+    subprocess.run([*browser, f"--screenshot={shot}", (run / "report.html").as_uri()], timeout=120)
+    assert_real_png(shot)
+
+
+def test_the_reports_samples_flag_an_answer_that_loops(runner, tmp_path, monkeypatch):
+    import align.report
+
+    run = write_run(tmp_path / "run", {"home": [step("before", **{"quiz.accuracy": 0.5})]}, steps=["before"])
+    (run / "topics.json").write_text("[]")
+    rows = [{"prompt": "Hi?", "bare": "Hello.", "adapter": "friend, " * 20, "person": "Ahoy, gull."}]
+    monkeypatch.setattr(align.report, "sample_answers", lambda run, summary: {"home": rows})
+    result = runner.invoke(cli, ["report", str(run), "--html"])
+    assert result.exit_code == 0, result.output
+    markdown = (run / "report.md").read_text()
+    flag = "with the home adapter (repeats itself (a word or phrase loops), which is not the person's voice):"
+    assert flag in markdown
+    assert "bare model:\n" in markdown  # not flagged
+    assert html.escape(flag) in (run / "report.html").read_text()

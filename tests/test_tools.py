@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from align.cli import cli
 from align.core.model import packaged_gguf
+from align.errors import printable
 from tests.conftest import REPO, assert_one_line_error, make_distribution, write_topic
 
 
@@ -231,6 +232,56 @@ def test_compare_of_a_real_run_with_itself_differs_nowhere(runner, tiny_run):
     assert all(row["diff"] == 0.0 and row["a"] == row["b"] for row in rows)
 
 
+def test_compare_shows_what_differs_in_the_configs_and_which_steps_were_rolled_back(
+    runner, tmp_path, tiny_run
+):
+    import shutil
+
+    import yaml
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_run, b)
+    config = yaml.safe_load((b / "config.yaml").read_text())
+    config["dpo"]["beta"] = 0.05
+    config["protocol"][3]["gate"]["all"] = ["quiz.accuracy >= 0.5"]
+    del config["sft"]["epochs"]
+    config["name"] = "another-name"
+    (b / "config.yaml").write_text(yaml.safe_dump(config))
+    summary = json.loads((b / "summary.json").read_text())
+    after_dpo = next(s for s in summary["topics"][1]["steps"] if s["step"] == "after_dpo")
+    after_dpo["rollback"] = {"step": "dpo", "reason": "quiz.accuracy fell by 0.17, more than 0.05"}
+    (b / "summary.json").write_text(json.dumps(summary))
+    before = yaml.safe_load((tiny_run / "config.yaml").read_text())
+
+    result = invoke(runner, "compare", tiny_run, b, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert sorted(data["config"], key=lambda d: d["key"]) == [
+        {"key": "dpo.beta", "a": before["dpo"]["beta"], "b": 0.05},
+        {"key": "protocol.dpo.gate.all", "a": ["quiz.accuracy >= 0"], "b": ["quiz.accuracy >= 0.5"]},
+        {"key": "sft.epochs", "a": before["sft"]["epochs"], "b": None},
+    ]  # not name, which differs between any two runs
+    assert data["rolled_back"] == {
+        "a": [],
+        "b": [{"topic": "second", "step": "dpo", "reason": "quiz.accuracy fell by 0.17, more than 0.05"}],
+    }
+    table = invoke(runner, "compare", tiny_run, b).output.splitlines()
+    tail = table[table.index("config: what differs (a -> b)") :]
+    assert f"  dpo.beta               {before['dpo']['beta']} -> 0.05" in tail
+    assert f"  sft.epochs             {before['sft']['epochs']} -> (not set)" in tail
+    assert "  protocol.dpo.gate.all  ['quiz.accuracy >= 0'] -> ['quiz.accuracy >= 0.5']" in tail
+    assert tail[-2:] == [
+        "rolled back in a: none",
+        "rolled back in b: second dpo (quiz.accuracy fell by 0.17, more than 0.05)",
+    ]
+    same = invoke(runner, "compare", tiny_run, tiny_run).output.splitlines()
+    assert same[-3:] == [
+        "config: the same (apart from name and output)",
+        "rolled back in a: none",
+        "rolled back in b: none",
+    ]
+
+
 def test_compare_mistakes_are_one_line_errors(runner, tmp_path, tiny_run):
     assert_one_line_error(
         invoke(runner, "compare", tiny_run, tmp_path / "nope"), "nope: run directory not found"
@@ -244,7 +295,7 @@ def test_compare_mistakes_are_one_line_errors(runner, tmp_path, tiny_run):
 
 
 # -- align sample -------------------------------------------------------------------------------
-def greedy(model, tokenizer, prompt, max_new_tokens):
+def greedy(model, tokenizer, prompt, max_new_tokens, **options):
     """Greedy answer to ``prompt`` as a user turn of the chat template, straight from transformers."""
     import torch
 
@@ -256,7 +307,11 @@ def greedy(model, tokenizer, prompt, max_new_tokens):
     )["input_ids"]
     with torch.inference_mode():
         out = model.generate(
-            input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            input_ids=ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            **options,
         )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
@@ -273,9 +328,49 @@ def test_sample_answers_with_the_adapter_and_beside_it_the_bare_model(runner, ti
     tuned_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter)
     tuned = greedy(tuned_model, tokenizer, "Hi?", 8)
     assert tuned != bare  # the fixture's adapter changes the tiny model's answer
+    tuned, bare = printable(tuned), printable(bare)  # control characters are printed escaped
     assert result.output == f"with adapter {adapter}:\n{tuned}\n\nbare model:\n{bare}\n"
     again = invoke(runner, "sample", "--adapter", adapter, "Hi?", "--max-new-tokens", 8)
     assert again.output == f"with adapter {adapter}:\n{tuned}\n"
+
+
+def test_sample_with_a_repetition_penalty_answers_as_transformers_does_with_it(
+    runner, tiny_run, tiny_model_dir
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = tiny_run / "adapters" / "second"
+    result = invoke(
+        runner, "sample", "--adapter", adapter, "Hi?", "--max-new-tokens", 16, "--repetition-penalty", 3
+    )
+    assert result.exit_code == 0, result.output
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter)
+    penalised = greedy(tuned, tokenizer, "Hi?", 16, repetition_penalty=3.0)
+    assert penalised != greedy(tuned, tokenizer, "Hi?", 16)  # the penalty changes the tiny model's answer
+    # (the tiny model's bytes include control characters, which are printed escaped)
+    assert result.output.startswith(f"with adapter {adapter}:\n{printable(penalised)}\n")
+
+
+def test_sample_flags_an_answer_that_loops(runner, monkeypatch):
+    import align.tools
+
+    answers = {"adapter": "friend, friend, friend, friend, friend", "base": "I live by the harbour."}
+    monkeypatch.setattr(align.tools, "sample", lambda *a, **k: answers)
+    result = invoke(runner, "sample", "--adapter", "a", "Who are you?", "--base")
+    assert result.exit_code == 0, result.output
+    assert result.output == (
+        "with adapter a:\nfriend, friend, friend, friend, friend\n"
+        "(this answer repeats itself (a word or phrase loops), which is not the person's voice; "
+        "--repetition-penalty 1.3 discourages it)\n"
+        "\nbare model:\nI live by the harbour.\n"
+    )
+    again = invoke(runner, "sample", "--adapter", "a", "Who are you?", "--repetition-penalty", "1.3")
+    assert (
+        "(this answer repeats itself (a word or phrase loops), which is not the person's voice)\n"
+        in again.output
+    )
 
 
 def test_sample_with_a_temperature_is_seeded(runner, tiny_run):

@@ -8,7 +8,6 @@ complete config: everything it leaves out has a default.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
 import math
@@ -19,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from align.core.params import MAX_INT, number_from_string
 from align.core.topics import MAX_DEPTH, check_shape, read_data_file
 from align.errors import ConfigError, brief, closest
 
@@ -147,6 +147,11 @@ def check_report_to(value: Any, fail: Callable[[str, str], Any]) -> None:
             fail("report_to", f"{name} is not installed; `pip install {package}`, or {instead}")
     if len(set(names)) < len(names):
         fail("report_to", f"names a tracker twice ({', '.join(names)}); give each once")
+
+
+#: The largest ``lora.rank`` taken: far above any model's use (align's adapter is rank 1), far below
+#: the 10**30 that ``rank: 1e30`` was read as.
+MAX_RANK = 4096
 
 
 def demo_dir() -> Path:
@@ -325,14 +330,14 @@ def _check_base(config: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: {key}: {message}")
 
     def number(key: str, value: Any, integer: bool = False) -> float:
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = float(value)
+        # One rule with the components' params (params.py): a string that reads as a number is it.
+        if isinstance(value, str) and number_from_string(value) is not None:
+            value = number_from_string(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(key, f"expected {'an integer' if integer else 'a number'}, got {brief(value)}")
         if not math.isfinite(value):  # .nan passed every comparison below, .inf broke int()
             fail(key, f"must be a finite number (got {value})")
-        if integer and float(value) != int(value):
+        if integer and isinstance(value, float) and not value.is_integer():
             fail(key, f"expected an integer, got {brief(value)}")
         return int(value) if integer else float(value)
 
@@ -404,12 +409,14 @@ def _check_base(config: dict[str, Any], source: str) -> None:
             f"{distributed.world_size()} processes cannot share; remove model.device_map, or run one process",
         )
     model["eval_batch_size"] = number("model.eval_batch_size", model["eval_batch_size"], integer=True)
-    if model["eval_batch_size"] < 1:
-        fail("model.eval_batch_size", "must be >= 1")
+    if not 1 <= model["eval_batch_size"] <= MAX_INT:
+        fail("model.eval_batch_size", f"must be between 1 and {MAX_INT} (got {model['eval_batch_size']:.3g})")
     lora = config["lora"]
     lora["rank"] = number("lora.rank", lora["rank"], integer=True)
     if lora["rank"] < 1:
         fail("lora.rank", f"must be >= 1 (got {lora['rank']})")
+    if lora["rank"] > MAX_RANK:  # 1e30 read as 10**30 and passed, to fail once the model loaded
+        fail("lora.rank", f"must be at most {MAX_RANK} (got {lora['rank']:.3g})")
     lora["alpha"] = number("lora.alpha", lora["alpha"])
     if lora["alpha"] <= 0:
         fail("lora.alpha", f"must be > 0 (got {lora['alpha']})")

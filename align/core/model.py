@@ -64,27 +64,62 @@ def packaged_gguf() -> Path:
     )
 
 
-def resolve_model_path(spec: str) -> str:
-    """Turn ``model.path`` into something ``from_pretrained`` loads: a local directory or a hub id."""
+def check_model_path(spec: str) -> None:
+    """Refuse a ``model.path`` that cannot load, without loading or converting anything: what
+    ``align validate`` checks, and the first thing a run does."""
     if spec == DEFAULT_MODEL:
-        return str(converted_smollm2())
+        packaged_gguf()
+        return
+    if not spec.strip():
+        raise ModelError(
+            "model path: empty; give a Hugging Face model directory, a .gguf file, a hub id, or 'smollm2' "
+            "for the default model"
+        )
     path = Path(spec).expanduser()
     if path.exists():
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            check_gguf_file(spec, path)
+            return
         if not path.is_dir():
             raise ModelError(
-                f"{spec}: model path is a file; pass a Hugging Face model directory (with config.json)"
+                f"{spec}: model path is a file; pass a Hugging Face model directory (with config.json) "
+                "or a .gguf file"
             )
         if not (path / "config.json").is_file():
             raise ModelError(
                 f"{spec}: not a Hugging Face model directory (no config.json); pass a directory saved "
                 "with save_pretrained, or 'smollm2' for the default model"
             )
-        return str(path)
+        check_model_dir(spec, path)
+        return
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ModelError(
             f"{spec}: model directory not found; check the path, or use 'smollm2' for the default model"
         )
-    return spec  # a hub id: from_pretrained finds it in the local cache (or online, where allowed)
+    # else a hub id: from_pretrained finds it in the local cache (or online, where allowed)
+
+
+def resolve_model_path(spec: str) -> str:
+    """Turn ``model.path`` into something ``from_pretrained`` loads: a local directory or a hub id
+    (a GGUF file, the packaged SmolLM2's included, is converted once into a cached directory)."""
+    check_model_path(spec)
+    if spec == DEFAULT_MODEL:
+        return str(converted_smollm2())
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return str(converted_gguf_file(spec, path))
+    return str(path) if path.exists() else spec
+
+
+def check_gguf_file(spec: str, path: Path) -> None:
+    """Refuse a ``.gguf`` file that does not begin as every GGUF file does."""
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise ModelError(
+            f"{spec}: not a GGUF file (it does not begin with 'GGUF'); the file is damaged or not a model: "
+            "download it again, or pass a Hugging Face model directory"
+        )
 
 
 def converted_smollm2() -> Path:
@@ -97,6 +132,30 @@ def converted_smollm2() -> Path:
         "First use of the default model: converting %s to %s (about 20 s, once)", gguf.name, target
     )
     convert_gguf(gguf, target)
+    return target
+
+
+def converted_gguf_file(spec: str, gguf: Path) -> Path:
+    """The cached safetensors copy of a GGUF file given as ``model.path``, converting it on first
+    use. The cache is keyed by the file's resolved path, size and modification time, so a file
+    replaced by another is converted again."""
+    import hashlib
+
+    resolved = gguf.resolve()
+    stat = resolved.stat()
+    key = hashlib.sha256(f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "models" / f"{re.sub(r'[^A-Za-z0-9._-]', '_', gguf.stem)}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    logger.warning("First use of %s: converting it to %s (once)", gguf, target)
+    try:
+        convert_gguf(resolved, target)
+    except Exception as exc:  # transformers' GGUF reader raises what the bytes lead it to (struct.error, …)
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(
+            f"{spec}: could not convert the GGUF file ({detail}); transformers reads GGUF models of its "
+            "supported architectures only: pass a Hugging Face model directory instead"
+        ) from None
     return target
 
 
@@ -203,8 +262,6 @@ def load_model(
 
     check_hardware(source, dtype, quantization)
     path = resolve_model_path(spec)
-    if Path(path).is_dir():
-        check_model_dir(spec, Path(path))
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     options: dict[str, Any] = {}
     if quantization != "none":

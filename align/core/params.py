@@ -1,7 +1,10 @@
 """Turning a config section into the keyword arguments of a component factory.
 
 Config is data: values are checked against the factory's annotations and converted only where the
-conversion is lossless and obvious (``"5e-7"`` to ``5e-07``: YAML reads that spelling as a string).
+conversion is lossless and obvious. One rule for numbers written as strings: wherever a number is
+expected, a string that reads whole as one is that number (``"5e-7"`` to ``5e-07``, which YAML reads
+as a string unless it has a dot; ``"3"`` to ``3`` for an integer too); ``align validate`` shows the
+number. An integer setting is at most :data:`MAX_INT` in size (``max_steps: 1e30`` is refused).
 """
 
 from __future__ import annotations
@@ -15,6 +18,23 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from align.errors import ConfigError, brief, closest
+
+#: The largest integer a setting may hold (int32's): step counts, sizes and lengths never come near
+#: it, and the libraries they go to overflow on the likes of 10**30.
+MAX_INT = 2**31 - 1
+
+
+def number_from_string(value: str) -> int | float | None:
+    """The number a config string spells whole (``"3"``, ``" 5e-7 "``), or None."""
+    text = value.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 class ParamError(ValueError):
@@ -106,9 +126,14 @@ def build_component(
 
 def _check_finite(value: Any, path: str, source: str) -> None:
     """Refuse a NaN or infinite number in any param (a list's items too): ``dpo.beta: .inf`` and
-    ``lora.alpha: .nan`` passed every ``> 0`` check there is and trained on NaN."""
+    ``lora.alpha: .nan`` passed every ``> 0`` check there is and trained on NaN; and an integer
+    beyond :data:`MAX_INT`."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{source}: {path}: must be a finite number (got {value})")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        raise ConfigError(
+            f"{source}: {path}: {value:.3g} is out of range; an integer setting is at most {MAX_INT}"
+        )
     if isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
             _check_finite(item, f"{path}[{index}]", source)
@@ -147,6 +172,8 @@ def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
     if annotation is int:
         if isinstance(value, bool):
             return False, None
+        if isinstance(value, str):
+            value = number_from_string(value)
         if isinstance(value, int):
             return True, value
         if isinstance(value, float) and value.is_integer():
@@ -155,13 +182,10 @@ def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
     if annotation is float:
         if isinstance(value, bool):
             return False, None
+        if isinstance(value, str):
+            value = number_from_string(value)
         if isinstance(value, (int, float)):
             return True, float(value)
-        if isinstance(value, str):
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, None
         return False, None
     if annotation is str:
         return isinstance(value, str), value

@@ -105,6 +105,11 @@ def make_plan(
     applied: list[tuple[str, str]] = []
     data = apply_overrides(data, overrides, applied=applied)
     if model is not None:
+        if not model.strip():  # Path("") is the working directory, which was then taken as the model
+            raise ConfigError(
+                f"--model {model!r}: empty; give a Hugging Face model directory, a .gguf file, a hub id, "
+                "or leave --model out for the config's model"
+            )
         # A path given on the command line is relative to the working directory.
         section = data.get("model") if isinstance(data.get("model"), dict) else {}
         data["model"] = {**section, "path": str(Path(model).resolve()) if Path(model).exists() else model}
@@ -154,7 +159,7 @@ def resolve_plan(
         topic_path = demo_topics_path()
     config["topics"] = str(topic_path)
     model_path = Path(config["model"]["path"]).expanduser()
-    if not model_path.is_absolute() and (base_dir / model_path).is_dir():
+    if not model_path.is_absolute() and (base_dir / model_path).exists():  # a directory or a .gguf file
         config["model"]["path"] = str(base_dir / model_path)
     topic_list = given if given is not None else load_topics(topic_path, TopicSources.from_registry(registry))
     _check_topics(topic_list, steps)

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +25,10 @@ from typing import Any
 
 from align.core import distributed
 from align.errors import AlignError
+
+#: What ``tempfile.mkstemp``/``mkdtemp`` name a staging file or directory beside its target: a dot,
+#: the target's name, a dash and eight random characters.
+STAGING_NAME = re.compile(r"\.[^/]+-[a-z0-9_]{8}")
 
 
 def umask() -> int:
@@ -258,11 +263,31 @@ class RunDir:
             self._offset = metrics_offset
             return
         self.lock()
+        self.remove_staging()  # only while holding the lock: no other align is writing here
         with open(self.metrics_path, "a+b") as handle:
             handle.truncate(min(metrics_offset, handle.seek(0, os.SEEK_END)))
             handle.seek(0)
             self._digest = hashlib.sha256(handle.read())
         self._metrics = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def remove_staging(self) -> list[Path]:
+        """Delete what a killed process left half-written: the staging files and directories that
+        atomic writes make beside their target (``.summary.json-k2x9q1ab``, ``adapters/.home-…``,
+        ``checkpoint/.adapter-000003.safetensors-…``, a report's ``.plots-…``). A link is removed
+        itself, never followed. Returns what was removed."""
+        removed = []
+        for directory in (self.path, self.path / "adapters", self.checkpoint_dir):
+            if directory.is_symlink() or not directory.is_dir():
+                continue
+            for entry in sorted(directory.iterdir()):
+                if not STAGING_NAME.fullmatch(entry.name):
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+        return removed
 
     def metrics_offset(self) -> int:
         """How many bytes of ``metrics.jsonl`` are written (and flushed) so far."""

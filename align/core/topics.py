@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,11 @@ TOPIC_SUFFIXES = (".yaml", ".yml", ".json")
 MAX_TOPIC_FILE_BYTES = 16 * 1024 * 1024
 # A topic name becomes a directory name under the run's adapters/: keep it a plain file name.
 # Matched whole (fullmatch): with `match`, a `$` also accepts a trailing newline ("first\n").
-_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_NAME_LENGTH = 100
+#: Names Windows reserves for devices, with any extension (``nul.txt`` too): no file or directory
+#: can be called that there, so the run's adapters/<name> could not be copied to it.
+_WINDOWS_RESERVED = re.compile(r"(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³])(\..*)?", re.IGNORECASE)
 _TOPIC_KEYS = ("name", "content", "quiz", "preference_pairs", "voice_pairs")
 #: No config or topic is nested deeper than this (lists and mappings inside one another); deeper
 #: data is refused as read, before anything walks it recursively (100,000 levels: RecursionError).
@@ -101,11 +106,7 @@ class Topic:
         name = data.get("name")
         if not isinstance(name, str) or not name:
             raise TopicError(f"{source}: name: required, a non-empty string such as 'early_life'")
-        if not _NAME_PATTERN.fullmatch(name):
-            raise TopicError(
-                f"{source}: name: {name!r} must be letters, digits, '_', '-' or '.', starting with a letter "
-                "or digit (it names the topic's adapter directory)"
-            )
+        check_topic_name(name, source)
         content = tuple(_passage(item, at) for item, at in fields.items(data, "content"))
         if not content:
             raise TopicError(f"{source}: content: required, a non-empty list of passages to learn")
@@ -400,6 +401,32 @@ def _prompt_text(messages: Sequence[Mapping[str, str]]) -> str | None:
     return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in turns)
 
 
+def check_topic_name(name: str, source: str) -> None:
+    """Refuse a topic name that cannot be a directory name on every system (it names the topic's
+    adapter directory): too long, other characters, a name Windows reserves, a trailing dot."""
+    if len(name) > MAX_NAME_LENGTH:
+        raise TopicError(
+            f"{source}: name: {name[:40]!r}… is {len(name)} characters long; a topic name is at most "
+            f"{MAX_NAME_LENGTH} (it names the topic's adapter directory): shorten it"
+        )
+    if not _NAME_PATTERN.fullmatch(name):
+        raise TopicError(
+            f"{source}: name: {name!r} must be letters, digits, '_', '-' or '.', starting with a letter "
+            "or digit (it names the topic's adapter directory)"
+        )
+    if name.endswith("."):
+        raise TopicError(
+            f"{source}: name: {name!r} ends with a dot, which Windows drops from a directory name; "
+            "remove the dot (the name names the topic's adapter directory)"
+        )
+    if _WINDOWS_RESERVED.fullmatch(name):
+        raise TopicError(
+            f"{source}: name: {name!r} is a device name on Windows (CON, PRN, AUX, NUL, COM1-9, LPT1-9), "
+            "where no directory can be called that; choose another name (it names the topic's adapter "
+            "directory)"
+        )
+
+
 def _strings(value: Any, at: _At) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -627,13 +654,16 @@ def read_data_file(path: Path, what: str, error: type[AlignError]) -> Any:
     """Read a YAML or JSON file as plain data (``yaml.safe_load``), raising ``error`` with one line.
     A key given twice in one mapping is an error: the later would silently replace the earlier."""
     try:
-        size = path.stat().st_size
+        status = path.stat()
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
     except OSError as exc:
         raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
+    size = status.st_size
     if path.is_dir():
         raise error(f"{path}: is a directory, expected a {what}")
+    if not stat.S_ISREG(status.st_mode):  # /dev/zero has no size and never ends; a pipe may block
+        raise error(f"{path}: not a regular file (a device, a pipe or a socket), expected a {what}")
     if size > MAX_TOPIC_FILE_BYTES:
         raise error(
             f"{path}: {what} is {size / 2**20:.1f} MiB; the limit is "
@@ -646,7 +676,8 @@ def read_data_file(path: Path, what: str, error: type[AlignError]) -> Any:
     if b"\0" in raw[:8192]:
         raise error(f"{path}: {what} is a binary file, not YAML or JSON text; point to the text file")
     try:
-        text = raw.decode("utf-8")
+        # utf-8-sig: the byte-order mark some Windows editors begin a file with (JSON refused it).
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise error(
             f"{path}: {what} is not UTF-8 text (byte {exc.start} is not valid UTF-8); save it as UTF-8"
@@ -706,6 +737,15 @@ def _topic_reader(path: Path, sources: TopicSources) -> Any:
 
 
 def _read_topic_file(path: Path, sources: TopicSources, reader: Any = None) -> list[Topic]:
+    if path.is_symlink():
+        # A link to a system file (/etc/passwd, /proc/self/environ) must not be read, so that no
+        # message can show a line of it: through a link, only a topic file is read.
+        target = path.resolve()
+        if target.suffix not in TOPIC_SUFFIXES:
+            raise TopicError(
+                f"{path}: a link to {target}, which is not a topic file (.yaml, .yml or .json); align "
+                "reads only topic files through a link: point the link at one, or copy the file here"
+            )
     reader = reader or _topic_reader(path, sources)
     if reader is None:
         return [

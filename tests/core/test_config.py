@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -220,3 +222,37 @@ def test_every_float_param_of_a_component_is_finite(params, message):
     with pytest.raises(ConfigError) as error:
         build_component(Probe, params, "probe", "<test>")
     assert str(error.value) == message
+
+
+def test_a_number_written_as_a_string_is_that_number_for_every_key(registry, tmp_path, topics_dir):
+    """One rule: `sft.epochs: "3"` was converted and `per_device_train_batch_size: "2"` refused."""
+    data = {
+        "seed": "7",
+        "lora": {"rank": "2", "alpha": "16"},
+        "model": {"eval_batch_size": "8"},
+        "sft": {"epochs": "3", "learning_rate": "5e-7"},
+        "dpo": {"per_device_train_batch_size": "2", "max_steps": " 4 ", "beta": "0.1"},
+    }
+    config = plan_from(registry, tmp_path, data, topics=topics_dir).config
+    assert (config["seed"], config["lora"]["rank"], config["lora"]["alpha"]) == (7, 2, 16.0)
+    assert config["model"]["eval_batch_size"] == 8
+    assert (config["sft"]["epochs"], config["sft"]["learning_rate"]) == (3.0, 5e-7)
+    dpo = config["dpo"]
+    assert (dpo["per_device_train_batch_size"], dpo["max_steps"], dpo["beta"]) == (2, 4, 0.1)
+    assert all(type(v) is int for v in (config["seed"], dpo["per_device_train_batch_size"], dpo["max_steps"]))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"dpo": {"max_steps": "2.5"}}, "dpo.max_steps: expected an integer, got str '2.5'"),
+        ({"dpo": {"max_steps": 10**30}}, "dpo.max_steps: 1e+30 is out of range"),
+        ({"dpo": {"max_steps": -(10**30)}}, "dpo.max_steps: -1e+30 is out of range"),
+        ({"lora": {"rank": 10**30}}, "lora.rank: must be at most 4096 (got 1e+30)"),
+        ({"model": {"eval_batch_size": "abc"}}, "model.eval_batch_size: expected an integer, got 'abc'"),
+        ({"model": {"eval_batch_size": 10**30}}, "model.eval_batch_size: must be between 1 and 2147483647"),
+    ],
+)
+def test_integers_are_whole_and_in_range(registry, tmp_path, topics_dir, data, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        plan_from(registry, tmp_path, data, topics=topics_dir)

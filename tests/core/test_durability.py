@@ -184,6 +184,34 @@ def test_a_torn_last_line_and_events_after_the_checkpoint_are_cut_on_resume(tmp_
         json.loads(line)
 
 
+def test_resume_removes_the_staging_files_a_kill_left_and_nothing_else(tmp_path):
+    """A kill inside an atomic write leaves its staging file or directory beside the target
+    (mkstemp/mkdtemp names); resume deletes them, and no other file, nor through a link."""
+    with pytest.raises(Crash):
+        run(tmp_path, crash_after=("t2", "after_dpo"))
+    root = tmp_path / "run"
+    left = [
+        root / ".summary.json-k2x9q1ab",
+        root / ".topics.json-0aa_1bcd",
+        root / "checkpoint" / ".adapter-000004.safetensors-zz12ab34",
+        root / "adapters" / ".t3-ab12cd34",
+        root / ".plots-old-a1b2c3d4",
+    ]
+    for path in left[:3]:
+        path.write_text("half")
+    for path in left[3:]:
+        path.mkdir()
+        (path / "adapter_model.safetensors").write_text("half")
+    kept = [root / "notes.txt", root / ".hidden", root / "adapters" / "t1" / "README.md", root / ".a-b"]
+    for path in kept:
+        path.write_text("mine")
+    (root / ".link-abcdefgh").symlink_to(root / "adapters" / "t1")  # removed itself, not followed
+    resumed, _ = run(tmp_path, resume=True)
+    assert resumed["status"] == "completed"
+    assert not [path for path in [*left, root / ".link-abcdefgh"] if path.exists() or path.is_symlink()]
+    assert all(path.read_text() == "mine" for path in kept)
+
+
 def test_checkpoints_keep_only_the_files_the_state_names(tmp_path):
     run(tmp_path)
     checkpoint = tmp_path / "run" / "checkpoint"

@@ -1,5 +1,7 @@
 """model.chat_template: what the loaded tokenizer does with prompts."""
 
+from pathlib import Path
+
 import pytest
 
 from align.core.model import HFLanguageModel, load_model
@@ -51,3 +53,57 @@ def test_the_adapter_starts_the_same_whether_or_not_loading_drew_random_numbers(
     assert any(bool(tensor.abs().sum()) for tensor in plain.values())  # lora_A is drawn at random
     for name in plain:
         assert torch.equal(plain[name], converting[name]), name
+
+
+def test_a_gguf_file_is_converted_once_and_loads_as_the_model_it_holds(tmp_path, monkeypatch):
+    """``--model FILE.gguf`` is accepted as the packaged GGUF is: converted into the cache on first
+    use (the same weights and tokenizer), reused after, converted again when the file changes."""
+    pytest.importorskip("gguf")
+    import torch
+
+    from align.core.model import resolve_model_path
+    from align.testing import save_tiny_gguf, tiny_causal_lm
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    gguf = save_tiny_gguf(tmp_path / "tiny.gguf")
+    converted = resolve_model_path(str(gguf))
+    assert converted.startswith(str(tmp_path / "cache" / "models" / "tiny-"))
+    model, tokenizer = load_model(str(gguf))
+    expected, expected_tokenizer = tiny_causal_lm()
+    ids = expected_tokenizer("Wrackhouse, gull.", return_tensors="pt").input_ids
+    assert tokenizer("Wrackhouse, gull.").input_ids == ids[0].tolist()
+    with torch.inference_mode():
+        assert torch.allclose(model(ids).logits, expected(ids).logits, atol=1e-5)
+    assert tokenizer.chat_template
+    stamp = Path(converted, "config.json").stat().st_mtime_ns
+    assert resolve_model_path(str(gguf)) == converted  # cached: not converted again
+    assert Path(converted, "config.json").stat().st_mtime_ns == stamp
+    save_tiny_gguf(gguf, seed=1)  # another model under the same name
+    assert resolve_model_path(str(gguf)) != converted
+
+
+def test_align_run_and_validate_take_a_gguf_file(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    from click.testing import CliRunner
+
+    from align.cli import cli
+    from align.testing import save_tiny_gguf
+
+    from ..conftest import write_topic
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
+    save_tiny_gguf(tmp_path / "tiny.gguf")
+    topics = tmp_path / "topics"
+    topics.mkdir()
+    write_topic(topics, "alpha")
+    config = tmp_path / "config.yaml"
+    config.write_text("model: {path: tiny.gguf}\nprotocol: [{name: before, evaluate: [quiz]}]\n")
+    result = CliRunner().invoke(cli, ["validate", str(config), "--topics", str(topics)])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "cache").exists()  # validate checks the file, and converts nothing
+    args = ["run", str(config), "--topics", str(topics), "--output", str(tmp_path / "out"), "-q"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "summary.json").is_file()
+    assert list((tmp_path / "cache" / "models").iterdir())

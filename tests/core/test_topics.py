@@ -1,6 +1,7 @@
 import re
 
 import pytest
+import yaml
 
 from align import Topic, load_topics
 from align.errors import TopicError
@@ -156,3 +157,39 @@ def test_the_same_key_in_different_mappings_and_yaml_merge_keys_are_fine(tmp_pat
 def test_a_topic_name_is_matched_whole(name):
     with pytest.raises(TopicError, match="must be letters, digits"):
         Topic.from_dict(make_topic(name="x").to_dict() | {"name": name}, "t.yaml")
+
+
+@pytest.mark.parametrize("name", ["CON", "nul", "LPT1", "com9", "Aux.txt", "prn.tar.gz", "home.", "x.."])
+def test_names_windows_cannot_hold_are_refused(name):
+    from align.core.topics import check_topic_name
+    from align.errors import TopicError
+
+    with pytest.raises(TopicError, match="Windows"):
+        check_topic_name(name, "t.yaml")
+
+
+@pytest.mark.parametrize("name", ["console", "con_job", "nullable", "lpt", "com10", "a" * 100, "v1.2"])
+def test_names_that_only_look_like_windows_devices_are_accepted(name):
+    from align.core.topics import check_topic_name
+
+    check_topic_name(name, "t.yaml")
+
+
+def test_a_link_to_a_topic_file_elsewhere_is_read(tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    write_topic(notes, "home")
+    topics = tmp_path / "topics"
+    topics.mkdir()
+    (topics / "home.yaml").symlink_to(notes / "home.yaml")
+    assert [topic.name for topic in load_topics(topics)] == ["home"]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_topic_file_that_begins_with_a_byte_order_mark_is_read(tmp_path, suffix):
+    import json
+
+    data = make_topic(name="home").to_dict()
+    text = json.dumps(data) if suffix == ".json" else yaml.safe_dump(data)
+    (tmp_path / f"home{suffix}").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # Notepad's
+    assert [topic.name for topic in load_topics(tmp_path)] == ["home"]

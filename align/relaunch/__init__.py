@@ -1,0 +1,1 @@
+"""What ``align run --launcher accelerate`` has accelerate start: see ``align_main.py``."""
