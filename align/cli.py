@@ -404,9 +404,7 @@ def validate(config, topics, model, overrides, output, strict_plugins, debug):
         ):
             missing = sum(1 for pair in getattr(topic, field) if pair.rejected is None)
             if missing:
-                _echo(
-                    f"  {topic.source}: {field}: {missing} without rejected; {whose}, take their place"
-                )
+                _echo(f"  {topic.source}: {field}: {missing} without rejected; {whose}, take their place")
         for index, item in enumerate(topic.quiz):
             if item.given is not None:  # the file gave the choice's text: say which index it became
                 _echo(f"  {topic.source}: quiz[{index}].answer: {item.given!r} is choice {item.answer}")

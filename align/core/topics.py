@@ -736,16 +736,20 @@ def _topic_reader(path: Path, sources: TopicSources) -> Any:
     return reader
 
 
-def _read_topic_file(path: Path, sources: TopicSources, reader: Any = None) -> list[Topic]:
+def _check_link(path: Path) -> None:
+    """Refuse a link to anything but a topic file before reading it: a link to a system file
+    (/etc/passwd, /proc/self/environ) must not be read, so that no message can show a line of it."""
     if path.is_symlink():
-        # A link to a system file (/etc/passwd, /proc/self/environ) must not be read, so that no
-        # message can show a line of it: through a link, only a topic file is read.
         target = path.resolve()
         if target.suffix not in TOPIC_SUFFIXES:
             raise TopicError(
                 f"{path}: a link to {target}, which is not a topic file (.yaml, .yml or .json); align "
                 "reads only topic files through a link: point the link at one, or copy the file here"
             )
+
+
+def _read_topic_file(path: Path, sources: TopicSources, reader: Any = None) -> list[Topic]:
+    _check_link(path)
     reader = reader or _topic_reader(path, sources)
     if reader is None:
         return [
@@ -790,6 +794,7 @@ def load_topics(path: str | Path, sources: TopicSources | None = None) -> list[T
             )
         raw: dict[Path, list[Mapping[str, Any]] | TopicError] = {}
         for p, reader in readers.items():
+            _check_link(p)
             try:
                 raw[p] = sources.read(reader, p)
             except TopicError as exc:  # a data file a topic names may not read as a topic: see below
