@@ -204,7 +204,8 @@ def on_policy_rejected(
     ``generated`` event with each pair's index, prompt and answer).
 
     A prompt the model answers with nothing keeps its written ``rejected`` answer, or, having none,
-    gets :data:`NO_ANSWER`.
+    gets :data:`NO_ANSWER`. So does a prompt the model answers word for word as ``chosen`` (listed
+    as ``same_as_chosen`` in the event): two equal answers teach no preference.
     """
     import dataclasses
 
@@ -214,15 +215,24 @@ def on_policy_rejected(
         [pairs[i].prompt for i in indices], max_new_tokens=max_new_tokens
     )
     new_pairs = list(pairs)
+    same: list[int] = []
     for i, answer in zip(indices, answers):
         pair = pairs[i]
-        new_pairs[i] = PreferencePair(pair.prompt, pair.chosen, answer.strip() or pair.rejected or NO_ANSWER)
+        text = answer.strip()
+        if text and " ".join(text.split()) == " ".join(pair.chosen.split()):
+            # The policy already answers as the person does (SFT on the chosen answers does that):
+            # a pair of two equal answers has no preference to learn, so the written rejected
+            # answer, where there is one, stays.
+            same.append(i)
+            text = pair.rejected or text
+        new_pairs[i] = PreferencePair(pair.prompt, pair.chosen, text or pair.rejected or NO_ANSWER)
     record = getattr(policy, "record", None)
     if record is not None:
         answered = [{"prompt": new_pairs[i].prompt, "answer": new_pairs[i].rejected} for i in indices]
         if only_missing:
             answered = [{"pair": i, **entry} for i, entry in zip(indices, answered)]
-        record("generated", purpose="rejected", answers=answered)
+        extra = {"same_as_chosen": same} if same else {}
+        record("generated", purpose="rejected", answers=answered, **extra)
     return dataclasses.replace(topic, preference_pairs=tuple(new_pairs))
 
 

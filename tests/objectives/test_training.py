@@ -324,3 +324,46 @@ def test_kto_and_sft_use_pairs_without_rejected_as_the_person_s_answers_only(pol
     rows = unpaired_dataset(topic, chat=False).to_list()
     assert rows == [{"prompt": "Any advice?", "completion": "Ride the swell.", "label": True}]
     assert len(SFTObjective(answers="rejected", cloze=0).texts(policy, topic)) == len(topic.content)
+
+
+def test_on_policy_rejected_keeps_the_written_answer_where_the_policy_already_says_the_chosen_one():
+    from types import SimpleNamespace
+
+    from align.core.topics import PreferencePair
+    from align.objectives.dpo import on_policy_rejected
+
+    answers = {"Where?": "  By the  sea, gull. ", "When?": "In spring.", "Who?": "Me, gull."}
+    events = []
+    policy = SimpleNamespace(
+        language_model=SimpleNamespace(
+            generate=lambda prompts, max_new_tokens: [answers[p] for p in prompts]
+        ),
+        record=lambda kind, **data: events.append((kind, data)),
+    )
+    topic = make_topic(
+        preference_pairs=[
+            {"prompt": "Where?", "chosen": "By the sea, gull.", "rejected": "By the sea."},
+            {"prompt": "When?", "chosen": "Spring, gull.", "rejected": "In the spring."},
+            {"prompt": "Who?", "chosen": "Me, gull."},
+        ]
+    )
+    new = on_policy_rejected(policy, topic, max_new_tokens=8)
+    assert new.preference_pairs == (
+        PreferencePair("Where?", "By the sea, gull.", "By the sea."),  # the same as chosen: written one kept
+        PreferencePair("When?", "Spring, gull.", "In spring."),  # the policy's own answer
+        PreferencePair("Who?", "Me, gull.", "Me, gull."),  # nothing written to keep: no preference
+    )
+    assert events == [
+        (
+            "generated",
+            {
+                "purpose": "rejected",
+                "answers": [
+                    {"prompt": "Where?", "answer": "By the sea."},
+                    {"prompt": "When?", "answer": "In spring."},
+                    {"prompt": "Who?", "answer": "Me, gull."},
+                ],
+                "same_as_chosen": [0, 2],
+            },
+        )
+    ]
