@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 #: The adapter name under which TRL's DPO and KTO trainers copy the policy's ``default`` adapter
 #: to use as their reference, when handed a PEFT model and no ``ref_model`` (``add_adapter("ref", ...)``
@@ -88,6 +88,49 @@ def use_dpo_reference_logps(trainer: Any, chosen: Sequence[float], rejected: Seq
     trainer.precompute_ref_logps = True
 
 
+def is_adapter_weight(name: str, adapter: str = "default") -> bool:
+    """Whether the parameter ``name`` of a PEFT model is a LoRA weight of ``adapter``.
+
+    Relies on PEFT's parameter naming, which it does not document: a LoRA layer keeps its weights in
+    ``lora_A``/``lora_B`` (``lora_embedding_*``, ``lora_magnitude_vector``) keyed by adapter name, so
+    they are named ``...q_proj.lora_A.default.weight``.
+    """
+    return "lora_" in name and f".{adapter}." in name
+
+
+class LoraLayer(NamedTuple):
+    """One LoRA layer of an adapter, as :func:`lora_layers` finds it."""
+
+    #: The layer's module name in the PEFT model (``base_model.model.model.layers.0.self_attn.q_proj``).
+    peft_name: str
+    #: The same module's name in the base model (``model.layers.0.self_attn.q_proj``).
+    base_name: str
+    a: Any
+    b: Any
+    scaling: float
+    dora: bool
+
+
+def lora_layers(peft_model: Any, adapter: str) -> Iterator[LoraLayer]:
+    """Every LoRA layer of ``adapter`` in ``peft_model``, with its A and B weights and scaling.
+
+    Reads PEFT's ``LoraLayer`` internals: its ``lora_A``/``lora_B`` module dicts, its ``scaling`` and
+    ``use_dora`` dicts (by adapter name), and the ``base_model.model.`` prefix of its module names.
+    """
+    for module_name, module in peft_model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or adapter not in lora_a:
+            continue
+        yield LoraLayer(
+            peft_name=module_name,
+            base_name=module_name.split("base_model.model.", 1)[-1],
+            a=lora_a[adapter].weight,
+            b=module.lora_B[adapter].weight,
+            scaling=float(module.scaling[adapter]),
+            dora=bool(getattr(module, "use_dora", {}).get(adapter)),
+        )
+
+
 def fsdp2_prepare(model: Any) -> Any:
     """Shard ``model`` with FSDP 2 as the launcher's accelerate config says.
 
@@ -137,6 +180,36 @@ def tensorboard_callback(directory: str) -> Any:
     callback = TensorBoardCallback()
     callback.logging_dir = directory
     return callback
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("true", "1")
+
+
+def launched_with_fsdp() -> bool:
+    """Whether ``accelerate launch`` started this process with FSDP (it sets ``ACCELERATE_USE_FSDP``
+    for the processes it starts: accelerate's launcher-to-process protocol, undocumented)."""
+    return _flag("ACCELERATE_USE_FSDP")
+
+
+def launched_fsdp_version() -> str:
+    """The FSDP version of the launch, from ``FSDP_VERSION`` (accelerate's default when unset: ``1``)."""
+    return os.environ.get("FSDP_VERSION", "1")
+
+
+def launched_with_deepspeed() -> bool:
+    """Whether ``accelerate launch`` started this process with DeepSpeed (``ACCELERATE_USE_DEEPSPEED``)."""
+    return _flag("ACCELERATE_USE_DEEPSPEED")
+
+
+def launched_zero_stage() -> str | None:
+    """The DeepSpeed ZeRO stage the accelerate config gives (``ACCELERATE_DEEPSPEED_ZERO_STAGE``), if any."""
+    return os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+
+
+def launched_deepspeed_config_file() -> str | None:
+    """The DeepSpeed config file the accelerate config names (``ACCELERATE_DEEPSPEED_CONFIG_FILE``), if any."""
+    return os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
 
 
 def accelerate_launch_module() -> str:

@@ -220,3 +220,88 @@ def test_accelerate_default_config_file_is_where_launch_looks(monkeypatch, tmp_p
     )
     monkeypatch.setattr(accelerate_config, "default_config_file", str(tmp_path / "moved.yaml"))
     assert compat.accelerate_default_config_file() == str(tmp_path / "moved.yaml")  # read at each call
+
+
+def tiny_peft_model() -> object:
+    from peft import LoraConfig, get_peft_model
+
+    from align.testing import tiny_causal_lm
+
+    model, _ = tiny_causal_lm(layers=1)
+    config = LoraConfig(r=1, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    peft_model.add_adapter(compat.REFERENCE_ADAPTER, config)
+    return peft_model
+
+
+def test_peft_names_each_adapter_s_lora_weights_after_it():
+    model = tiny_peft_model()
+    expects = "LoRA weights named <module>.lora_A.<adapter>.weight / lora_B, and no other weight so named"
+    names = [name for name, _ in model.named_parameters()]
+    default = [name for name in names if compat.is_adapter_weight(name, "default")]
+    ref = [name for name in names if compat.is_adapter_weight(name, compat.REFERENCE_ADAPTER)]
+    assert len(default) == len(ref) == 4, changed(
+        "peft", "its LoRA weights' names", f"{expects} (got {names})"
+    )
+    assert {n.replace(".default.", ".ref.") for n in default} == set(ref), changed(
+        "peft", "its LoRA weights' names", expects
+    )
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trained == set(default), changed("peft", "its LoRA weights' names", expects)
+
+
+def test_peft_lora_layers_hold_a_b_and_scaling_by_adapter_name():
+    model = tiny_peft_model()
+    expects = "LoraLayer modules with lora_A/lora_B module dicts and scaling/use_dora dicts keyed by adapter"
+    try:
+        layers = list(compat.lora_layers(model, "default"))
+    except (AttributeError, KeyError, TypeError) as exc:
+        pytest.fail(changed("peft", "LoraLayer", f"{expects} ({type(exc).__name__}: {exc})"))
+    base = dict(model.get_base_model().named_modules())
+    assert sorted(layer.base_name for layer in layers) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+    ], changed("peft", "LoraLayer", expects)
+    for layer in layers:
+        assert layer.peft_name.startswith("base_model.model."), changed("peft", "LoraLayer", expects)
+        assert layer.base_name in base, changed("peft", "LoraLayer", expects)
+        linear = base[layer.base_name].base_layer
+        assert tuple(layer.a.shape) == (1, linear.in_features), changed("peft", "LoraLayer", expects)
+        assert tuple(layer.b.shape) == (linear.out_features, 1), changed("peft", "LoraLayer", expects)
+        assert layer.scaling == 4.0 and layer.dora is False, changed("peft", "LoraLayer", expects)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("ACCELERATE_USE_FSDP", '"true"'),
+        ("FSDP_VERSION", "str(args.fsdp_version)"),
+        ("ACCELERATE_USE_DEEPSPEED", '"true"'),
+        ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "str(args.zero_stage)"),
+        ("ACCELERATE_DEEPSPEED_CONFIG_FILE", "str(args.deepspeed_config_file)"),
+    ],
+)
+def test_accelerate_launch_tells_its_processes_the_sharding_through_the_environment(variable, value):
+    from accelerate.utils import launch
+
+    expects = f"`accelerate launch` sets {variable} = {value} for the processes it starts"
+    source = inspect.getsource(launch)
+    assert f'current_env["{variable}"] = {value}' in source, changed("accelerate", variable, expects)
+
+
+def test_launch_environment_reads_as_accelerate_writes_it(monkeypatch):
+    for name in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+    assert not compat.launched_with_fsdp() and not compat.launched_with_deepspeed()
+    assert compat.launched_fsdp_version() == "1"
+    assert compat.launched_zero_stage() is None and compat.launched_deepspeed_config_file() is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "1")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "zero.json")
+    assert compat.launched_with_fsdp() and compat.launched_with_deepspeed()
+    assert compat.launched_fsdp_version() == "2"
+    assert compat.launched_zero_stage() == "3" and compat.launched_deepspeed_config_file() == "zero.json"

@@ -802,10 +802,12 @@ class EnginePolicy:
         }
 
     def _adapter_parameters(self) -> dict[str, Any]:
+        from align import compat
+
         return {
             name: param
             for name, param in self.model.named_parameters()
-            if "lora_" in name and ".default." in name
+            if compat.is_adapter_weight(name, "default")
         }
 
     def snapshot(self) -> dict[str, Any]:
