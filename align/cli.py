@@ -309,7 +309,9 @@ def _launch_command(num_processes: int | None, config_file: str | None, argv: li
         raise AlignError(
             "--launcher accelerate: the `accelerate` command is not installed; `pip install accelerate`"
         )
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    from align import compat
+
+    command = [sys.executable, "-m", compat.accelerate_launch_module()]
     if config_file is not None:
         command += ["--config_file", config_file]
     if num_processes is not None:
@@ -334,9 +336,9 @@ def _has_accelerate_config(config_file: str | None) -> bool:
     or the one ``accelerate config`` wrote."""
     if config_file is not None or os.environ.get("ACCELERATE_CONFIG_FILE"):
         return True
-    from accelerate.commands.config import default_config_file
+    from align import compat
 
-    return Path(default_config_file).is_file()
+    return Path(compat.accelerate_default_config_file()).is_file()
 
 
 def _without_launcher_options(argv: list[str]) -> list[str]:

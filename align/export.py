@@ -273,17 +273,15 @@ def _finish(writer: Any) -> None:
 
 def lora_tensors(peft_model: Any) -> Iterator[tuple[str, Any, Any, float]]:
     """``(hf weight name, A, B, scaling)`` of every LoRA layer of the active adapter."""
+    from align.compat import lora_layers
+
     name = peft_model.active_adapter
-    for module_name, module in peft_model.named_modules():
-        lora_a = getattr(module, "lora_A", None)
-        if lora_a is None or name not in lora_a:
-            continue
-        if getattr(module, "use_dora", {}).get(name):
-            raise ModelError(f"{module_name}: a DoRA adapter; llama.cpp's LoRA adapters cannot hold it")
-        hf_name = module_name.split("base_model.model.", 1)[-1] + ".weight"
-        a = lora_a[name].weight.detach().to("cpu").float().numpy()
-        b = module.lora_B[name].weight.detach().to("cpu").float().numpy()
-        yield hf_name, a, b, float(module.scaling[name])
+    for layer in lora_layers(peft_model, name):
+        if layer.dora:
+            raise ModelError(f"{layer.peft_name}: a DoRA adapter; llama.cpp's LoRA adapters cannot hold it")
+        a = layer.a.detach().to("cpu").float().numpy()
+        b = layer.b.detach().to("cpu").float().numpy()
+        yield layer.base_name + ".weight", a, b, layer.scaling
 
 
 def write_lora_gguf(peft_model: Any, path: Path, *, quantize: str, name: str) -> None:

@@ -279,7 +279,7 @@ def test_the_topics_bar_eta_counts_optimizer_steps_from_the_first_topic_and_afte
             "steps": [
                 type("Step", (), {"name": n, "kind": k, "gate": None, "rollback": None})
                 for n, k in (
-                    ("before", "evaluate"),
+                    ("before", "eval"),
                     ("sft", "train"),
                     ("dpo", "train"),
                 )

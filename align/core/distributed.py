@@ -18,6 +18,8 @@ import json
 import os
 from typing import Any, TypeVar
 
+from align import compat
+
 T = TypeVar("T")
 
 _state: Any = None
@@ -52,10 +54,9 @@ def is_distributed() -> bool:
 
 def sharded_parameters() -> str | None:
     """The launcher's parameter sharding (FSDP, DeepSpeed ZeRO-3), named, or ``None`` without it."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("true", "1"):
+    if compat.launched_with_fsdp():
         return "FSDP"
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("true", "1")
-    if deepspeed and _zero_stage() == "3":
+    if compat.launched_with_deepspeed() and _zero_stage() == "3":
         return "DeepSpeed ZeRO-3"
     return None
 
@@ -63,10 +64,10 @@ def sharded_parameters() -> str | None:
 def _zero_stage() -> str | None:
     """The DeepSpeed ZeRO stage of the launch: from accelerate's own settings, or, when the
     accelerate config names a DeepSpeed config file (``deepspeed_config_file``), from that file."""
-    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    stage = compat.launched_zero_stage()
     if stage is not None:
         return stage
-    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    path = compat.launched_deepspeed_config_file()
     if not path:
         return None
     try:
@@ -97,7 +98,7 @@ def check_launch() -> None:
     from align.errors import AlignError
 
     sharding = sharded_parameters()
-    if sharding == "FSDP" and os.environ.get("FSDP_VERSION", "1") != "2":
+    if sharding == "FSDP" and compat.launched_fsdp_version() != "2":
         raise AlignError(
             "launched with FSDP version 1, which align does not support (it gathers the sharded adapter "
             "from FSDP 2's DTensors): set fsdp_version: 2 in the accelerate config, as "

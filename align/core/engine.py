@@ -652,7 +652,7 @@ class Engine:
         return topic
 
     def run_step(self, step: Step, topic: Topic, so_far: TopicResult) -> StepResult:
-        kind = "train" if step.kind == "train" else "eval"
+        kind = step.kind
         if step.if_ran is not None and not so_far.ran(step.if_ran):
             reason = f"step '{step.if_ran}' did not run"
             self._record(topic.name, step.name, "skip", {}, reason=reason)
@@ -721,7 +721,7 @@ class Engine:
             self.policy.restore(before)
         self._snapshots.pop(step.name, None)
         error = self._record_error(step.name, topic, component, exc, restored=before is not None)
-        kind = "train" if step.kind == "train" else "eval"
+        kind = step.kind
         if self.on_error == "skip":
             self.reporter.warning(
                 f"topic '{topic.name}', step '{step.name}': {error['reason']} (on_error: skip)"
@@ -848,7 +848,7 @@ def _evaluators(steps: list[Step]) -> list[Component]:
     an evaluator whose class sets ``recheck = False`` (slow ones, like ``style``) is left out."""
     found: dict[str, Component] = {}
     for step in steps:
-        if step.kind == "evaluate":
+        if step.kind == "eval":
             for component in step.components:
                 if getattr(component.instance, "recheck", True):
                     found[component.name] = component

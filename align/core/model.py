@@ -705,14 +705,9 @@ def shard_like(value: Any, param: Any) -> Any:
 
 def _select_rows(cache: Any, index: Any, config: Any) -> Any:
     """A new KV cache holding rows ``index`` (repeats allowed) of ``cache``, which stays as it is."""
-    from transformers import DynamicCache
+    from align import compat
 
-    return DynamicCache(
-        ddp_cache_data=[
-            (layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers
-        ],
-        config=config,
-    )
+    return compat.cache_rows(cache, index, config)
 
 
 @contextlib.contextmanager
@@ -829,15 +824,13 @@ class EnginePolicy:
         environment, so the policy hands the trainer one with the directory set.) A step run again
         (``--resume``, a retry) starts its directory afresh, as metrics.jsonl drops the cut-off
         attempt's events."""
-        from transformers.integrations import TensorBoardCallback
+        from align import compat
 
         assert self.tensorboard_dir is not None
         directory = self.tensorboard_dir / f"{self._topic}-{step}"
         if distributed.is_main():  # the callback writes on the main process only
             shutil.rmtree(directory, ignore_errors=True)
-        callback = TensorBoardCallback()
-        callback.logging_dir = str(directory)
-        return callback
+        return compat.tensorboard_callback(str(directory))
 
     def trainer_args(self) -> dict[str, Any]:
         """Training arguments every objective shares: no checkpoints, the run's trackers, the run's seed."""
@@ -866,10 +859,12 @@ class EnginePolicy:
         }
 
     def _adapter_parameters(self) -> dict[str, Any]:
+        from align import compat
+
         return {
             name: param
             for name, param in self.model.named_parameters()
-            if "lora_" in name and ".default." in name
+            if compat.is_adapter_weight(name, "default")
         }
 
     def snapshot(self) -> dict[str, Any]:

@@ -57,7 +57,8 @@ class Step:
     """One protocol step: train with one objective, or evaluate with evaluators; maybe gated."""
 
     name: str
-    kind: str  # "train" or "evaluate"
+    #: ``"train"`` or ``"eval"`` (config key ``evaluate:``), as summary.json and metrics.jsonl record it.
+    kind: str
     components: list[Component]
     gate: Component | None = None
     if_ran: str | None = None
@@ -65,7 +66,8 @@ class Step:
 
     def describe(self) -> str:
         what = ", ".join(c.name for c in self.components)
-        text = f"{self.name}: {self.kind} {what}"
+        verb = "evaluate" if self.kind == "eval" else self.kind
+        text = f"{self.name}: {verb} {what}"
         if self.gate is not None:
             rules = ", ".join(self.gate.instance.metrics_needed())
             text += f" if gate '{self.gate.name}' passes (reads {rules})"
@@ -243,7 +245,7 @@ def _build_steps(config: Mapping[str, Any], source: str, registry: Registry) -> 
             kind = "train"
             components = [_build("objective", raw["train"], f"{where}.train", config, source, registry)]
         else:
-            kind = "evaluate"
+            kind = "eval"
             refs = raw["evaluate"]
             refs = [refs] if isinstance(refs, (str, Mapping)) else refs
             if not isinstance(refs, list) or not refs:
@@ -267,7 +269,7 @@ def _build_steps(config: Mapping[str, Any], source: str, registry: Registry) -> 
             _earlier_training_step(if_ran, steps, f"{where}.if_ran", source)
         rollback = None
         if raw.get("rollback") is not None:
-            if kind != "evaluate":
+            if kind != "eval":
                 raise ConfigError(
                     f"{source}: {where}.rollback: only an evaluation step can guard a training step; "
                     "move it to the step that evaluates after training"

@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from align import compat
+from align.compat import REFERENCE_ADAPTER
 
-#: The adapter name under which TRL's preference trainers copy the policy to use as reference.
-REFERENCE_ADAPTER = "ref"
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -63,21 +62,18 @@ def shard_model(model: Any) -> Any:
     the main process's. The ``ref`` adapter of the preference trainers is added first, frozen, so
     that it is sharded with the rest (see :func:`reference_from_policy`).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import fsdp2_prepare_model
-
     if REFERENCE_ADAPTER not in model.peft_config:
         model.add_adapter(REFERENCE_ADAPTER, model.peft_config["default"])
     model.set_adapter("default")
     for name, param in model.named_parameters():
         if f".{REFERENCE_ADAPTER}." in name:
             param.requires_grad_(False)
-    model = fsdp2_prepare_model(Accelerator(), model)
+    model = compat.fsdp2_prepare(model)
     model.align_sharded = True
     # Each trainer prepares the model again and finds it sharded, but first looks for the layers
     # to wrap by class name, which sharding changed (LlamaDecoderLayer is FSDPLlamaDecoderLayer
     # now): nothing is left to wrap, and its FSDP settings, read from the environment, say so.
-    os.environ["FSDP_AUTO_WRAP_POLICY"] = "NO_WRAP"
+    compat.disable_fsdp_auto_wrap()
     return model
 
 
@@ -109,23 +105,12 @@ def completion_tokens_only() -> Iterator[None]:
     padding included, to keep tile shapes fixed for compilers; on a CPU the head over the full
     vocabulary is then about a third of a DPO step (measured on SmolLM2-135M). Scoring only the
     labelled positions gives the same log-probabilities for a fraction of the work. TRL decides
-    with its private ``_use_triton``; this widens it to CPUs for the duration and leaves TRL as it
-    was afterwards, or does nothing where a TRL version no longer has it.
+    with its private ``_use_triton`` (see :func:`align.compat.fused_lm_head_compact_on_cpu`); this
+    widens it to CPUs for the duration and leaves TRL as it was afterwards, or does nothing where a
+    TRL version no longer has it.
     """
-    try:
-        from trl.trainer import utils as trl_utils
-    except ImportError:
+    with compat.fused_lm_head_compact_on_cpu():
         yield
-        return
-    original = getattr(trl_utils, "_use_triton", None)
-    if original is None:
-        yield
-        return
-    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
-    try:
-        yield
-    finally:
-        trl_utils._use_triton = original
 
 
 def train_and_summarise(trainer: Any, keys: Mapping[str, str]) -> dict[str, float]:

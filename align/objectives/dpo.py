@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from align import Policy, PreferencePair, Topic, hookimpl, require
+from align.compat import DPO_LOSS_TYPES, dpo_reference_logps, use_dpo_reference_logps
 from align.core.topics import NO_ANSWER
 from align.core.training import (
     completion_tokens_only,
@@ -25,23 +26,7 @@ from align.core.training import (
 )
 
 #: The loss types TRL's DPOTrainer implements.
-LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sigmoid_norm",
-    "sft",
-)
+LOSS_TYPES = DPO_LOSS_TYPES
 
 
 #: Where ``rejected`` answers come from (``rejected:``).
@@ -186,13 +171,10 @@ def add_reference_logps(trainer: Any, batch_size: int) -> None:
     with torch.no_grad(), completion_tokens_only():
         for batch in loader:
             batch = {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}
-            batch_chosen, batch_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+            batch_chosen, batch_rejected = dpo_reference_logps(trainer, batch)
             chosen += batch_chosen.float().cpu().tolist()
             rejected += batch_rejected.float().cpu().tolist()
-    trainer.train_dataset = dataset.add_column("ref_chosen_logps", chosen).add_column(
-        "ref_rejected_logps", rejected
-    )
-    trainer.precompute_ref_logps = True
+    use_dpo_reference_logps(trainer, chosen, rejected)
 
 
 def on_policy_rejected(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from align import Policy, Topic, hookimpl, require
+from align.compat import KTO_LOSS_TYPES
 from align.core import distributed
 from align.core.training import conversation, reference_from_policy, train_and_summarise
 
@@ -28,7 +29,7 @@ class KTOObjective:
     max_steps: int = 10
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
-    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
+    loss_type: Literal[KTO_LOSS_TYPES] = "kto"  # TRL's choices (align.compat)
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     max_length: int = 256
