@@ -160,17 +160,26 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+#: The most metrics one call of an objective or evaluator may return: every step's metrics go into
+#: ``metrics.jsonl``, ``summary.json`` (rewritten after each topic) and the forgetting matrix, so a
+#: plugin returning 100,000 of them would make every later write megabytes long.
+MAX_METRICS = 256
+
+
 def prefix_metrics(
     name: str, metrics: Mapping[str, Any], where: str, allow_non_finite: bool = False
 ) -> dict[str, float]:
     """``{key: value}`` returned by component ``name`` as ``{"name.key": float}``; ``where`` names
-    the component in the error when it returned something else than numbers, or a NaN or infinite
-    one (which strict JSON cannot hold) unless ``allow_non_finite`` (training: the engine reports
-    a non-finite loss as training that became non-finite)."""
+    the component in the error when it returned something else than numbers, more than
+    :data:`MAX_METRICS` of them, or a NaN or infinite one (which strict JSON cannot hold) unless
+    ``allow_non_finite`` (training: the engine reports a non-finite loss as training that became
+    non-finite)."""
     if not isinstance(metrics, Mapping):
         raise TypeError(
             f"{where} returned {type(metrics).__name__}, expected a mapping of metric name to number"
         )
+    if len(metrics) > MAX_METRICS:
+        raise ValueError(f"{where} returned {len(metrics)} metrics; at most {MAX_METRICS} per call")
     flat = {}
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -611,10 +620,10 @@ class Engine:
         names = [topic.name for topic in self.plan.topics]
         prefixes = {component.name for component in self.recheck_evaluators}
         rows = [{**result.recheck, result.name: result.evaluated(prefixes)} for result in self.results]
-        metric_names: list[str] = []
+        metric_names: dict[str, None] = {}  # ordered, and a set: a list's membership test is quadratic
         for row in rows:
             for metrics in row.values():
-                metric_names.extend(name for name in metrics if name not in metric_names)
+                metric_names.update(dict.fromkeys(metrics))
         matrix = {
             metric: [
                 [row.get(name, {}).get(metric) if j <= i else None for j, name in enumerate(names)]

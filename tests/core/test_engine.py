@@ -301,3 +301,42 @@ def test_a_plugin_raising_system_exit_while_built_is_an_error_naming_it(tmp_path
         PluginError, match=r"plugin 'StubPlugin' raised SystemExit: 0 while building evaluator 'exits'"
     ):
         run(plugins, tmp_path, protocol=protocol)
+
+
+def test_an_evaluator_returning_more_metrics_than_the_bound_fails_its_own_step(tmp_path):
+    from align.core.engine import MAX_METRICS
+
+    class Many:
+        def __init__(self):
+            self.count = MAX_METRICS + 1
+
+        def evaluate(self, model, topic):
+            return {f"m{i}": 0.5 for i in range(self.count)}
+
+    many = Many()
+    protocol = [{"name": "check", "evaluate": ["many"]}, {"name": "train", "train": "bump"}]
+    stub = StubPlugin(objectives={"bump": CountingObjective}, evaluators={"many": many})
+    plugins = load_plugins(extra=[stub], entry_points=False)
+    _, _, summary = run(plugins, tmp_path, protocol=protocol, on_error="skip")
+    check, train = summary["topics"][0]["steps"]
+    assert check["status"] == "failed" and check["metrics"] == {}
+    assert check["error"]["reason"] == (
+        f"evaluator 'many' (plugin 'StubPlugin') failed: ValueError: evaluator 'many' returned "
+        f"{MAX_METRICS + 1} metrics; at most {MAX_METRICS} per call"
+    )
+    assert train["status"] == "ran"
+    many.count = MAX_METRICS  # the bound itself is allowed
+    (tmp_path / "at-bound").mkdir()
+    _, _, summary = run(plugins, tmp_path / "at-bound", protocol=protocol, on_error="skip")
+    assert len(summary["topics"][0]["steps"][0]["metrics"]) == MAX_METRICS
+
+
+def test_the_forgetting_matrix_lists_each_metric_once_in_order_of_first_appearance(tmp_path):
+    class Changing:
+        def evaluate(self, model, topic):
+            return {"b": 1.0, "a": 0.5} if topic.name == "t1" else {"c": 0.25, "a": 0.75}
+
+    protocol = [{"name": "check", "evaluate": ["changing"]}]
+    plugins = load_plugins(extra=[StubPlugin(evaluators={"changing": Changing})], entry_points=False)
+    _, _, summary = run(plugins, tmp_path, protocol=protocol)
+    assert list(summary["forgetting"]["metrics"]) == ["changing.b", "changing.a", "changing.c"]
