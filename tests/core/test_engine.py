@@ -340,3 +340,60 @@ def test_the_forgetting_matrix_lists_each_metric_once_in_order_of_first_appearan
     plugins = load_plugins(extra=[StubPlugin(evaluators={"changing": Changing})], entry_points=False)
     _, _, summary = run(plugins, tmp_path, protocol=protocol)
     assert list(summary["forgetting"]["metrics"]) == ["changing.b", "changing.a", "changing.c"]
+
+
+def _append_to_quiz(topic):
+    topic.quiz.append(topic.quiz[0])
+
+
+def _replace_a_passage(topic):
+    topic.content[0] = "Ilse sold the donkey."
+
+
+def _set_an_attribute(topic):
+    topic.content = ("Ilse sold the donkey.",)
+
+
+def _set_a_quiz_answer(topic):
+    topic.quiz[0].answer = 1
+
+
+@pytest.mark.parametrize(
+    "mutate, exception",
+    [
+        (_append_to_quiz, "AttributeError"),
+        (_replace_a_passage, "TypeError"),
+        (_set_an_attribute, "FrozenInstanceError"),
+        (_set_a_quiz_answer, "FrozenInstanceError"),
+    ],
+)
+def test_a_plugin_that_mutates_its_topic_fails_its_own_step_and_later_steps_see_the_original(
+    tmp_path, mutate, exception
+):
+    seen = []
+
+    class Mutating:
+        def evaluate(self, model, topic):
+            mutate(topic)
+            return {"score": 1.0}
+
+    class Watching:
+        def train(self, policy, topic):
+            seen.append((topic.content, [(q.question, q.choices, q.answer) for q in topic.quiz]))
+            return {"loss": 0.5}
+
+    protocol = [{"name": "meddle", "evaluate": ["meddler"]}, {"name": "train", "train": "watch"}]
+    stub = StubPlugin(objectives={"watch": Watching}, evaluators={"meddler": Mutating})
+    plugins = load_plugins(extra=[stub], entry_points=False)
+    _, _, summary = run(plugins, tmp_path, protocol=protocol, topics=("t1",), on_error="skip")
+    meddle, train = summary["topics"][0]["steps"]
+    assert meddle["status"] == "failed"
+    assert meddle["error"]["component"] == "meddler" and meddle["error"]["exception"] == exception
+    assert meddle["error"]["reason"].startswith(
+        f"evaluator 'meddler' (plugin 'StubPlugin') failed: {exception}"
+    )
+    assert train["status"] == "ran" and "error" not in train
+    from align import load_topics
+
+    original = load_topics(tmp_path / "topics")[0]
+    assert seen == [(original.content, [(q.question, q.choices, q.answer) for q in original.quiz])]
