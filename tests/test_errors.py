@@ -1190,6 +1190,16 @@ def _(c):
     return ["validate", c.config("report_to: [tensorbord]\n"), "--topics", c.topics()]
 
 
+@case("new-plugin-builtin-name")
+def _(c):
+    return ["new-plugin", "quiz", "--dir", str(c.tmp)]
+
+
+@case("new-plugin-config-section-name")
+def _(c):
+    return ["new-plugin", "model", "--kind", "gate", "--dir", str(c.tmp)]
+
+
 # -- the test -----------------------------------------------------------------------------------
 def catalogue() -> dict[str, tuple[str, int]]:
     """``docs/errors.md``'s rows: case id → (message, exit code)."""
