@@ -177,6 +177,11 @@ def _(c):
     return ["validate", c.config("seed: abc\n"), "--topics", c.topics()]
 
 
+@case("config-evaluate-timeout-not-positive")
+def _(c):
+    return ["validate", c.config("evaluate_timeout: 0\n"), "--topics", c.topics()]
+
+
 @case("config-section-not-a-mapping")
 def _(c):
     return ["validate", c.config("lora: [1]\n"), "--topics", c.topics()]
