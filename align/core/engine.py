@@ -573,7 +573,9 @@ class Engine:
                 step_result.seconds,
             )
             result.steps.append(step_result)
-            timed_out = step_result.status == "failed" and step_result.error["exception"] == "EvaluateTimeout"
+            timed_out = (
+                step_result.status == "failed" and step_result.error["exception"] == EvaluateTimeout.__name__
+            )
             if step_result.status == "failed" and (self.on_error == "stop" or timed_out):
                 self._trainer_log_failures = []  # the step's own failure is what stops the run
                 result.steps.pop()  # a resumed run runs this step again
