@@ -369,12 +369,12 @@ def summary_table(summary: Mapping[str, Any]) -> str:
     # A metric row is (topic, metric, cells); a gate's or rollback's note under a topic is a string.
     body: list[tuple[str, str, list[str]] | str] = []
     for topic in topics:
-        names: list[str] = []
+        names: dict[str, None] = {}  # ordered, and a set (a list's membership test is quadratic)
         for step_name in eval_steps:
             step = _step(topic, step_name, "eval")
             for key in (step or {}).get("metrics", {}):
-                if key not in names and not key.endswith(".margin"):
-                    names.append(key)
+                if not key.endswith(".margin"):
+                    names[key] = None
         for row, name in enumerate(names):
             cells = []
             for step_name in eval_steps:

@@ -33,6 +33,12 @@ def new_plugin(name: str, kind: str, directory: str | Path = ".") -> Path:
     if kind not in KINDS:
         raise ScaffoldError(f"--kind '{kind}': use one of {', '.join(KINDS)}")
     component = name.replace("-", "_")
+    taken = _taken(component)
+    if taken:
+        raise ScaffoldError(
+            f"plugin name '{name}': '{component}' is {taken}; choose another name "
+            f"(e.g. align new-plugin my-{name})"
+        )
     values = {
         "name": name,
         "component": component,
@@ -61,6 +67,23 @@ def new_plugin(name: str, kind: str, directory: str | Path = ".") -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(Template(template).substitute(values), encoding="utf-8")
     return target
+
+
+def _taken(component: str) -> str:
+    """What ``component`` already names, or ``""``: a built-in component, which the installed
+    package would replace for every run, or a base section of the config, which a component's
+    params section would be read as (the plugin manager refuses to load such a component)."""
+    from align.plugins.manager import _reserved_names, build_registry, new_plugin_manager, register_builtins
+
+    if component in _reserved_names():
+        return "a base section of the config"
+    manager = new_plugin_manager()
+    register_builtins(manager)
+    registry = build_registry(manager)
+    for kind in KINDS:
+        if registry.get(kind, component) is not None:
+            return f"align's built-in {kind}, which the installed package would replace"
+    return ""
 
 
 def _class_name(component: str, kind: str) -> str:

@@ -481,10 +481,10 @@ def eval_table(result: Mapping[str, Any]) -> str:
 
 # -- align compare ------------------------------------------------------------------------------
 def _ordered_union(*sequences: Sequence[str]) -> list[str]:
-    seen: list[str] = []
+    seen: dict[str, None] = {}  # ordered, and a set (a list's membership test is quadratic)
     for sequence in sequences:
-        seen.extend(item for item in sequence if item not in seen)
-    return seen
+        seen.update(dict.fromkeys(sequence))
+    return list(seen)
 
 
 def _steps_by_name(summary: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:

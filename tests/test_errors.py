@@ -177,6 +177,11 @@ def _(c):
     return ["validate", c.config("seed: abc\n"), "--topics", c.topics()]
 
 
+@case("config-evaluate-timeout-not-positive")
+def _(c):
+    return ["validate", c.config("evaluate_timeout: 0\n"), "--topics", c.topics()]
+
+
 @case("config-section-not-a-mapping")
 def _(c):
     return ["validate", c.config("lora: [1]\n"), "--topics", c.topics()]
@@ -1188,6 +1193,16 @@ def _(c):
 @case("report-to-unknown")
 def _(c):
     return ["validate", c.config("report_to: [tensorbord]\n"), "--topics", c.topics()]
+
+
+@case("new-plugin-builtin-name")
+def _(c):
+    return ["new-plugin", "quiz", "--dir", str(c.tmp)]
+
+
+@case("new-plugin-config-section-name")
+def _(c):
+    return ["new-plugin", "model", "--kind", "gate", "--dir", str(c.tmp)]
 
 
 # -- the test -----------------------------------------------------------------------------------

@@ -83,6 +83,9 @@ BASE_DEFAULTS: dict[str, Any] = {
     #: What a failed step does to the run: ``stop`` it (results so far kept, ``--resume`` retries
     #: the step) or ``skip`` it (recorded as failed, the run goes on).
     "on_error": "stop",
+    #: Seconds an evaluator's call may take before it fails its step and stops the run (``None``:
+    #: no limit); see ``Engine._evaluate`` for why a timed-out evaluator stops even ``on_error: skip``.
+    "evaluate_timeout": None,
     #: After each topic, evaluate every earlier topic again with the current adapter (forgetting).
     "recheck": "earlier",
     #: Where the trainers log besides metrics.jsonl: ``none`` or ``tensorboard``.
@@ -349,6 +352,13 @@ def _check_base(config: dict[str, Any], source: str) -> None:
             fail(key, f"expected a string, got {brief(config[key])}")
     if not isinstance(config["strict_plugins"], bool):
         fail("strict_plugins", f"expected true or false, got {brief(config['strict_plugins'])}")
+    if config["evaluate_timeout"] is not None:
+        config["evaluate_timeout"] = number("evaluate_timeout", config["evaluate_timeout"])
+        if config["evaluate_timeout"] <= 0:
+            fail(
+                "evaluate_timeout",
+                f"must be a number of seconds > 0, or null for none (got {config['evaluate_timeout']:g})",
+            )
     if config["on_error"] not in ON_ERROR:
         fail("on_error", f"expected one of {', '.join(ON_ERROR)}, got {brief(config['on_error'])}")
     for key, valid in (("recheck", RECHECK), ("voice_set", VOICE_SETS)):

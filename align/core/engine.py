@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -160,17 +161,55 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+#: The most metrics one call of an objective or evaluator may return: every step's metrics go into
+#: ``metrics.jsonl``, ``summary.json`` (rewritten after each topic) and the forgetting matrix, so a
+#: plugin returning 100,000 of them would make every later write megabytes long.
+MAX_METRICS = 256
+
+
+class EvaluateTimeout(TimeoutError):
+    """An evaluator did not return within ``evaluate_timeout`` seconds.
+
+    Python cannot stop a thread from outside, so the evaluator's thread may still be using the
+    model: the run stops whatever ``on_error`` says (a later step would train or score the model
+    under its feet), and the thread ends with the process."""
+
+
+def call_with_timeout(call: Callable[[], Any], seconds: float) -> Any:
+    """``call()`` in a daemon thread, waited for at most ``seconds``: its result, its exception
+    (raised here, ``SystemExit`` too), or :class:`EvaluateTimeout` while it still runs."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as exc:  # handed to the waiting thread, which records it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="align-evaluate", daemon=True)
+    thread.start()
+    thread.join(seconds)  # Ctrl-C still interrupts the wait
+    if thread.is_alive():
+        raise EvaluateTimeout(f"did not return within {seconds:g}s (evaluate_timeout)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def prefix_metrics(
     name: str, metrics: Mapping[str, Any], where: str, allow_non_finite: bool = False
 ) -> dict[str, float]:
     """``{key: value}`` returned by component ``name`` as ``{"name.key": float}``; ``where`` names
-    the component in the error when it returned something else than numbers, or a NaN or infinite
-    one (which strict JSON cannot hold) unless ``allow_non_finite`` (training: the engine reports
-    a non-finite loss as training that became non-finite)."""
+    the component in the error when it returned something else than numbers, more than
+    :data:`MAX_METRICS` of them, or a NaN or infinite one (which strict JSON cannot hold) unless
+    ``allow_non_finite`` (training: the engine reports a non-finite loss as training that became
+    non-finite)."""
     if not isinstance(metrics, Mapping):
         raise TypeError(
             f"{where} returned {type(metrics).__name__}, expected a mapping of metric name to number"
         )
+    if len(metrics) > MAX_METRICS:
+        raise ValueError(f"{where} returned {len(metrics)} metrics; at most {MAX_METRICS} per call")
     flat = {}
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -212,6 +251,7 @@ class Engine:
         self.environment = dict(environment or {})
         self.seed_step = seed_step
         self.on_error = plan.config.get("on_error", "stop")
+        self.evaluate_timeout: float | None = plan.config.get("evaluate_timeout")
         self.recheck = plan.config.get("recheck", "earlier")
         self.replay = dict(plan.config.get("replay") or {})
         self.voice_set = plan.config.get("voice_set", "topic")
@@ -359,6 +399,23 @@ class Engine:
             )
             failures.append((failure.plugin, message))
         return failures
+
+    def _timed_out(self, what: str) -> RunStopped:
+        """The error that stops the run after an :class:`EvaluateTimeout`, even with ``on_error: skip``."""
+        return RunStopped(
+            f"{what}; the run stops even with on_error: skip, as the evaluator still runs and holds "
+            f"the model; results so far are kept: fix the evaluator or raise evaluate_timeout in "
+            f"{self.rundir.path / 'config.yaml'}, and `align run --resume {self.rundir.path}`"
+        )
+
+    def _evaluate(self, component: Component, topic: Topic) -> Any:
+        """``component``'s evaluation of ``topic``, within ``evaluate_timeout`` seconds if set."""
+        if self.evaluate_timeout is None:
+            return component.instance.evaluate(self.policy.language_model, topic)
+        language_model = self.policy.language_model
+        return call_with_timeout(
+            lambda: component.instance.evaluate(language_model, topic), self.evaluate_timeout
+        )
 
     def _stopped(self, what: str, fix: str, also: str = "") -> RunStopped:
         """The error that stops the run (``on_error: stop``): what failed, how to fix it and go on."""
@@ -516,13 +573,20 @@ class Engine:
                 step_result.seconds,
             )
             result.steps.append(step_result)
-            if step_result.status == "failed" and self.on_error == "stop":
+            timed_out = (
+                step_result.status == "failed" and step_result.error["exception"] == EvaluateTimeout.__name__
+            )
+            if step_result.status == "failed" and (self.on_error == "stop" or timed_out):
                 self._trainer_log_failures = []  # the step's own failure is what stops the run
                 result.steps.pop()  # a resumed run runs this step again
                 self._checkpoint(index, step_index)  # keeps the error event in metrics.jsonl
                 result.steps.append(step_result)
                 self.reporter.step_end(topic, step_result)
                 self.notify("on_step_end", topic=topic, step=step.name, result=step_result.as_dict())
+                if timed_out:
+                    raise self._timed_out(
+                        f"topic '{topic.name}', step '{step.name}': {step_result.error['reason']}"
+                    )
                 fix = "fix the cause"
                 if step_result.error["exception"] == NonFiniteTraining.__name__:
                     fix = f"lower {step_result.error['component']}.learning_rate in {self.rundir.path / 'config.yaml'}"
@@ -585,13 +649,16 @@ class Engine:
             metrics: dict[str, float] = {}
             for component in self.recheck_evaluators:
                 try:
-                    raw = component.instance.evaluate(self.policy.language_model, self._scored(target))
+                    raw = self._evaluate(component, self._scored(target))
                     metrics.update(prefix_metrics(component.name, raw, f"evaluator '{component.name}'"))
                 except KeyboardInterrupt:
                     raise
                 except BaseException as exc:  # SystemExit too (see run_step)
                     error = self._record_error("recheck", topic, component, exc, target=target.name)
                     where = f"topic '{topic.name}', recheck of '{target.name}'"
+                    if isinstance(exc, EvaluateTimeout):
+                        self._checkpoint(index, len(self.plan.steps))
+                        raise self._timed_out(f"{where}: {error['reason']}") from exc
                     if self.on_error == "stop":
                         self._checkpoint(index, len(self.plan.steps))  # keeps the error event
                         raise self._stopped(
@@ -611,10 +678,10 @@ class Engine:
         names = [topic.name for topic in self.plan.topics]
         prefixes = {component.name for component in self.recheck_evaluators}
         rows = [{**result.recheck, result.name: result.evaluated(prefixes)} for result in self.results]
-        metric_names: list[str] = []
+        metric_names: dict[str, None] = {}  # ordered, and a set: a list's membership test is quadratic
         for row in rows:
             for metrics in row.values():
-                metric_names.extend(name for name in metrics if name not in metric_names)
+                metric_names.update(dict.fromkeys(metrics))
         matrix = {
             metric: [
                 [row.get(name, {}).get(metric) if j <= i else None for j, name in enumerate(names)]
@@ -678,7 +745,7 @@ class Engine:
                     raw = component.instance.train(self.policy, self._training_topic(step, topic))
                     where = f"objective '{component.name}'"
                 else:
-                    raw = component.instance.evaluate(self.policy.language_model, self._scored(topic))
+                    raw = self._evaluate(component, self._scored(topic))
                     where = f"evaluator '{component.name}'"
                 metrics.update(
                     prefix_metrics(component.name, raw, where, allow_non_finite=step.kind == "train")
@@ -722,7 +789,7 @@ class Engine:
         self._snapshots.pop(step.name, None)
         error = self._record_error(step.name, topic, component, exc, restored=before is not None)
         kind = step.kind
-        if self.on_error == "skip":
+        if self.on_error == "skip" and not isinstance(exc, EvaluateTimeout):  # that one stops the run
             self.reporter.warning(
                 f"topic '{topic.name}', step '{step.name}': {error['reason']} (on_error: skip)"
             )

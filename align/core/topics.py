@@ -49,6 +49,10 @@ class QuizItem:
     answer: int
     given: str | int | None = field(default=None, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.choices, list):  # read-only, as the frozen dataclass around it
+            object.__setattr__(self, "choices", tuple(self.choices))
+
 
 #: A generated ``rejected`` answer (see :class:`PreferencePair`) when the model answers with nothing.
 NO_ANSWER = "I don't know."
@@ -80,6 +84,13 @@ class Topic:
     preference_pairs: tuple[PreferencePair, ...] = ()
     voice_pairs: tuple[PreferencePair, ...] = ()
     source: str = field(default="<dict>", compare=False)
+
+    def __post_init__(self) -> None:
+        # Read-only all the way down: every step and plugin is handed the same topic, and one that
+        # appended to a list given here would change what later steps train on.
+        for name in ("content", "quiz", "preference_pairs", "voice_pairs"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @classmethod
     def from_dict(

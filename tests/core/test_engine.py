@@ -301,3 +301,173 @@ def test_a_plugin_raising_system_exit_while_built_is_an_error_naming_it(tmp_path
         PluginError, match=r"plugin 'StubPlugin' raised SystemExit: 0 while building evaluator 'exits'"
     ):
         run(plugins, tmp_path, protocol=protocol)
+
+
+def test_an_evaluator_returning_more_metrics_than_the_bound_fails_its_own_step(tmp_path):
+    from align.core.engine import MAX_METRICS
+
+    class Many:
+        def __init__(self):
+            self.count = MAX_METRICS + 1
+
+        def evaluate(self, model, topic):
+            return {f"m{i}": 0.5 for i in range(self.count)}
+
+    many = Many()
+    protocol = [{"name": "check", "evaluate": ["many"]}, {"name": "train", "train": "bump"}]
+    stub = StubPlugin(objectives={"bump": CountingObjective}, evaluators={"many": many})
+    plugins = load_plugins(extra=[stub], entry_points=False)
+    _, _, summary = run(plugins, tmp_path, protocol=protocol, on_error="skip")
+    check, train = summary["topics"][0]["steps"]
+    assert check["status"] == "failed" and check["metrics"] == {}
+    assert check["error"]["reason"] == (
+        f"evaluator 'many' (plugin 'StubPlugin') failed: ValueError: evaluator 'many' returned "
+        f"{MAX_METRICS + 1} metrics; at most {MAX_METRICS} per call"
+    )
+    assert train["status"] == "ran"
+    many.count = MAX_METRICS  # the bound itself is allowed
+    (tmp_path / "at-bound").mkdir()
+    _, _, summary = run(plugins, tmp_path / "at-bound", protocol=protocol, on_error="skip")
+    assert len(summary["topics"][0]["steps"][0]["metrics"]) == MAX_METRICS
+
+
+def test_the_forgetting_matrix_lists_each_metric_once_in_order_of_first_appearance(tmp_path):
+    class Changing:
+        def evaluate(self, model, topic):
+            return {"b": 1.0, "a": 0.5} if topic.name == "t1" else {"c": 0.25, "a": 0.75}
+
+    protocol = [{"name": "check", "evaluate": ["changing"]}]
+    plugins = load_plugins(extra=[StubPlugin(evaluators={"changing": Changing})], entry_points=False)
+    _, _, summary = run(plugins, tmp_path, protocol=protocol)
+    assert list(summary["forgetting"]["metrics"]) == ["changing.b", "changing.a", "changing.c"]
+
+
+def _append_to_quiz(topic):
+    topic.quiz.append(topic.quiz[0])
+
+
+def _replace_a_passage(topic):
+    topic.content[0] = "Ilse sold the donkey."
+
+
+def _set_an_attribute(topic):
+    topic.content = ("Ilse sold the donkey.",)
+
+
+def _set_a_quiz_answer(topic):
+    topic.quiz[0].answer = 1
+
+
+@pytest.mark.parametrize(
+    "mutate, exception",
+    [
+        (_append_to_quiz, "AttributeError"),
+        (_replace_a_passage, "TypeError"),
+        (_set_an_attribute, "FrozenInstanceError"),
+        (_set_a_quiz_answer, "FrozenInstanceError"),
+    ],
+)
+def test_a_plugin_that_mutates_its_topic_fails_its_own_step_and_later_steps_see_the_original(
+    tmp_path, mutate, exception
+):
+    seen = []
+
+    class Mutating:
+        def evaluate(self, model, topic):
+            mutate(topic)
+            return {"score": 1.0}
+
+    class Watching:
+        def train(self, policy, topic):
+            seen.append((topic.content, [(q.question, q.choices, q.answer) for q in topic.quiz]))
+            return {"loss": 0.5}
+
+    protocol = [{"name": "meddle", "evaluate": ["meddler"]}, {"name": "train", "train": "watch"}]
+    stub = StubPlugin(objectives={"watch": Watching}, evaluators={"meddler": Mutating})
+    plugins = load_plugins(extra=[stub], entry_points=False)
+    _, _, summary = run(plugins, tmp_path, protocol=protocol, topics=("t1",), on_error="skip")
+    meddle, train = summary["topics"][0]["steps"]
+    assert meddle["status"] == "failed"
+    assert meddle["error"]["component"] == "meddler" and meddle["error"]["exception"] == exception
+    assert meddle["error"]["reason"].startswith(
+        f"evaluator 'meddler' (plugin 'StubPlugin') failed: {exception}"
+    )
+    assert train["status"] == "ran" and "error" not in train
+    from align import load_topics
+
+    original = load_topics(tmp_path / "topics")[0]
+    assert seen == [(original.content, [(q.question, q.choices, q.answer) for q in original.quiz])]
+
+
+def test_an_evaluator_past_evaluate_timeout_fails_its_step_and_stops_the_run_even_with_skip(tmp_path):
+    import threading
+
+    release = threading.Event()
+
+    class Hanging:
+        def evaluate(self, model, topic):
+            release.wait(60)  # a hang the test can end, so no thread outlives it
+            return {"score": 1.0}
+
+    protocol = [{"name": "check", "evaluate": ["hang"]}, {"name": "train", "train": "bump"}]
+    stub = StubPlugin(objectives={"bump": CountingObjective}, evaluators={"hang": Hanging})
+    plugins = load_plugins(extra=[stub], entry_points=False)
+    try:
+        with pytest.raises(RunStopped) as stopped:
+            run(plugins, tmp_path, protocol=protocol, topics=("t1",), on_error="skip", evaluate_timeout=0.2)
+    finally:
+        release.set()
+    run_dir = tmp_path / "run"
+    assert str(stopped.value) == (
+        "topic 't1', step 'check': evaluator 'hang' (plugin 'StubPlugin') failed: EvaluateTimeout: did "
+        "not return within 0.2s (evaluate_timeout); the run stops even with on_error: skip, as the "
+        "evaluator still runs and holds the model; results so far are kept: fix the evaluator or raise "
+        f"evaluate_timeout in {run_dir / 'config.yaml'}, and `align run --resume {run_dir}`"
+    )
+    (step,) = json.loads((run_dir / "summary.json").read_text())["topics"][0]["steps"]
+    assert step["status"] == "failed" and step["error"]["exception"] == "EvaluateTimeout"
+    assert [e["kind"] for e in events(tmp_path) if e["step"] == "train"] == []  # nothing ran after it
+
+
+def test_under_evaluate_timeout_an_evaluator_returns_and_raises_as_without_one(tmp_path):
+    class Fine:
+        def evaluate(self, model, topic):
+            return {"score": 0.75}
+
+    class Exiting:
+        def evaluate(self, model, topic):
+            raise SystemExit(3)  # raised in the evaluator's thread, recorded as its step's failure
+
+    protocol = [{"name": "check", "evaluate": ["fine"]}, {"name": "exit", "evaluate": ["exiting"]}]
+    stub = StubPlugin(evaluators={"fine": Fine, "exiting": Exiting})
+    plugins = load_plugins(extra=[stub], entry_points=False)
+    _, _, summary = run(plugins, tmp_path, protocol=protocol, on_error="skip", evaluate_timeout="5")
+    check, exiting = summary["topics"][0]["steps"]
+    assert check["status"] == "ran" and check["metrics"] == {"fine.score": 0.75}
+    assert exiting["status"] == "failed" and exiting["error"]["exception"] == "SystemExit"
+    assert summary["topics"][1]["steps"][0]["status"] == "ran"  # skip: the run went on
+
+
+def test_a_recheck_past_evaluate_timeout_stops_the_run(tmp_path):
+    import threading
+
+    release = threading.Event()
+
+    class SlowOnRecheck:
+        calls = 0
+
+        def evaluate(self, model, topic):
+            SlowOnRecheck.calls += 1
+            if SlowOnRecheck.calls == 3:  # t1, t2, then t1's recheck after t2
+                release.wait(60)
+            return {"score": 1.0}
+
+    protocol = [{"name": "check", "evaluate": ["slow"]}]
+    plugins = load_plugins(extra=[StubPlugin(evaluators={"slow": SlowOnRecheck})], entry_points=False)
+    try:
+        with pytest.raises(
+            RunStopped, match=r"^topic 't2', recheck of 't1': evaluator 'slow' .*EvaluateTimeout"
+        ):
+            run(plugins, tmp_path, protocol=protocol, on_error="skip", evaluate_timeout=0.2)
+    finally:
+        release.set()

@@ -193,3 +193,30 @@ def test_a_topic_file_that_begins_with_a_byte_order_mark_is_read(tmp_path, suffi
     text = json.dumps(data) if suffix == ".json" else yaml.safe_dump(data)
     (tmp_path / f"home{suffix}").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # Notepad's
     assert [topic.name for topic in load_topics(tmp_path)] == ["home"]
+
+
+def test_a_topic_built_from_lists_is_still_read_only():
+    from align.core.topics import PreferencePair, QuizItem
+
+    topic = Topic(
+        name="t",
+        content=["a passage"],
+        quiz=[QuizItem("Q?", ["yes", "no"], 0)],
+        preference_pairs=[PreferencePair("p", "c", "r")],
+        voice_pairs=[PreferencePair("p", "c")],
+    )
+    for value in (
+        topic.content,
+        topic.quiz,
+        topic.preference_pairs,
+        topic.voice_pairs,
+        topic.quiz[0].choices,
+    ):
+        assert isinstance(value, tuple)
+    assert topic == make_topic(
+        name="t",
+        content=["a passage"],
+        quiz=[{"question": "Q?", "choices": ["yes", "no"], "answer": 0}],
+        preference_pairs=[{"prompt": "p", "chosen": "c", "rejected": "r"}],
+        voice_pairs=[{"prompt": "p", "chosen": "c"}],
+    )
