@@ -514,6 +514,22 @@ def new_plugin(name, kind, directory, debug):
 
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+def _sampling_options(command: Any) -> Any:
+    """``--temperature`` and ``--seed``: greedy by default, seeded sampling on request."""
+    command = click.option(
+        "--seed", type=int, default=0, show_default=True, help="The sampling seed (with --temperature > 0)."
+    )(command)
+    return click.option(
+        "--temperature",
+        type=float,
+        default=0.0,
+        show_default=True,
+        help="0 is greedy; above 0 samples (seeded).",
+    )(command)
+
+
 _base_model_option = click.option(
     "--model", help="The base model (default: the adapter's run's model, else the packaged SmolLM2)."
 )
@@ -590,12 +606,7 @@ def compare(run_a, run_b, as_json, debug):
 @click.option(
     "--max-new-tokens", type=int, default=64, show_default=True, help="The longest answer, in tokens."
 )
-@click.option(
-    "--temperature", type=float, default=0.0, show_default=True, help="0 is greedy; above 0 samples (seeded)."
-)
-@click.option(
-    "--seed", type=int, default=0, show_default=True, help="The sampling seed (with --temperature > 0)."
-)
+@_sampling_options
 @click.option(
     "--repetition-penalty",
     type=float,
@@ -649,12 +660,7 @@ def sample(adapter, prompt, base, max_new_tokens, temperature, seed, repetition_
 @click.option(
     "--max-new-tokens", type=int, default=256, show_default=True, help="The longest answer, in tokens."
 )
-@click.option(
-    "--temperature", type=float, default=0.0, show_default=True, help="0 is greedy; above 0 samples (seeded)."
-)
-@click.option(
-    "--seed", type=int, default=0, show_default=True, help="The sampling seed (with --temperature > 0)."
-)
+@_sampling_options
 @_base_model_option
 @_debug_option
 @_handle_errors

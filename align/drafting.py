@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from align.core.cloze import BLANK, fact_spans, span_kind
-from align.core.sources import TopicSources, passages
+from align.core.sources import TopicSources, passages, read_utf8
 from align.core.topics import Topic
 from align.errors import AlignError, TopicError
 
@@ -239,12 +239,7 @@ def draft_topics(notes_files: Sequence[str | Path], sources: TopicSources | None
             raise AlignError(f"{path}: is a directory; give the notes files themselves (e.g. {path}/*.md)")
         suffix = path.suffix.lower()
         if suffix in TEXT_SUFFIXES:
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as exc:
-                raise AlignError(
-                    f"{path}: not UTF-8 text (byte {exc.start} is not valid UTF-8); save it as UTF-8"
-                ) from None
+            text = read_utf8(path, AlignError)
             for title, body in _sections(path, text):
                 rest, pairs = _split_qa(body)
                 draft = Draft(slug(title), str(path), passages(rest), pairs)

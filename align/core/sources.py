@@ -191,6 +191,18 @@ def passages(text: str) -> list[str]:
     return found
 
 
+def read_utf8(path: Path, error: type[Exception] = TopicError) -> str:
+    """A text file's contents; a file that is not UTF-8 or cannot be read is a one-line ``error``."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(
+            f"{path}: not UTF-8 text (byte {exc.start} is not valid UTF-8); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read it: {exc.strerror}") from None
+
+
 class TextFiles(TopicSource):
     """Plain text and markdown files: a passage per paragraph (rows with a ``text`` column)."""
 
@@ -198,15 +210,7 @@ class TextFiles(TopicSource):
     describe = "text or markdown"
 
     def read(self, path: Path) -> list[Mapping[str, Any]]:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise TopicError(
-                f"{path}: not UTF-8 text (byte {exc.start} is not valid UTF-8); save it as UTF-8"
-            ) from None
-        except OSError as exc:
-            raise TopicError(f"{path}: cannot read it: {exc.strerror}") from None
-        return [{"text": passage} for passage in passages(text)]
+        return [{"text": passage} for passage in passages(read_utf8(path, TopicError))]
 
 
 class TextFolder(TextFiles):
