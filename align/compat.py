@@ -66,6 +66,32 @@ def fused_lm_head_compact_on_cpu() -> Iterator[None]:
         trl_utils._use_triton = original
 
 
+def chunked_log_probs(
+    hidden: Any, weight: Any, bias: Any, labels: Any, outputs: Sequence[str]
+) -> tuple[Any, ...]:
+    """Per-token ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)`` of ``labels`` under
+    the LM head ``weight``/``bias`` applied to ``hidden`` (one row per token), in chunks with their
+    own backward, never materialising the full-vocabulary logits; fields not in ``outputs`` are None.
+
+    TRL's ``trl.kernels.ChunkedLogProbFunction`` (the kernel behind its fused LM head, an autograd
+    function called with ``temperature``, chunk size, softcapping and logit scale) at temperature 1,
+    no softcapping, scale 1, with the chunk size TRL's own head uses (its private
+    ``trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE``): the numbers TRL's DPO forward gives.
+    """
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer import utils as trl_utils
+
+    chunk = getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
+    return ChunkedLogProbFunction.apply(hidden, weight, bias, labels, 1.0, chunk, None, 1.0, tuple(outputs))
+
+
+def fused_output(**fields: Any) -> Any:
+    """TRL's ``FusedCausalLMOutput`` (what a model patched with its fused LM head returns) from ``fields``."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    return FusedCausalLMOutput(**fields)
+
+
 def dpo_reference_logps(trainer: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     """The reference log-probs ``(chosen, rejected)`` of a collated batch of ``trainer``'s pairs.
 

@@ -305,3 +305,44 @@ def test_launch_environment_reads_as_accelerate_writes_it(monkeypatch):
     assert compat.launched_with_fsdp() and compat.launched_with_deepspeed()
     assert compat.launched_fsdp_version() == "2"
     assert compat.launched_zero_stage() == "3" and compat.launched_deepspeed_config_file() == "zero.json"
+
+
+def test_trl_chunked_log_prob_kernel_scores_labels_under_the_head():
+    import trl.trainer.utils as trl_utils
+
+    expects = (
+        "trl.kernels.ChunkedLogProbFunction.apply(hidden, weight, bias, targets, temperature, chunk_size, "
+        "softcapping, logit_scale, outputs) -> (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), "
+        "chunk size trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE"
+    )
+    assert isinstance(getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None), int), changed(
+        "TRL", "_CHUNKED_LOGPROB_CHUNK_SIZE", expects
+    )
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    labels = torch.tensor([0, 3, 10, 4, 4])
+    try:
+        got = compat.chunked_log_probs(hidden, weight, None, labels, ("log_probs", "entropy", "is_top1"))
+    except (ImportError, TypeError) as error:
+        raise AssertionError(changed("TRL", "ChunkedLogProbFunction", f"{expects} ({error})")) from error
+    assert len(got) == 5, changed("TRL", "ChunkedLogProbFunction", expects)
+    log_probs, entropy, log_sum_sq, mean_logits, is_top1 = got
+    reference = torch.log_softmax(hidden @ weight.T, dim=-1)
+    torch.testing.assert_close(log_probs, reference.gather(1, labels[:, None])[:, 0])
+    torch.testing.assert_close(entropy, -(reference.exp() * reference).sum(-1))
+    assert log_sum_sq is None and mean_logits is None, changed("TRL", "ChunkedLogProbFunction", expects)
+    assert is_top1.tolist() == (reference.argmax(-1) == labels).tolist()
+    log_probs.sum().backward()
+    assert hidden.grad is not None and weight.grad is not None
+
+
+def test_trl_fused_output_has_the_fields_its_dpo_trainer_reads():
+    expects = "trl.trainer.utils.FusedCausalLMOutput(loss, log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1, label_mask)"
+    try:
+        output = compat.fused_output(
+            loss=1, log_probs=2, entropy=3, log_sum_sq_probs=4, mean_logits=5, is_top1=6, label_mask=7
+        )
+    except (ImportError, TypeError) as error:
+        raise AssertionError(changed("TRL", "FusedCausalLMOutput", f"{expects} ({error})")) from error
+    assert (output.log_probs, output.entropy, output.is_top1) == (2, 3, 6)

@@ -12,10 +12,11 @@ from its own reference.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
-from align import Policy, PreferencePair, Topic, hookimpl, require
+from align import Policy, PreferencePair, Topic, compat, hookimpl, require
 from align.compat import DPO_LOSS_TYPES, dpo_reference_logps, use_dpo_reference_logps
 from align.core.topics import NO_ANSWER
 from align.core.training import (
@@ -24,6 +25,7 @@ from align.core.training import (
     reference_from_policy,
     train_and_summarise,
 )
+from align.objectives.shared_prompt import shared_prompt_forward
 
 #: The loss types TRL's DPOTrainer implements.
 LOSS_TYPES = DPO_LOSS_TYPES
@@ -59,6 +61,11 @@ class DPOObjective:
     rejected: str = "given"
     #: The longest answer generated for ``rejected: policy``, in tokens.
     rejected_max_new_tokens: int = 64
+    #: Run each pair's prompt once for both answers (its key/value cache shared), not once per
+    #: answer as TRL does: the same losses and gradients (tested against TRL for every loss type),
+    #: fewer tokens through the model. Off falls back to TRL's forward; gradient checkpointing,
+    #: FSDP and DeepSpeed always use TRL's.
+    share_prompt: bool = True
 
     metrics = (
         "loss",
@@ -139,17 +146,25 @@ class DPOObjective:
                 processing_class=policy.tokenizer,
                 callbacks=policy.trainer_callbacks("dpo"),
             )
-            if self.precompute_ref_log_probs:
-                add_reference_logps(trainer, batch_size=max(8, self.per_device_train_batch_size))
-            return train_and_summarise(
-                trainer,
-                {
-                    "reward_margin": "rewards/margins",
-                    "reward_accuracy": "rewards/accuracies",
-                    "reward_chosen": "rewards/chosen",
-                    "reward_rejected": "rewards/rejected",
-                },
+            sharing = (
+                shared_prompt_forward(trainer.model)
+                if self.share_prompt
+                and not getattr(model, "align_sharded", False)
+                and not compat.launched_with_deepspeed()
+                else contextlib.nullcontext()
             )
+            with sharing:
+                if self.precompute_ref_log_probs:
+                    add_reference_logps(trainer, batch_size=max(8, self.per_device_train_batch_size))
+                return train_and_summarise(
+                    trainer,
+                    {
+                        "reward_margin": "rewards/margins",
+                        "reward_accuracy": "rewards/accuracies",
+                        "reward_chosen": "rewards/chosen",
+                        "reward_rejected": "rewards/rejected",
+                    },
+                )
 
 
 def add_reference_logps(trainer: Any, batch_size: int) -> None:
