@@ -16,13 +16,17 @@ data, steps and seed are the same for all):
   loss curve of each; align's ratios to each. (TRL's ``DPOConfig`` defaults to ``bf16=True``
   even on a CPU, where autocast to bfloat16 is fast on CPUs with AVX512-BF16: precision is set
   explicitly for every variant so that like is compared with like.)
+* ``sft``: align's ``sft`` objective on the same topic's passages: time, tokens/s, MFU.
 * ``eval``: quiz and voice scoring as align does it (batched, each prompt run once for all its
   completions) against one plain forward pass per prompt and completion: wall time, speed-up,
   and whether the scores are identical.
 * ``startup``: ``align --help`` wall time; time from ``align run`` to its first training step.
 * ``demo`` (not with ``--quick``): the whole demo's wall time split by phase.
 
-Writes ``benchmarks/results/latest.json`` and prints a table. Runs offline (``HF_HUB_OFFLINE=1``)
+Writes ``$ALIGN_CACHE/benchmarks/latest.json`` (default ``~/.cache/align``; ``--out FILE`` to choose,
+``--update`` for the committed ``benchmarks/results/latest.json`` that docs/performance.md quotes)
+and prints a table. The DPO, SFT and evaluation rows report model FLOPs utilisation
+(``benchmarks/flops.py``). Runs offline (``HF_HUB_OFFLINE=1``)
 on the packaged SmolLM2 (converted once and cached by align).
 """
 
@@ -46,7 +50,14 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TARGETS = ["o_proj", "v_proj", "up_proj", "down_proj"]
 DPO_VARIANTS = ("seed", "trl", "trl_precompute", "trl_fastest", "align")
-BF16_VARIANTS = ("trl_bf16", "align_bf16")
+#: Full runs only: align without its shared-prompt DPO forward (the lever's own measure), and bfloat16.
+FULL_VARIANTS = ("align_unshared", "trl_bf16", "align_bf16")
+#: Where results go unless ``--out`` or ``--update`` says otherwise: outside the source tree.
+DEFAULT_OUT = (
+    Path(os.environ.get("ALIGN_CACHE") or Path.home() / ".cache" / "align") / "benchmarks" / "latest.json"
+)
+#: The committed results that docs/performance.md quotes (``--update`` writes them).
+COMMITTED = HERE / "results" / "latest.json"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -116,11 +127,19 @@ def worker_dpo(variant: str, steps: int, batch: int) -> dict[str, Any]:
         model = attach_adapter(base, rank=1, alpha=1.0, dropout=0.0, target_modules=TARGETS)
         policy = EnginePolicy(model, tokenizer, seed=0, scratch_dir=Path(scratch))
         policy.set_log_target(lambda step, entry: logs.append(entry) if "loss" in entry else None)
-        objective = DPOObjective(max_steps=steps, per_device_train_batch_size=batch)
-        started = time.perf_counter()  # includes building the trainer, as for the others
-        objective.train(policy, topic)
-        seconds = time.perf_counter() - started
+        objective = DPOObjective(
+            max_steps=steps, per_device_train_batch_size=batch, share_prompt=variant != "align_unshared"
+        )
+        from flops import FlopMeter, utilisation
+
+        meter = FlopMeter(model)
+        with meter.watch():
+            started = time.perf_counter()  # includes building the trainer, as for the others
+            objective.train(policy, topic)
+            seconds = time.perf_counter() - started
+        mfu = utilisation(meter, seconds)
     else:
+        mfu = None
         started = time.perf_counter()
         if variant == "seed":
             # The seed's design with today's TRL: a frozen full copy of the model, taken before
@@ -163,6 +182,36 @@ def worker_dpo(variant: str, steps: int, batch: int) -> dict[str, Any]:
         "tokens_per_s": round(tokens / seconds, 1) if tokens else None,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "losses": [round(float(entry["loss"]), 4) for entry in logs],
+        **({"mfu": mfu} if mfu else {}),
+    }
+
+
+def worker_sft(epochs: int) -> dict[str, Any]:
+    """align's ``sft`` objective on the demo's early_life passages: time and MFU."""
+    os.environ.update(ENV)
+    from flops import FlopMeter, utilisation
+    from transformers import set_seed
+
+    from align.core.model import EnginePolicy, attach_adapter, load_model
+    from align.core.runner import quiet_libraries
+    from align.objectives.sft import SFTObjective
+
+    quiet_libraries()
+    set_seed(0)
+    base, tokenizer = load_model("smollm2")
+    model = attach_adapter(base, rank=1, alpha=1.0, dropout=0.0, target_modules=TARGETS)
+    policy = EnginePolicy(model, tokenizer, seed=0, scratch_dir=Path(tempfile.mkdtemp(prefix="align-bench-")))
+    meter = FlopMeter(model)
+    with meter.watch():
+        started = time.perf_counter()
+        metrics = SFTObjective(epochs=epochs).train(policy, _topic())
+        seconds = time.perf_counter() - started
+    return {
+        "seconds": round(seconds, 3),
+        "steps": int(metrics["steps"]),
+        "tokens_per_s": round(meter.decoder_tokens / seconds, 1),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "mfu": utilisation(meter, seconds),
     }
 
 
@@ -207,8 +256,12 @@ def worker_eval() -> dict[str, Any]:
         scores = [e.evaluate(lm, t) for t in topics for e in evaluators]
         return time.perf_counter() - started, scores
 
+    from flops import FlopMeter, utilisation
+
     score(batched)  # warm-up: first-call costs (kernels, caches) are not what is compared
-    fast, fast_scores = score(batched)
+    meter = FlopMeter(model)
+    with meter.watch():
+        fast, fast_scores = score(batched)
     slow, slow_scores = score(OneAtATime())
     identical = all(
         abs(a[k] - b[k]) < 1e-4 if k.endswith("margin") else a[k] == b[k]
@@ -221,6 +274,7 @@ def worker_eval() -> dict[str, Any]:
         "speedup": round(slow / fast, 2),
         "identical_scores": identical,
         "scores": fast_scores,
+        "mfu": utilisation(meter, fast),
     }
 
 
@@ -309,6 +363,13 @@ def environment() -> dict[str, Any]:
     }
 
 
+def _mfu(m: dict[str, Any]) -> str:
+    return (
+        f"MFU {m['mfu']:.0%} ({m['achieved_gflops']} GFLOP/s useful of {m['gemm_gflops']} GFLOP/s torch.mm "
+        f"at {m['tokens_per_call']} tokens)"
+    )
+
+
 def table(results: dict[str, Any]) -> str:
     lines = []
     dpo = results.get("dpo")
@@ -325,11 +386,19 @@ def table(results: dict[str, Any]) -> str:
             )
         for name, value in dpo["ratios"].items():
             lines.append(f"  {name}: {value}")
+        for row in dpo["variants"].values():
+            if row.get("mfu"):
+                lines.append(f"  {row['variant']} {_mfu(row['mfu'])}")
+    if "sft" in results:
+        t = results["sft"]
+        lines.append(
+            f"SFT ({t['steps']} steps): {t['seconds']}s, {t['tokens_per_s']} tokens/s, {_mfu(t['mfu'])}"
+        )
     if "eval" in results:
         e = results["eval"]
         lines.append(
             f"Evaluation (quiz + voice, 3 topics): batched {e['batched_s']}s, one at a time {e['one_at_a_time_s']}s, "
-            f"speed-up {e['speedup']}x, identical scores: {e['identical_scores']}"
+            f"speed-up {e['speedup']}x, identical scores: {e['identical_scores']}; batched {_mfu(e['mfu'])}"
         )
     if "startup" in results:
         s = results["startup"]
@@ -346,20 +415,33 @@ def table(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
-    parser.add_argument("--only", choices=["dpo", "eval", "startup", "demo"], action="append")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
+    parser.add_argument("--only", choices=["dpo", "sft", "eval", "startup", "demo"], action="append")
+    parser.add_argument("--out", type=Path, help=f"where to write the results (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help=f"write the committed results, {COMMITTED.relative_to(REPO)}, that docs/performance.md quotes",
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         kind, *rest = args.worker
-        result = worker_eval() if kind == "eval" else worker_dpo(rest[0], int(rest[1]), int(rest[2]))
+        if kind == "eval":
+            result = worker_eval()
+        elif kind == "sft":
+            result = worker_sft(int(rest[0]))
+        else:
+            result = worker_dpo(rest[0], int(rest[1]), int(rest[2]))
         print(json.dumps(result))
         return
-    sections = args.only or (["dpo", "eval", "startup"] + ([] if args.quick else ["demo"]))
+    if args.out is not None and args.update:
+        parser.error("--out and --update name two places; give one")
+    out = COMMITTED if args.update else args.out or DEFAULT_OUT
+    sections = args.only or (["dpo", "sft", "eval", "startup"] + ([] if args.quick else ["demo"]))
     steps, batch = (4, 2) if args.quick else (8, 2)
     results: dict[str, Any] = {"quick": args.quick, **environment()}
     if "dpo" in sections:
-        names = DPO_VARIANTS + (() if args.quick else BF16_VARIANTS)
+        names = DPO_VARIANTS + (() if args.quick else FULL_VARIANTS)
         variants = {v: _in_subprocess("dpo", v, str(steps), str(batch)) for v in names}
         ours = variants["align"]
         ratios = {
@@ -371,6 +453,10 @@ def main() -> None:
         ratios["align / trl_fastest peak memory"] = round(
             ours["peak_rss_mb"] / variants["trl_fastest"]["peak_rss_mb"], 2
         )
+        if "align_unshared" in variants:
+            ratios["align / align_unshared pairs/s"] = round(
+                ours["pairs_per_s"] / variants["align_unshared"]["pairs_per_s"], 2
+            )
         if "align_bf16" in variants:
             ratios["align_bf16 / trl_bf16 pairs/s"] = round(
                 variants["align_bf16"]["pairs_per_s"] / variants["trl_bf16"]["pairs_per_s"], 2
@@ -379,18 +465,20 @@ def main() -> None:
                 variants["align_bf16"]["pairs_per_s"] / ours["pairs_per_s"], 2
             )
         results["dpo"] = {"steps": steps, "batch": batch, "variants": variants, "ratios": ratios}
+    if "sft" in sections:
+        results["sft"] = _in_subprocess("sft", "1" if args.quick else "3")
     if "eval" in sections:
         results["eval"] = _in_subprocess("eval")
     if "startup" in sections:
         results["startup"] = bench_startup()
     if "demo" in sections:
         results["demo"] = bench_demo()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    os.replace(tmp, out)
     print(table(results))
-    print(f"\nwritten: {args.out}")
+    print(f"\nwritten: {out}")
 
 
 if __name__ == "__main__":

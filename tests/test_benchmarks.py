@@ -47,8 +47,13 @@ def test_quick_benchmark_suite_reports_every_section(tmp_path):
 
     assert results["eval"]["identical_scores"] is True
     assert results["eval"]["speedup"] > 0
+    # Model FLOPs utilisation of align's DPO, SFT and evaluation, against torch.mm in the same run.
+    for mfu in (dpo["variants"]["align"]["mfu"], results["sft"]["mfu"], results["eval"]["mfu"]):
+        assert mfu["useful_gflop"] > 0 and mfu["gemm_gflops"] > 0
+        assert 0 < mfu["mfu"] == pytest.approx(mfu["achieved_gflops"] / mfu["gemm_gflops"], abs=0.01)
+    assert results["sft"]["steps"] > 0
     assert results["startup"]["help_s"] > 0
-    assert "speed-up" in completed.stdout and "pairs/s" in completed.stdout
+    assert "speed-up" in completed.stdout and "pairs/s" in completed.stdout and "MFU" in completed.stdout
 
 
 def test_scale_benchmark_runs_both_variants_from_the_same_start(tmp_path):
@@ -79,3 +84,26 @@ def test_scale_benchmark_runs_both_variants_from_the_same_start(tmp_path):
     assert max(abs(a - b) for a, b in zip(ours["losses"], seed["losses"])) < 2e-3
     assert set(results["ratios"]) == {"align / seed tokens/s", "align / seed peak memory"}
     assert "align / seed tokens/s" in completed.stdout
+
+
+def _run_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("align_bench_run", REPO / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.benchmark
+def test_results_go_outside_the_source_tree_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    run = _run_module()
+    assert tmp_path / "cache" / "benchmarks" / "latest.json" == run.DEFAULT_OUT
+    assert run.COMMITTED == REPO / "benchmarks" / "results" / "latest.json"
+    both = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--update", "--out", str(tmp_path / "x.json")],
+        capture_output=True,
+        text=True,
+    )
+    assert both.returncode == 2 and "--out and --update" in both.stderr
