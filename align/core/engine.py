@@ -697,14 +697,20 @@ class Engine:
             "bwt": {metric: r["bwt"] for metric, r in retention.items()},
         }
 
-    def _training_topic(self, step: Step, topic: Topic) -> Topic:
+    def _training_topic(self, step: Step, topic: Topic, objective: Any = None) -> Topic:
         """What a training step of ``topic`` trains on: the topic, plus a sample of every earlier
-        topic's training items when ``replay`` asks for them (recorded as a ``replay`` event)."""
+        topic's training items when ``replay`` asks for them (recorded as a ``replay`` event).
+        Only the fields the objective reads (its ``requires``) are replayed: a DPO step gets
+        earlier preference pairs, not passages it would never look at."""
         index = next(i for i, t in enumerate(self.plan.topics) if t.name == topic.name)
-        if index == 0 or not any(self.replay.values()):
+        settings = self.replay
+        reads = getattr(objective, "requires", None)
+        if reads is not None:
+            settings = {name: value for name, value in settings.items() if name in reads}
+        if index == 0 or not any(settings.values()):
             return topic
         mixed, chosen = replay_topic(
-            topic, self.plan.topics[:index], self.replay, int(self.plan.config.get("seed", 0)), step.name
+            topic, self.plan.topics[:index], settings, int(self.plan.config.get("seed", 0)), step.name
         )
         if chosen:
             counts = {name: float(len(items)) for name, items in chosen.items()}
@@ -742,7 +748,9 @@ class Engine:
             metrics: dict[str, float] = {}
             for component in step.components:
                 if step.kind == "train":
-                    raw = component.instance.train(self.policy, self._training_topic(step, topic))
+                    raw = component.instance.train(
+                        self.policy, self._training_topic(step, topic, component.instance)
+                    )
                     where = f"objective '{component.name}'"
                 else:
                     raw = self._evaluate(component, self._scored(topic))

@@ -96,6 +96,36 @@ def test_by_default_each_topic_replays_as_many_earlier_passages_as_it_has():
     assert [len(t.preference_pairs) for t in seen] == [2, 2, 2]
 
 
+@pytest.mark.parametrize(
+    ("reads", "content", "pairs", "replayed"),
+    [
+        (("preference_pairs",), [4, 4, 2], [2, 4, 4], {"preference_pairs"}),
+        (("content",), [4, 8, 4], [2, 2, 2], {"content"}),
+        (None, [4, 8, 4], [2, 4, 4], {"content", "preference_pairs"}),  # says nothing: everything
+    ],
+)
+def test_replay_draws_only_the_fields_the_objective_reads(reads, content, pairs, replayed):
+    seen = []
+    objective = StubObjective(effect=lambda policy, t: seen.append(t))
+    if reads is not None:
+        objective.requires = reads
+    plugin = StubPlugin(
+        objectives={"train": objective}, evaluators={"quiz": StubEvaluator({"accuracy": 1.0})}
+    )
+    protocol = [{"name": "train", "train": "train"}, {"name": "after", "evaluate": ["quiz"]}]
+    result = run_protocol(
+        protocol,
+        TOPICS,
+        plugins=[plugin],
+        builtins=False,
+        config={"replay": {"content": 1.0, "preference_pairs": 1.0}},
+    )
+    assert [len(t.content) for t in seen] == content
+    assert [len(t.preference_pairs) for t in seen] == pairs
+    events = [e for e in result.events if e["kind"] == "replay"]
+    assert events and all(set(e["items"]) == replayed for e in events)
+
+
 @pytest.mark.parametrize(("voice_set", "pairs"), [("person", 3), ("topic", 1)])
 def test_evaluators_score_the_person_s_voice_pairs_or_the_topic_s(voice_set, pairs):
     _, result = trained_on(voice_set=voice_set)
