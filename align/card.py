@@ -225,7 +225,7 @@ def _usage(kind: str, base: str | None) -> list[str]:
 
 def run_card(kind: str, adapter: Path, *, details: Sequence[tuple[str, Any]] = ()) -> str:
     """The card of a model made from ``adapter``, from what its run recorded (when it is in one)."""
-    from align.tools import read_run_config, read_summary, run_of_adapter
+    from align.tools.runs import read_run_config, read_summary, run_of_adapter
 
     run = run_of_adapter(adapter)
     config: dict[str, Any] | None = None

@@ -23,7 +23,7 @@ COMMANDS = {"/reset": "forget the conversation so far", "/quit": "end the chat"}
 
 def resolve_adapter(path: str | Path) -> Path:
     """``path`` as an adapter directory: itself, or a run directory's last topic's adapter."""
-    from align.tools import ADAPTER_CONFIG, check_adapter, run_adapter
+    from align.tools.runs import ADAPTER_CONFIG, check_adapter, run_adapter
 
     path = Path(path)
     if (path / ADAPTER_CONFIG).is_file():
@@ -64,7 +64,7 @@ class Chat:
         temperature: float = 0.0,
         seed: int = 0,
     ):
-        from align.tools import check_generation_options
+        from align.tools.loading import check_generation_options
 
         check_generation_options(max_new_tokens, temperature)
         if not loaded.tokenizer.chat_template:

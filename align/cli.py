@@ -709,17 +709,28 @@ def _terminal_lines():
             return
 
 
+def _run_adapter_options(verb: str, output_help: str, *order: Any) -> Callable[[Any], Any]:
+    """``--output`` (required), ``--topic`` and ``--model`` of a command that writes a run's adapter
+    out (``merge``, ``export``), listed in ``order``: their names, and any other option between them."""
+    options = {
+        "output": click.option("--output", required=True, type=click.Path(), metavar="DIR", help=output_help),
+        "topic": click.option(
+            "--topic", help=f"Whose adapter to {verb} (default: the last topic's, the run's final adapter)."
+        ),
+        "model": click.option("--model", help="The base model (default: the run's model)."),
+    }
+
+    def decorate(command: Any) -> Any:
+        for option in reversed(order):  # click lists the options in the order they decorate, top down
+            command = (options[option] if isinstance(option, str) else option)(command)
+        return command
+
+    return decorate
+
+
 @cli.command()
 @click.argument("run_dir", metavar="RUN_DIR", type=click.Path())
-@click.option("--topic", help="Whose adapter to merge (default: the last topic's, the run's final adapter).")
-@click.option(
-    "--output",
-    required=True,
-    type=click.Path(),
-    metavar="DIR",
-    help="Where to save the model (new or empty).",
-)
-@click.option("--model", help="The base model (default: the run's model).")
+@_run_adapter_options("merge", "Where to save the model (new or empty).", "topic", "output", "model")
 @_debug_option
 @_handle_errors
 def merge(run_dir, topic, output, model, debug):
@@ -748,20 +759,18 @@ def merge(run_dir, topic, output, model, debug):
     help="gguf: the merged model as model.gguf with an Ollama Modelfile; gguf-lora: the adapter alone "
     "as llama.cpp's LoRA adapter.gguf (for llama-cli --lora with the base model's GGUF).",
 )
-@click.option(
-    "--output",
-    required=True,
-    type=click.Path(),
-    metavar="DIR",
-    help="Where to write (new or empty).",
+@_run_adapter_options(
+    "export",
+    "Where to write (new or empty).",
+    "output",
+    "topic",
+    click.option(
+        "--quantize",
+        metavar="TYPE",
+        help="The weights' type: f16 (default), q8_0, bf16, f32, q5_1, q5_0, q4_1, q4_0; gguf-lora: f16, f32.",
+    ),
+    "model",
 )
-@click.option("--topic", help="Whose adapter to export (default: the last topic's, the run's final adapter).")
-@click.option(
-    "--quantize",
-    metavar="TYPE",
-    help="The weights' type: f16 (default), q8_0, bf16, f32, q5_1, q5_0, q4_1, q4_0; gguf-lora: f16, f32.",
-)
-@click.option("--model", help="The base model (default: the run's model).")
 @_debug_option
 @_handle_errors
 def export(run_dir, fmt, output, topic, quantize, model, debug):

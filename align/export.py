@@ -366,7 +366,9 @@ def export(
     """Export a run's adapter (its last topic's, or ``topic``'s) into ``output`` (new or empty)."""
     from align.card import base_model_id, run_card
     from align.core.rundir import staged_directory
-    from align.tools import check_empty_output, load, run_adapter
+    from align.tools.loading import load
+    from align.tools.merging import check_empty_output
+    from align.tools.runs import run_adapter
 
     quantize = check_options(fmt, quantize)
     output = check_empty_output(output)

@@ -112,9 +112,11 @@ def test_report_draws_the_forgetting_matrix_and_embeds_images_in_html(runner, tm
     summary = json.loads((run / "summary.json").read_text())
     summary["forgetting"] = FORGETTING
     (run / "summary.json").write_text(json.dumps(summary))
-    import align.tools
+    import align.tools.loading
 
-    monkeypatch.setattr(align.tools, "load", lambda *a, **k: pytest.fail("--no-samples loaded a model"))
+    monkeypatch.setattr(
+        align.tools.loading, "load", lambda *a, **k: pytest.fail("--no-samples loaded a model")
+    )
     result = runner.invoke(cli, ["report", str(run), "--html", "--no-samples"])
     assert result.exit_code == 0, result.output
     markdown = (run / "report.md").read_text()
@@ -263,10 +265,10 @@ def test_the_html_report_wraps_the_metrics_block_and_gives_plots_the_page_width(
 
 
 def captured_figures(monkeypatch):
-    import align.report
+    import align.report.plots
 
     figures = []
-    monkeypatch.setattr(align.report, "_save", lambda plt, fig, path: figures.append(fig))
+    monkeypatch.setattr(align.report.plots, "_save", lambda plt, fig, path: figures.append(fig))
     return figures
 
 

@@ -3,7 +3,7 @@
 ``config.yaml``, ``topics.json`` and ``summary.json`` are written to a temporary name and renamed
 into place; ``metrics.jsonl`` gets one line per event, flushed as it happens; adapters are saved
 into a staging directory and renamed; ``checkpoint/`` (see :mod:`align.core.checkpoint`) says
-where the run stands. While a run writes into the directory it holds a lock on ``.lock``, which
+where the run stands. While a run writes into the directory it holds a lock on ``.lock`` (through ``filelock``), which
 the operating system releases when the process ends, however it ends.
 
 Under a multi-process launch (``accelerate launch``, ``torchrun``) only the main process writes:
@@ -131,28 +131,32 @@ class RunDir:
         return self.path / "topics.json"
 
     def lock(self) -> None:
-        """Hold ``.lock`` until :meth:`close`; refuse when another align run holds it."""
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no advisory locks, so no guard
-            return
+        """Hold ``.lock`` until :meth:`close`; refuse when another align run holds it.
+
+        The lock is :class:`filelock.FileLock`'s (``flock`` on POSIX), taken without waiting; the
+        holder's pid is written into the lock file for the message another run prints."""
+        import filelock
+
         self.check_lock_file()
-        handle = open(self.path / ".lock", "a+", encoding="utf-8")  # noqa: SIM115 - held until close()
+        path = self.path / ".lock"
+        lock = filelock.FileLock(path, timeout=0)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
+            lock.acquire()
+        except filelock.Timeout:
+            try:
+                holder = path.read_text(encoding="utf-8").strip() or "unknown"
+            except (OSError, ValueError):
+                holder = "unknown"
             raise AlignError(
                 f"{self.path}: another align run (pid {holder}) is writing to this run directory; "
                 "wait for it to finish, or stop it, then try again"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self._lock = handle
+        try:
+            path.write_text(str(os.getpid()), encoding="utf-8")
+        except BaseException:
+            lock.release()
+            raise
+        self._lock = lock
 
     def check_lock_file(self) -> None:
         """Refuse a ``.lock`` that is not a file align can open (a directory of that name)."""
@@ -324,5 +328,5 @@ class RunDir:
         finally:
             if self._lock is not None:
                 with contextlib.suppress(OSError):
-                    self._lock.close()  # closing the file releases the lock
+                    self._lock.release()  # the lock file stays: the next run takes the lock on it
                 self._lock = None

@@ -181,7 +181,7 @@ def _entry_points() -> list[importlib.metadata.EntryPoint]:
     return sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
 
 
-def _reserved_names() -> frozenset[str]:
+def reserved_names() -> frozenset[str]:
     """The config's top-level keys: a component's params section is named like the component, so a
     component named ``model`` or ``seed`` would be read as that base section."""
     from align.core.config import BASE_DEFAULTS
@@ -201,7 +201,7 @@ def collect_components(
     ``disable_hint(plugin)`` is the fix a message suggests (default: ``ALIGN_DISABLE_PLUGINS``).
     """
     hint = disable_hint or (lambda plugin: f"disable it with ALIGN_DISABLE_PLUGINS={plugin}")
-    reserved = _reserved_names()
+    reserved = reserved_names()
     registry = Registry()
     failures = []
     for plugin_name, plugin in manager.list_name_plugin():  # in registration order: built-ins first

@@ -246,6 +246,24 @@ def test_a_run_directory_in_use_is_refused(tmp_path):
     second.close()
 
 
+def test_the_refusal_names_the_holders_pid_and_the_lock_file_stays_for_the_next_run(tmp_path):
+    import os
+
+    first = RunDir(tmp_path / "run")
+    first.create("seed: 0\n")
+    try:
+        assert (tmp_path / "run" / ".lock").read_text() == str(os.getpid())
+        with pytest.raises(AlignError, match=rf"another align run \(pid {os.getpid()}\) is writing"):
+            RunDir(tmp_path / "run").reopen(0)
+        assert (tmp_path / "run" / ".lock").read_text() == str(os.getpid())  # the refused run kept it
+    finally:
+        first.close()
+    assert (tmp_path / "run" / ".lock").is_file()
+    second = RunDir(tmp_path / "run")
+    second.reopen(0)
+    second.close()
+
+
 def test_a_full_disk_mid_run_stops_with_a_resume_hint_and_resume_finishes_the_run(tmp_path, monkeypatch):
     import errno
     import os

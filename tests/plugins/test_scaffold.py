@@ -60,3 +60,28 @@ def test_new_plugin_refuses_a_bad_name_or_an_existing_directory(tmp_path):
     assert again.exit_code == 2
     assert "align-words: already exists" in again.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["align-words"]
+
+
+@pytest.mark.parametrize("kind", ["evaluator", "objective", "gate"])
+def test_the_templates_the_scaffold_reads_are_package_data(tmp_path, monkeypatch, kind):
+    """Every template `align new-plugin` reads is in the package and matched by pyproject.toml's
+    package-data, so a non-editable install (a wheel) has it too."""
+    import fnmatch
+    from importlib.resources import files
+
+    import align.scaffold
+    from tests.conftest import REPO
+
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    read = []
+    original = align.scaffold.template
+    monkeypatch.setattr(align.scaffold, "template", lambda name: read.append(name) or original(name))
+    align.scaffold.new_plugin(f"demo-{kind}", kind, tmp_path)
+    assert read, "the scaffold read no template"
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "align"
+    ]
+    for name in read:
+        relative = "/".join((*align.scaffold.TEMPLATES, f"{name}.tmpl"))
+        assert (files("align") / relative).is_file(), relative
+        assert any(fnmatch.fnmatch(relative, glob) for glob in globs), f"{relative}: not in package-data"

@@ -70,3 +70,62 @@ def test_harness_given_plugins_at_construction():
     harness = PluginHarness(builtins=["threshold"], plugins=[StubPlugin(objectives={"x": StubObjective()})])
     assert harness.registry.names("objective") == ["x"]
     assert harness.registry.names("gate") == ["threshold"]
+
+
+#: One evaluation step with a stub evaluator: a run in milliseconds that still writes a run directory.
+PROBE = [{"name": "check", "evaluate": ["probe"]}]
+
+
+def probe_plugin():
+    from align.testing import StubEvaluator
+
+    return StubPlugin(evaluators={"probe": StubEvaluator({"score": 0.5})})
+
+
+def test_a_temporary_run_directory_goes_when_the_result_is_used_as_a_context():
+    with run_protocol(PROBE, plugins=[probe_plugin()], builtins=False) as result:
+        assert (result.path / "summary.json").is_file()
+        assert result.path.parent.name.startswith("align-run-")
+    assert not result.path.parent.exists()
+
+
+def test_remove_temporary_runs_removes_every_run_made_without_output():
+    from align.testing import remove_temporary_runs
+
+    paths = [run_protocol(PROBE, plugins=[probe_plugin()], builtins=False).path for _ in range(2)]
+    assert all(path.is_dir() for path in paths)
+    remove_temporary_runs()
+    assert not any(path.parent.exists() for path in paths)
+
+
+def test_a_run_given_output_is_left_where_it_is(tmp_path):
+    from align.testing import remove_temporary_runs
+
+    with run_protocol(PROBE, plugins=[probe_plugin()], builtins=False, output=tmp_path / "run") as result:
+        pass
+    remove_temporary_runs()
+    assert result.path == tmp_path / "run"
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_no_temporary_run_directory_is_left_behind_when_the_process_ends():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import REPO
+
+    script = (
+        "from align.testing import StubEvaluator, StubPlugin, run_protocol\n"
+        "plugin = StubPlugin(evaluators={'probe': StubEvaluator({'score': 0.5})})\n"
+        f"result = run_protocol({PROBE!r}, plugins=[plugin], builtins=False)\n"
+        "assert (result.path / 'summary.json').is_file()\n"
+        "print(result.path)\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert child.returncode == 0, child.stderr
+    path = Path(child.stdout.strip().splitlines()[-1])
+    assert path.name == "run" and path.parent.name.startswith("align-run-")
+    assert not path.parent.exists(), f"{path.parent}: left behind"
