@@ -383,9 +383,9 @@ def validate(config, topics, model, overrides, output, strict_plugins, debug):
     does; trains nothing and loads no model."""
     from align.console import gates_in_questions, settings_that_do_nothing
     from align.core.config import dump_config
-    from align.core.model import check_model_path
     from align.core.sources import TopicSources
     from align.core.topics import stray_data_files
+    from align.hf.source import check_model_path
 
     plugins, plan = _load_plan(
         strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output

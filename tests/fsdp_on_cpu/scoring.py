@@ -17,8 +17,9 @@ def main(model_dir: str) -> None:
     import torch
 
     from align.core import distributed
-    from align.core.model import HFLanguageModel, attach_adapter, load_model
-    from align.core.training import shard_model
+    from align.hf.language_model import HFLanguageModel
+    from align.hf.loading import attach_adapter, load_model
+    from align.hf.training import shard_model
 
     distributed.setup()
     torch.manual_seed(0)

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from align.core.model import EnginePolicy, attach_adapter
+from align.hf.loading import attach_adapter
+from align.hf.policy import EnginePolicy
 from align.objectives.dpo import DPOObjective
 from align.objectives.sft import SFTObjective
 from align.testing import make_topic, tiny_causal_lm
@@ -192,7 +193,7 @@ def test_dpo_scores_only_completion_tokens_with_the_same_loss_curve(policy, monk
     only the completion tokens: the same losses for less work, and TRL is left as it was."""
     import trl.trainer.utils as trl_utils
 
-    from align.core import training
+    from align.hf import training
 
     cpu = torch.device("cpu")
     assert trl_utils._use_triton(cpu) is False
@@ -231,7 +232,7 @@ def test_dpo_scores_only_completion_tokens_with_the_same_loss_curve(policy, monk
 def test_prompts_run_their_shared_start_once(policy, monkeypatch):
     """Every prompt begins with the chat template's turn header: it goes through the model once,
     not once per prompt, and the scores stay those of the unshared path."""
-    from align.core import model as model_module
+    from align.hf import language_model as model_module
 
     lm = policy.language_model
     least = model_module.MIN_SHARED_PREFIX
