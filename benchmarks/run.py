@@ -193,8 +193,9 @@ def worker_sft(epochs: int) -> dict[str, Any]:
     from flops import FlopMeter, utilisation
     from transformers import set_seed
 
-    from align.core.model import EnginePolicy, attach_adapter, load_model
     from align.core.runner import quiet_libraries
+    from align.hf.loading import attach_adapter, load_model
+    from align.hf.policy import EnginePolicy
     from align.objectives.sft import SFTObjective
 
     quiet_libraries()

@@ -1,8 +1,8 @@
 """The old import path of the model code, which is :mod:`align.hf` now; nothing new goes here.
 
 Kept for ``from align.core.model import EnginePolicy, attach_adapter``, which the tests that
-``align new-plugin --kind objective`` writes into a plugin use (align/scaffold.py), and for the
-names align/tools.py still imports from here. Importing it imports no heavy library (align.hf
+``align new-plugin --kind objective`` wrote into plugins before align 0.1.0 moved the code (new ones
+import from :mod:`align.hf`) still use. Importing it imports no heavy library (align.hf
 imports those inside its functions).
 """
 

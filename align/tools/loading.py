@@ -49,7 +49,7 @@ class LoadedModel:
 
     def language_model(self) -> Any:
         """The model as the :class:`align.LanguageModel` evaluators score (align's chat template use)."""
-        from align.core.model import HFLanguageModel
+        from align.hf.language_model import HFLanguageModel
 
         chat = self.settings.get("chat_template", "auto")
         return HFLanguageModel(
@@ -103,8 +103,8 @@ def load(
 
     ``full_precision`` loads the base weights unquantized and on one device whatever the run used
     (4-bit training, ``device_map``): what merging needs."""
-    from align.core.model import load_model
     from align.core.runner import quiet_libraries
+    from align.hf.loading import load_model
 
     if adapter is not None:
         adapter = check_adapter(adapter)

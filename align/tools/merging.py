@@ -32,8 +32,8 @@ def merge(adapter: str | Path, output: str | Path, *, model: str | None = None) 
     either absent or complete.
     """
     from align.card import run_card
-    from align.core.model import safetensors_os_errors
     from align.core.rundir import staged_directory
+    from align.hf.policy import safetensors_os_errors
 
     output = check_empty_output(output)
     loaded = load(adapter, model, full_precision=True)  # a QLoRA run merges into the full weights
