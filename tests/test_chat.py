@@ -7,17 +7,9 @@ import sys
 
 import pytest
 import yaml
-from click.testing import CliRunner
 
 from align.cli import cli
-from tests.conftest import REPO
-from tests.test_tools import assert_one_line_error
-
-
-@pytest.fixture
-def runner(monkeypatch):
-    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
-    return CliRunner()
+from tests.conftest import REPO, assert_one_line_error
 
 
 @pytest.fixture(scope="module")

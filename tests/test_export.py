@@ -6,11 +6,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from align.card import front_matter
 from align.cli import cli
-from tests.test_tools import assert_one_line_error
+from tests.conftest import assert_one_line_error
 
 #: The largest difference in next-token logits between the GGUF read back and the merged model,
 #: per --quantize (the tiny model's logits are within about +-0.5; f16 measured 9e-5).
@@ -27,12 +26,6 @@ LAYER_TENSORS = (
     "ffn_down",
 )
 PROMPTS = ("Hi?", "Where do you live?", "What is Ilse's donkey called?")
-
-
-@pytest.fixture
-def runner(monkeypatch):
-    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
-    return CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -314,36 +307,16 @@ def test_a_full_disk_keeps_nothing(runner, tiny_run, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_export_of_the_packaged_smollm2_reads_back_with_the_same_greedy_answer(tmp_path, monkeypatch):
+def test_export_of_the_packaged_smollm2_reads_back_with_the_same_greedy_answer(runner, smollm2_run, tmp_path):
     """The default model end to end: a run directory naming `smollm2` with an adapter that moves
     the model, exported to an f16 GGUF and read back by transformers (about 1 GB written)."""
-    import json
-
-    import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align.hf.loading import attach_adapter, load_model
-    from align.hf.source import packaged_gguf
-
-    packaged_gguf()
-    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
-    model, tokenizer = load_model("smollm2")
-    attached = attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=["o_proj", "v_proj"])
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in attached.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=1.0)
-    run = tmp_path / "run"
-    attached.save_pretrained(run / "adapters" / "home")
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": "smollm2"}}))
-    summary = {"status": "completed", "topics": [{"topic": "home", "adapter": "adapters/home", "steps": []}]}
-    (run / "summary.json").write_text(json.dumps(summary))
-    result = CliRunner().invoke(cli, ["export", str(run), "--output", str(tmp_path / "e")])
+    attached, tokenizer = smollm2_run.attached, smollm2_run.tokenizer
+    result = runner.invoke(cli, ["export", str(smollm2_run.run), "--output", str(tmp_path / "e")])
     assert result.exit_code == 0, result.output
     gguf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "e", gguf_file="model.gguf").eval()
     gguf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "e", gguf_file="model.gguf")
-    attached.eval()
     prompt = "Where do you live?"
     assert gguf_tokenizer(prompt)["input_ids"] == tokenizer(prompt)["input_ids"]
     assert gguf_tokenizer.chat_template == tokenizer.chat_template

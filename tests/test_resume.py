@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -62,13 +63,68 @@ def setup(tmp_path_factory, tiny_model_dir):
     )
     args = [str(config), "--model", str(tiny_model_dir), "--topics", str(topics)]
     whole = root / "whole"
-    completed = subprocess.run(align("run", *args, "--output", str(whole)), capture_output=True, text=True)
-    assert completed.returncode == 0, completed.stderr
-    return root, args, whole
+    pool = ThreadPoolExecutor(PARALLEL)
+    try:
+        # The uninterrupted run, once for every test, beside the runs that are killed and resumed
+        # (each a process of its own, as before; each test reads its own scenario's outcome).
+        reference = pool.submit(run, align("run", *args, "--output", str(whole)))
+        scenarios = {
+            point: pool.submit(kill_and_resume, args, root / f"killed-{point}", predicate)
+            for point, predicate in KILL_POINTS.items()
+        }
+        scenarios["sigterm"] = pool.submit(terminate_and_resume, args, root / "terminated")
+        completed = reference.result()
+        assert completed.returncode == 0, completed.stderr
+        yield root, args, whole, scenarios
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+#: Child processes run two at a time, one per core of the 2-core CI machine, each on one thread
+#: (the uninterrupted run too, so the numbers compared come from the same arithmetic).
+PARALLEL = 2
+ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def align(*args):
     return [sys.executable, "-m", "align", *args]
+
+
+def run(command, **kwargs):
+    return subprocess.run(command, capture_output=True, text=True, env=ENVIRONMENT, **kwargs)
+
+
+def summary_status(run_dir):
+    """summary.json's status, or None where the run has not written one."""
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text())["status"] if path.exists() else None
+
+
+def kill_and_resume(args, run_dir, predicate):
+    """Kill a run of ``args`` as soon as ``predicate`` matches an event, then resume it: the
+    status summary.json had right after the kill, and the resume's finished process."""
+    kill_when(align("run", *args, "--output", str(run_dir)), run_dir, predicate)
+    status = summary_status(run_dir)
+    return status, run(align("run", "--resume", str(run_dir)), timeout=300)
+
+
+def terminate_and_resume(args, run_dir):
+    """SIGTERM a run of ``args`` at its first training log, then resume it: the terminated
+    process's return code and stderr, summary.json's status then, and the resume's process."""
+    process = subprocess.Popen(
+        align("run", *args, "--output", str(run_dir)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=ENVIRONMENT,
+    )
+    deadline = time.monotonic() + 120
+    while not any(e["kind"] == "log" for e in events(run_dir)):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1].decode()
+    terminated = (process.returncode, stderr, summary_status(run_dir))
+    return terminated, run(align("run", "--resume", str(run_dir)))
 
 
 def events(run_dir):
@@ -81,7 +137,7 @@ def events(run_dir):
 
 def kill_when(command, run_dir, predicate, timeout=120):
     """Start ``command`` and SIGKILL it as soon as an event matching ``predicate`` is written."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENVIRONMENT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -121,20 +177,13 @@ KILL_POINTS = {
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 @pytest.mark.subprocess
 def test_a_killed_run_resumes_to_the_same_results(setup, point):
-    root, args, whole = setup
+    root, _, whole, scenarios = setup
     run_dir = root / f"killed-{point}"
-    kill_when(align("run", *args, "--output", str(run_dir)), run_dir, KILL_POINTS[point])
-    assert (
-        not (run_dir / "summary.json").exists()
-        or json.loads((run_dir / "summary.json").read_text())["status"] == "running"
-    )
+    status, busy = scenarios[point].result()
+    assert status in (None, "running")  # as the kill left it
 
-    busy = subprocess.Popen(
-        align("run", "--resume", str(run_dir)), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    out, err = busy.communicate(timeout=300)
-    assert busy.returncode == 0, err.decode()
-    assert b"resuming at" in out
+    assert busy.returncode == 0, busy.stderr
+    assert "resuming at" in busy.stdout
 
     _, expected = step_metrics(whole)
     summary, resumed = step_metrics(run_dir)
@@ -187,7 +236,7 @@ def rechecks(run_dir):
 
 @pytest.mark.subprocess
 def test_resume_of_a_completed_run_does_nothing(setup):
-    _, _, whole = setup
+    _, _, whole, _ = setup
     before = (whole / "metrics.jsonl").read_text()
     result = CliRunner().invoke(cli, ["run", "--resume", str(whole)])
     assert result.exit_code == 0
@@ -197,7 +246,7 @@ def test_resume_of_a_completed_run_does_nothing(setup):
 
 @pytest.mark.subprocess
 def test_resume_refuses_a_config_beside_it(setup):
-    _, args, whole = setup
+    _, args, whole, _ = setup
     result = CliRunner().invoke(cli, ["run", args[0], "--set", "seed=1", "--resume", str(whole)])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
@@ -212,28 +261,19 @@ def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
 
 
 @pytest.mark.subprocess
-def test_sigterm_ends_a_run_as_ctrl_c_does_and_resume_finishes_it(setup, tmp_path):
+def test_sigterm_ends_a_run_as_ctrl_c_does_and_resume_finishes_it(setup):
     """What schedulers and ``docker stop`` send: it ended the process where it stood, with no
     message and summary.json's status left "running"."""
-    _, args, whole = setup
-    run_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        align("run", *args, "--output", str(run_dir)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 120
-    while not any(e["kind"] == "log" for e in events(run_dir)):
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()
-        time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
-    stderr = process.communicate(timeout=120)[1].decode()
-    assert process.returncode == 143
+    root, _, whole, scenarios = setup
+    run_dir = root / "terminated"
+    (returncode, stderr, status), resumed = scenarios["sigterm"].result()
+    assert returncode == 143
     # (the plan's warnings about the tiny quiz come first)
     assert [line for line in stderr.strip().splitlines() if line and not line.startswith("Warning: ")] == [
         f"Terminated (SIGTERM): results so far are in {run_dir}; `align run --resume {run_dir}` "
         "goes on from the last finished step."
     ]
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
-    resumed = subprocess.run(align("run", "--resume", str(run_dir)), capture_output=True, text=True)
+    assert status == "interrupted"
     assert resumed.returncode == 0, resumed.stderr
     assert step_metrics(run_dir)[1] == step_metrics(whole)[1]
 
@@ -241,7 +281,9 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_and_resume_finishes_it(setup, tmp_pat
 @pytest.fixture(scope="module")
 def without_rejected(tmp_path_factory, tiny_model_dir):
     """A run whose topics read their pairs from JSON Lines files without rejected answers: DPO
-    (with the default ``rejected: given``) generates them, the voice pairs get the bare model's."""
+    (with the default ``rejected: given``) generates them, the voice pairs get the bare model's.
+    Beside its uninterrupted run, the runs killed at each of WITHOUT_REJECTED_KILL_POINTS and
+    resumed."""
     root = tmp_path_factory.mktemp("resume-without-rejected")
     topics = root / "topics"
     topics.mkdir()
@@ -269,26 +311,34 @@ def without_rejected(tmp_path_factory, tiny_model_dir):
     )
     args = [str(config), "--model", str(tiny_model_dir), "--topics", str(topics)]
     whole = root / "whole"
-    completed = subprocess.run(align("run", *args, "--output", str(whole)), capture_output=True, text=True)
-    assert completed.returncode == 0, completed.stderr
-    return root, args, whole
+    pool = ThreadPoolExecutor(PARALLEL)
+    try:
+        reference = pool.submit(run, align("run", *args, "--output", str(whole)))
+        scenarios = {
+            point: pool.submit(kill_and_resume, args, root / f"killed-{point}", predicate)
+            for point, predicate in WITHOUT_REJECTED_KILL_POINTS.items()
+        }
+        completed = reference.result()
+        assert completed.returncode == 0, completed.stderr
+        yield root, whole, scenarios
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-@pytest.mark.parametrize(
-    "point",
-    [
-        # the voice pairs' rejected answers are generated and recorded; the first topic's SFT runs
-        lambda e: e["topic"] == "first" and e["step"] == "sft" and e["kind"] == "log",
-        # the second topic's DPO generated the missing rejected answer and is training on it
-        lambda e: e["topic"] == "second" and e["kind"] == "generated",
-    ],
-    ids=["after-voice-generation", "after-dpo-generation"],
-)
+WITHOUT_REJECTED_KILL_POINTS = {
+    # the voice pairs' rejected answers are generated and recorded; the first topic's SFT runs
+    "after-voice-generation": lambda e: e["topic"] == "first" and e["step"] == "sft" and e["kind"] == "log",
+    # the second topic's DPO generated the missing rejected answer and is training on it
+    "after-dpo-generation": lambda e: e["topic"] == "second" and e["kind"] == "generated",
+}
+
+
+@pytest.mark.parametrize("point", list(WITHOUT_REJECTED_KILL_POINTS))
+@pytest.mark.subprocess
 def test_a_resumed_run_does_not_generate_the_rejected_answers_again(without_rejected, point):
-    root, args, whole = without_rejected
-    run_dir = root / f"killed-{len(list(root.iterdir()))}"
-    kill_when(align("run", *args, "--output", str(run_dir)), run_dir, point)
-    resumed = subprocess.run(align("run", "--resume", str(run_dir)), capture_output=True, text=True)
+    root, whole, scenarios = without_rejected
+    run_dir = root / f"killed-{point}"
+    _, resumed = scenarios[point].result()
     assert resumed.returncode == 0, resumed.stderr
     _, expected = step_metrics(whole)
     summary, got = step_metrics(run_dir)

@@ -393,18 +393,11 @@ def test_sample_mistakes_are_one_line_errors(runner, tiny_run):
 
 
 @pytest.mark.slow
-def test_sample_on_the_packaged_smollm2_with_an_identity_adapter(runner, tmp_path):
+def test_sample_on_the_packaged_smollm2_with_an_identity_adapter(runner, smollm2_run):
     """An adapter saved as initialised (LoRA B = 0) changes nothing: with no run around it,
     `align sample` loads the packaged default model, and both answers are the same words."""
-    packaged_gguf()
-    from align.hf.loading import attach_adapter, load_model
-
-    model, _ = load_model("smollm2")
-    peft_model = attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=["o_proj", "v_proj"])
-    peft_model.save_pretrained(tmp_path / "identity")
-    result = invoke(
-        runner, "sample", "--adapter", tmp_path / "identity", "What is 2+2?", "--base", "--max-new-tokens", 8
-    )
+    identity = smollm2_run.identity
+    result = invoke(runner, "sample", "--adapter", identity, "What is 2+2?", "--base", "--max-new-tokens", 8)
     assert result.exit_code == 0, result.output
     tuned, bare = result.output.split("\n\nbare model:\n")
     tuned = tuned.split(":\n", 1)[1]
@@ -446,34 +439,17 @@ def test_merge_saves_a_standalone_model_that_answers_as_the_adapter_does(
 
 
 @pytest.mark.slow
-def test_merge_on_the_packaged_smollm2_answers_as_the_adapter_does(runner, tmp_path):
+def test_merge_on_the_packaged_smollm2_answers_as_the_adapter_does(runner, smollm2_run, tmp_path):
     """The default model end to end: a run directory whose config names `smollm2` and whose
     adapter moves the model (random LoRA B), merged into a standalone model (about 540 MB)."""
-    packaged_gguf()
     import torch
-    import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align.hf.loading import attach_adapter, load_model
-
-    model, tokenizer = load_model("smollm2")
-    attached = attach_adapter(model, rank=1, alpha=1.0, dropout=0.0, target_modules=["o_proj", "v_proj"])
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in attached.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=1.0)
-    run = tmp_path / "run"
-    attached.save_pretrained(run / "adapters" / "home")
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": "smollm2"}}))
-    summary = {"status": "completed", "topics": [{"topic": "home", "adapter": "adapters/home", "steps": []}]}
-    (run / "summary.json").write_text(json.dumps(summary))
-
-    result = invoke(runner, "merge", run, "--output", tmp_path / "merged")
+    attached, tokenizer = smollm2_run.attached, smollm2_run.tokenizer
+    result = invoke(runner, "merge", smollm2_run.run, "--output", tmp_path / "merged")
     assert result.exit_code == 0, result.output
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     merged_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
-    attached.eval()
     prompt = "Where do you live?"
     assert greedy(merged, merged_tokenizer, prompt, 8) == greedy(attached, tokenizer, prompt, 8)
     ids = tokenizer("Where do you live, little gull?", return_tensors="pt")["input_ids"]
