@@ -317,7 +317,7 @@ DPO_LEARNING_RATE_THAT_MOVES = 1e-5
 def settings_that_do_nothing(plan: Plan) -> list[str]:
     """A warning for each setting known to do nothing measurable (the seed's DPO learning rate of
     5e-7 on a rank-1 adapter), naming the measurement; once, however many steps use it."""
-    if plan.settings.lora.rank != 1:
+    if plan.config.get("lora", {}).get("rank") != 1:
         return []
     rates = {
         component.params.get("learning_rate")
