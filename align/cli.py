@@ -101,7 +101,7 @@ def _load_plan(strict_flag: bool, config: Any, **options: Any) -> tuple[Any, Any
         _check_failures(plugins, strict=False)
         _warn_shadowing(plugins)
         raise
-    _check_failures(plugins, strict=bool(plan.config.get("strict_plugins")))
+    _check_failures(plugins, strict=plan.settings.strict_plugins)
     _warn_shadowing(plugins)
     return plugins, plan
 
@@ -390,8 +390,8 @@ def validate(config, topics, model, overrides, output, strict_plugins, debug):
     plugins, plan = _load_plan(
         strict_plugins, config, overrides=overrides, topics=topics, model=model, output=output
     )
-    stray = stray_data_files(plan.config["topics"], TopicSources.from_registry(plugins.registry))
-    check_model_path(plan.config["model"]["path"])  # what the run checks first, without loading it
+    stray = stray_data_files(plan.settings.topics, TopicSources.from_registry(plugins.registry))
+    check_model_path(plan.settings.model.path)  # what the run checks first, without loading it
     _echo(f"# resolved config from {plan.source}")
     _echo(dump_config(plan.config).rstrip())
     _echo("\n# topics")

@@ -250,11 +250,11 @@ class Engine:
         self.clock = clock
         self.environment = dict(environment or {})
         self.seed_step = seed_step
-        self.on_error = plan.config.get("on_error", "stop")
-        self.evaluate_timeout: float | None = plan.config.get("evaluate_timeout")
-        self.recheck = plan.config.get("recheck", "earlier")
-        self.replay = dict(plan.config.get("replay") or {})
-        self.voice_set = plan.config.get("voice_set", "topic")
+        self.on_error = plan.settings.on_error
+        self.evaluate_timeout: float | None = plan.settings.evaluate_timeout
+        self.recheck = plan.settings.recheck
+        self.replay = plan.settings.replay.as_dict()
+        self.voice_set = plan.settings.voice_set
         #: What a recheck runs on earlier topics: each evaluator of the protocol once, as its last
         #: evaluation step configures it (that step's values are the matrix's diagonal).
         self.recheck_evaluators = _evaluators(plan.steps)
@@ -710,7 +710,7 @@ class Engine:
         if index == 0 or not any(settings.values()):
             return topic
         mixed, chosen = replay_topic(
-            topic, self.plan.topics[:index], settings, int(self.plan.config.get("seed", 0)), step.name
+            topic, self.plan.topics[:index], settings, self.plan.settings.seed, step.name
         )
         if chosen:
             counts = {name: float(len(items)) for name, items in chosen.items()}
@@ -883,7 +883,7 @@ class Engine:
             "started": self._started,
             "seconds": round(self._elapsed(), 3),
             "output": str(self.rundir.path),
-            "seed": self.plan.config.get("seed"),
+            "seed": self.plan.settings.seed,
             "environment": self.environment,
             "steps": [step.name for step in self.plan.steps],
             "topics": topics,

@@ -90,26 +90,36 @@ def _plain(value: Any) -> Any:
 
 
 def build_component(
-    factory: Callable[..., Any], params: Mapping[str, Any], where: str, source: str
+    factory: Callable[..., Any],
+    params: Mapping[str, Any],
+    where: str,
+    source: str,
+    *,
+    checks_values: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
-    """Check ``params`` against ``factory`` and call it; errors name ``source`` and ``where.key``.
+    """Check ``params`` against ``factory`` and call it; errors name ``source`` and ``where.key``
+    (``key`` alone with an empty ``where``: the config's top-level keys).
 
-    Returns the component and the keyword arguments it was built with (converted values).
+    With ``checks_values`` the factory checks and converts every value itself (the run's settings,
+    align/core/settings.py, whose messages the error catalogue lists): only unknown and missing keys
+    are checked here. Returns the component and the keyword arguments it was built with (converted
+    values).
     """
+
+    def path(key: Any) -> str:
+        return f"{where}.{key}" if where else str(key)
+
+    check_keys(factory, params, where, source)
     accepted = factory_params(factory)
     kwargs = dict(params)
     if accepted is not None:
         for key, value in params.items():
-            if key not in accepted:
-                raise ConfigError(
-                    f"{source}: unknown key '{where}.{key}'{closest(key, accepted)} "
-                    f"(valid: {', '.join(accepted) or 'none'})"
-                )
             annotation = accepted[key].annotation
-            if annotation is not inspect.Parameter.empty:
-                kwargs[key] = coerce(value, annotation, f"{where}.{key}", source)
-    for key, value in kwargs.items():
-        _check_finite(value, f"{where}.{key}", source)
+            if annotation is not inspect.Parameter.empty and not checks_values:
+                kwargs[key] = coerce(value, annotation, path(key), source)
+    if not checks_values:
+        for key, value in kwargs.items():
+            _check_finite(value, path(key), source)
     if accepted is not None:
         missing = [
             name
@@ -117,11 +127,24 @@ def build_component(
             if p.default is inspect.Parameter.empty and name not in kwargs
         ]
         if missing:
-            raise ConfigError(f"{source}: '{where}.{missing[0]}' is required; add it to the config")
+            raise ConfigError(f"{source}: '{path(missing[0])}' is required; add it to the config")
     try:
         return factory(**kwargs), kwargs
     except ParamError as exc:
-        raise ConfigError(f"{source}: {where}.{exc.key}: {exc.message}") from None
+        raise ConfigError(f"{source}: {path(exc.key)}: {exc.message}") from None
+
+
+def check_keys(factory: Callable[..., Any], params: Mapping[str, Any], where: str, source: str) -> None:
+    """Refuse a key of ``params`` that ``factory`` does not take, with the closest one it does."""
+    accepted = factory_params(factory)
+    if accepted is None:
+        return
+    for key in params:
+        if key not in accepted:
+            raise ConfigError(
+                f"{source}: unknown key '{f'{where}.{key}' if where else key}'{closest(str(key), accepted)} "
+                f"(valid: {', '.join(accepted) or 'none'})"
+            )
 
 
 def _check_finite(value: Any, path: str, source: str) -> None:

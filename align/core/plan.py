@@ -6,13 +6,16 @@ Data flows one way: config → plan (validated, fully resolved, printable) → e
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from align.core import config as configuration
 from align.core.config import apply_overrides, blame_override, demo_dir, read_config, with_defaults
 from align.core.params import build_component, factory_defaults
+from align.core.settings import RunSettings
 from align.core.sources import TopicSources
 from align.core.topics import Topic, load_topics
 from align.errors import ConfigError, PluginError, brief, closest
@@ -87,6 +90,8 @@ class Plan:
     topics: list[Topic]
     steps: list[Step]
     metric_names: list[str] = field(default_factory=list)
+    #: The config's base settings, typed (``config`` holds the same values as data).
+    settings: RunSettings = field(default_factory=RunSettings)
 
 
 def demo_topics_path() -> Path:
@@ -139,7 +144,8 @@ def resolve_plan(
     ``topics`` overrides the config's: a file or directory, or :class:`Topic` objects (tests).
     """
     component_names = {name for kind in ("objective", "evaluator", "gate") for name in registry.names(kind)}
-    config = with_defaults(data, component_names, source)
+    config, settings = with_defaults(data, component_names, source)
+    _check_launch(settings, source)
     steps = _build_steps(config, source, registry)
     metric_names = _check_gates(steps, source)
     config["protocol"] = [_step_as_data(step) for step in steps]
@@ -163,9 +169,51 @@ def resolve_plan(
     model_path = Path(config["model"]["path"]).expanduser()
     if not model_path.is_absolute() and (base_dir / model_path).exists():  # a directory or a .gguf file
         config["model"]["path"] = str(base_dir / model_path)
+    settings = dataclasses.replace(
+        settings,
+        topics=config["topics"],
+        model=dataclasses.replace(settings.model, path=config["model"]["path"]),
+    )
     topic_list = given if given is not None else load_topics(topic_path, TopicSources.from_registry(registry))
     _check_topics(topic_list, steps)
-    return Plan(config=config, source=source, topics=topic_list, steps=steps, metric_names=metric_names)
+    return Plan(
+        config=config,
+        source=source,
+        topics=topic_list,
+        steps=steps,
+        metric_names=metric_names,
+        settings=settings,
+    )
+
+
+def _check_launch(settings: RunSettings, source: str) -> None:
+    """What the settings need of the launch and of the installed libraries: checked here, not with
+    the settings' values, so that checking a config imports no distributed helper."""
+    from align.core import distributed
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{source}: {key}: {message}")
+
+    model = settings.model
+    if model.quantization != "none" and distributed.lockstep():
+        fail(
+            "model.quantization",
+            f"{model.quantization} base weights with FSDP: align shards only unquantized weights; launch "
+            f"with configs/accelerate/ddp.yaml (each GPU holds the {model.quantization} model), or set "
+            "model.quantization: none and keep FSDP",
+        )
+    if model.quantization != "none" and not configuration.bitsandbytes_available():
+        fail(
+            "model.quantization",
+            f"{model.quantization} base weights need bitsandbytes, which is not installed; "
+            f"`{configuration.BITSANDBYTES_INSTALL}` (on a machine with a CUDA GPU), or set model.quantization: none",
+        )
+    if model.device_map is not None and distributed.is_distributed():
+        fail(
+            "model.device_map",
+            f"spreads one copy of the model over this process's devices, which a launch of "
+            f"{distributed.world_size()} processes cannot share; remove model.device_map, or run one process",
+        )
 
 
 def _relative_to(path: str, base_dir: Path) -> Path:

@@ -15,7 +15,7 @@ from typing import Any
 
 from align.core import distributed
 from align.core.checkpoint import Checkpoints, check_settings
-from align.core.config import demo_config_path, demo_dir, dump_config, report_targets
+from align.core.config import demo_config_path, demo_dir, dump_config
 from align.core.engine import Engine, Reporter
 from align.core.plan import Plan
 from align.core.rundir import RunDir
@@ -30,18 +30,18 @@ LIBRARIES = ("mindprint-align", "torch", "transformers", "peft", "trl", "dataset
 def run_name(plan: Plan) -> str:
     """The config's ``name``, else the config file's name and the time; ``align run --topics
     mine/`` without a config is named after its topics (``mine-<time>``), not the demo's."""
-    if plan.config.get("name"):
-        return plan.config["name"]
+    if plan.settings.name:
+        return plan.settings.name
     stem = Path(plan.source).stem if plan.source else "run"
-    if plan.source == str(demo_config_path()) and Path(plan.config["topics"]) != demo_dir() / "topics":
-        stem = Path(plan.config["topics"]).stem or stem
+    if plan.source == str(demo_config_path()) and Path(plan.settings.topics) != demo_dir() / "topics":
+        stem = Path(plan.settings.topics).stem or stem
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{stem}-{stamp}"
 
 
 def output_dir(plan: Plan) -> Path:
-    if plan.config.get("output"):
-        return Path(plan.config["output"])
+    if plan.settings.output:
+        return Path(plan.settings.output)
     return Path("runs") / run_name(plan)
 
 
@@ -69,38 +69,38 @@ def load_policy(plan: Plan, scratch_dir: Path, tensorboard_dir: Path | None = No
     from align.hf.loading import attach_adapter, load_model, set_seed
     from align.hf.policy import EnginePolicy
 
-    model_cfg, lora = plan.config["model"], plan.config["lora"]
+    model_cfg, lora = plan.settings.model, plan.settings.lora
     started = time.perf_counter()
-    logger.info("loading model %s (dtype %s)", model_cfg["path"], model_cfg["dtype"])
+    logger.info("loading model %s (dtype %s)", model_cfg.path, model_cfg.dtype)
     model, tokenizer = load_model(
-        model_cfg["path"],
-        dtype=model_cfg["dtype"],
-        trust_remote_code=model_cfg["trust_remote_code"],
-        chat_template=model_cfg.get("chat_template", "auto"),
+        model_cfg.path,
+        dtype=model_cfg.dtype,
+        trust_remote_code=model_cfg.trust_remote_code,
+        chat_template=model_cfg.chat_template,
         source=plan.source,
-        quantization=model_cfg.get("quantization", "none"),
-        device_map=model_cfg.get("device_map"),
+        quantization=model_cfg.quantization,
+        device_map=model_cfg.device_map,
     )
     logger.info("model loaded in %.1fs", time.perf_counter() - started)
     # Loading may draw random numbers (the first use of the default model converts it, building a
     # model from its config), so the adapter's initial weights come from a seed set here: the
     # same seed gives the same adapter, whether or not this run converted the model.
-    set_seed(plan.config["seed"])
+    set_seed(plan.settings.seed)
     peft_model = attach_adapter(
         model,
-        rank=lora["rank"],
-        alpha=lora["alpha"],
-        dropout=lora["dropout"],
-        target_modules=lora["target_modules"],
+        rank=lora.rank,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
         source=plan.source,
-        gradient_checkpointing=model_cfg.get("gradient_checkpointing", False),
+        gradient_checkpointing=model_cfg.gradient_checkpointing,
     )
     logger.info(
         "adapter attached: rank %s, alpha %s, dropout %s, on %s",
-        lora["rank"],
-        lora["alpha"],
-        lora["dropout"],
-        ", ".join(lora["target_modules"]),
+        lora.rank,
+        lora.alpha,
+        lora.dropout,
+        ", ".join(lora.target_modules),
     )
     if distributed.lockstep():
         from align.hf.training import shard_model
@@ -110,12 +110,12 @@ def load_policy(plan: Plan, scratch_dir: Path, tensorboard_dir: Path | None = No
     return EnginePolicy(
         peft_model,
         tokenizer,
-        seed=plan.config["seed"],
+        seed=plan.settings.seed,
         scratch_dir=scratch_dir,
-        eval_batch_size=model_cfg["eval_batch_size"],
+        eval_batch_size=model_cfg.eval_batch_size,
         tensorboard_dir=tensorboard_dir,
-        gradient_checkpointing=model_cfg.get("gradient_checkpointing", False),
-        report_to=report_targets(plan.config.get("report_to")),
+        gradient_checkpointing=model_cfg.gradient_checkpointing,
+        report_to=plan.settings.trackers,
     )
 
 
@@ -159,8 +159,8 @@ def execute(
         quiet_libraries()
         from align.hf.loading import set_seed
 
-        set_seed(plan.config["seed"])
-        trackers = report_targets(plan.config.get("report_to"))
+        set_seed(plan.settings.seed)
+        trackers = plan.settings.trackers
         tensorboard = rundir.path / "tensorboard" if "tensorboard" in trackers else None
         policy = load_policy(plan, rundir.scratch_dir, tensorboard)
         checkpoints.policy = policy

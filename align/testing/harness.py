@@ -191,7 +191,7 @@ def run_protocol(
     rundir = RunDir(path)
     rundir.check_writable()
     rundir.create(dump_config(plan.config))
-    policy = StubPolicy(model, seed=plan.config["seed"], scratch_dir=rundir.scratch_dir, state=state)
+    policy = StubPolicy(model, seed=plan.settings.seed, scratch_dir=rundir.scratch_dir, state=state)
     summary = Engine(plan, policy, rundir, hooks=harness.manager).run()
     events = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line]
     temporary = path.parent if output is None else None

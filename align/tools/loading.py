@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,9 @@ from align.tools.runs import check_adapter, read_run_config, run_of_adapter
 
 def default_model_settings() -> dict[str, Any]:
     """The model settings an adapter is loaded with when its run recorded none: the config's."""
-    from align.core.config import BASE_DEFAULTS
+    from align.core.settings import ModelSettings
 
-    return dict(BASE_DEFAULTS["model"])
+    return asdict(ModelSettings())
 
 
 def model_settings(adapter: str | Path | None = None, model: str | None = None) -> dict[str, Any]:
