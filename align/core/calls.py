@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from align.core.plan import Component, Step
-from align.errors import NonFiniteTraining
+from align.errors import AlignError, NonFiniteTraining
 
 #: The most metrics one call of an objective or evaluator may return: every step's metrics go into
 #: ``metrics.jsonl``, ``summary.json`` (rewritten after each topic) and the forgetting matrix, so a
@@ -87,3 +87,28 @@ def check_finite(metrics: Mapping[str, float]) -> None:
     bad = {name: value for name, value in metrics.items() if not math.isfinite(value)}
     if bad:
         raise NonFiniteTraining(", ".join(f"{name} is {value}" for name, value in bad.items()))
+
+
+def failure_record(
+    step_name: str, component: Component | None, exc: BaseException, restored: bool = False
+) -> dict[str, Any]:
+    """What an ``error`` event holds for a step (or recheck) whose ``component`` raised ``exc``:
+    ``plugin``, ``component``, ``exception`` and the ``reason`` a person reads."""
+    if isinstance(exc, NonFiniteTraining):
+        what = f"training became non-finite: {exc}"
+    elif isinstance(exc, AlignError):
+        what = str(exc)
+    else:
+        what = f"{type(exc).__name__}: {exc}"
+    who = f"{component.kind} '{component.name}'" if component is not None else f"step '{step_name}'"
+    if component is not None and component.plugin:
+        who += f" (plugin '{component.plugin}')"
+    reason = f"{who} failed: {what}"
+    if restored:
+        reason += "; adapter restored to before the step"
+    return {
+        "plugin": component.plugin if component is not None else "",
+        "component": component.name if component is not None else "",
+        "exception": type(exc).__name__,
+        "reason": reason,
+    }

@@ -35,6 +35,7 @@ from align.core.calls import (
     call_with_timeout,
     check_finite,
     evaluators,
+    failure_record,
     prefix_metrics,
 )
 from align.core.checkpoint import Checkpoint, Checkpoints, checkpoint_settings, topics_digest
@@ -61,10 +62,10 @@ from align.core.events import (
     now,
 )
 from align.core.plan import Component, Plan, Step
-from align.core.replay import replay_topic, with_person_voice
-from align.core.results import StepResult, TopicResult, retention_scores
+from align.core.replay import replay_topic, with_generated_rejected, with_person_voice
+from align.core.results import StepResult, TopicResult, forgetting_matrix, retention_scores
 from align.core.rundir import RunDir
-from align.core.topics import NO_ANSWER, Topic
+from align.core.topics import Topic
 from align.errors import AlignError, NonFiniteTraining, RunStopped
 from align.plugins.lifecycle import Lifecycle
 
@@ -250,28 +251,12 @@ class Engine:
         generated once, before any training (the adapter starts as a no-op): the voice score then
         compares the person with the model's default. Recorded as a ``generated`` event and in
         ``topics.json``, which ``--resume`` reads, so a resumed run never generates them again."""
-        import dataclasses
-
-        missing = [
-            pair.prompt for topic in self.plan.topics for pair in topic.voice_pairs if pair.rejected is None
-        ]
-        if not missing:
+        generated = with_generated_rejected(
+            self.plan.topics, self.policy.language_model, VOICE_REJECTED_MAX_NEW_TOKENS
+        )
+        if generated is None:
             return
-        prompts = list(dict.fromkeys(missing))
-        answers = self.policy.language_model.generate(prompts, max_new_tokens=VOICE_REJECTED_MAX_NEW_TOKENS)
-        answer_of = {prompt: answer.strip() or NO_ANSWER for prompt, answer in zip(prompts, answers)}
-        self.plan.topics = [
-            dataclasses.replace(
-                topic,
-                voice_pairs=tuple(
-                    pair
-                    if pair.rejected is not None
-                    else dataclasses.replace(pair, rejected=answer_of[pair.prompt])
-                    for pair in topic.voice_pairs
-                ),
-            )
-            for topic in self.plan.topics
-        ]
+        self.plan.topics, answer_of = generated
         self._digest = topics_digest(self.plan.topics)
         self.rundir.write_topics([topic.to_dict() for topic in self.plan.topics])
         self._record(
@@ -280,7 +265,7 @@ class Engine:
             "generated",
             {},
             purpose="voice_rejected",
-            answers=[{"prompt": prompt, "answer": answer_of[prompt]} for prompt in prompts],
+            answers=[{"prompt": prompt, "answer": answer} for prompt, answer in answer_of.items()],
         )
 
     # -- the loop -----------------------------------------------------------------------------
@@ -443,30 +428,9 @@ class Engine:
         return results
 
     def forgetting(self) -> dict[str, Any]:
-        """``summary["forgetting"]``: per metric, ``M[i][j]`` is topic ``j``'s value right after
-        topic ``i`` was trained (``j < i``: a recheck; ``j == i``: topic ``i``'s own last
-        evaluation), ``None`` for ``j > i`` or a value not measured; a row per finished topic."""
-        names = [topic.name for topic in self.plan.topics]
+        """``summary["forgetting"]`` (:func:`~align.core.results.forgetting_matrix`)."""
         prefixes = {component.name for component in self.recheck_evaluators}
-        rows = [{**result.recheck, result.name: result.evaluated(prefixes)} for result in self.results]
-        metric_names: dict[str, None] = {}  # ordered, and a set: a list's membership test is quadratic
-        for row in rows:
-            for metrics in row.values():
-                metric_names.update(dict.fromkeys(metrics))
-        matrix = {
-            metric: [
-                [row.get(name, {}).get(metric) if j <= i else None for j, name in enumerate(names)]
-                for i, row in enumerate(rows)
-            ]
-            for metric in metric_names
-        }
-        retention = {metric: retention_scores(m) for metric, m in matrix.items()}
-        return {
-            "topics": names,
-            "metrics": matrix,
-            "acc": {metric: r["acc"] for metric, r in retention.items()},
-            "bwt": {metric: r["bwt"] for metric, r in retention.items()},
-        }
+        return forgetting_matrix([topic.name for topic in self.plan.topics], self.results, prefixes)
 
     def _training_topic(self, step: Step, topic: Topic, objective: Any = None) -> Topic:
         """What a training step of ``topic`` trains on: the topic, plus a sample of every earlier
@@ -584,24 +548,7 @@ class Engine:
         **extra: Any,
     ) -> dict[str, Any]:
         """Record an ``error`` event for a failed step (or recheck); returns what it holds."""
-        if isinstance(exc, NonFiniteTraining):
-            what = f"training became non-finite: {exc}"
-        elif isinstance(exc, AlignError):
-            what = str(exc)
-        else:
-            what = f"{type(exc).__name__}: {exc}"
-        who = f"{component.kind} '{component.name}'" if component is not None else f"step '{step_name}'"
-        if component is not None and component.plugin:
-            who += f" (plugin '{component.plugin}')"
-        reason = f"{who} failed: {what}"
-        if restored:
-            reason += "; adapter restored to before the step"
-        error = {
-            "plugin": component.plugin if component is not None else "",
-            "component": component.name if component is not None else "",
-            "exception": type(exc).__name__,
-            "reason": reason,
-        }
+        error = failure_record(step_name, component, exc, restored)
         self._record(topic.name, step_name, "error", {}, **extra, **error)
         return error
 

@@ -127,3 +127,31 @@ def retention_scores(matrix: list[list[float | None]]) -> dict[str, float | None
         "acc": sum(now) / len(now) if now else None,
         "bwt": sum(changes) / len(changes) if changes else None,
     }
+
+
+def forgetting_matrix(
+    names: list[str], results: list[TopicResult], prefixes: Collection[str]
+) -> dict[str, Any]:
+    """``summary["forgetting"]`` of the run's topics ``names`` after the finished ``results``:
+    per metric of the evaluators ``prefixes``, ``M[i][j]`` is topic ``j``'s value right after
+    topic ``i`` was trained (``j < i``: a recheck; ``j == i``: topic ``i``'s own last
+    evaluation), ``None`` for ``j > i`` or a value not measured; a row per finished topic."""
+    rows = [{**result.recheck, result.name: result.evaluated(prefixes)} for result in results]
+    metric_names: dict[str, None] = {}  # ordered, and a set: a list's membership test is quadratic
+    for row in rows:
+        for metrics in row.values():
+            metric_names.update(dict.fromkeys(metrics))
+    matrix = {
+        metric: [
+            [row.get(name, {}).get(metric) if j <= i else None for j, name in enumerate(names)]
+            for i, row in enumerate(rows)
+        ]
+        for metric in metric_names
+    }
+    retention = {metric: retention_scores(m) for metric, m in matrix.items()}
+    return {
+        "topics": names,
+        "metrics": matrix,
+        "acc": {metric: r["acc"] for metric, r in retention.items()},
+        "bwt": {metric: r["bwt"] for metric, r in retention.items()},
+    }
