@@ -10,8 +10,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 
-from align.core.engine import Reporter, StepResult
+from align.core.events import Reporter
 from align.core.plan import Plan
+from align.core.results import StepResult
 from align.core.topics import Topic
 from align.errors import printable
 

@@ -5,13 +5,10 @@ These are protocols: a plugin's classes need not inherit from anything.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
-
-if TYPE_CHECKING:
-    from align.core.topics import Topic
+from typing import Any, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -45,12 +42,43 @@ class Policy(Protocol):
         ...
 
 
-class Objective(Protocol):
-    def train(self, policy: Policy, topic: Topic) -> Mapping[str, float]: ...
+class TrainingPolicy(Policy, Protocol):
+    """What the engine asks of its model beyond what an objective sees: the adapter's weights to
+    take and put back (rollback guards, failed steps), to write (checkpoints, the adapter of each
+    topic), and where the run's events go. ``align.core.model.EnginePolicy`` is the real one,
+    ``align.testing.StubPolicy`` the stand-in."""
 
+    def snapshot(self) -> Any:
+        """The adapter's weights as they are now (a copy)."""
+        ...
 
-class Evaluator(Protocol):
-    def evaluate(self, model: LanguageModel, topic: Topic) -> Mapping[str, float]: ...
+    def restore(self, state: Any) -> None:
+        """Put back weights a :meth:`snapshot` took."""
+        ...
+
+    def save_snapshot(self, state: Any, path: Path) -> Path:
+        """Write a :meth:`snapshot` for a checkpoint near ``path``; returns the file written."""
+        ...
+
+    def load_snapshot(self, path: Path) -> Any: ...
+
+    def save_adapter(self, directory: Path) -> None:
+        """Save the adapter as it is now into ``directory`` (a topic's adapter)."""
+        ...
+
+    def set_recorder(self, recorder: Callable[[str, dict[str, Any]], None] | None) -> None:
+        """Where events a component records through the policy go (the run's ``metrics.jsonl``)."""
+        ...
+
+    def set_log_target(
+        self, on_log: Callable[[str, dict[str, float]], None] | None, topic: str | None = None
+    ) -> None:
+        """Where trainer logs go (the engine points this at the topic in progress)."""
+        ...
+
+    def reseed(self, offset: int) -> None:
+        """Seed the random generators with ``seed + offset`` (before each step, resumed or not)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -59,12 +87,6 @@ class GateDecision:
 
     passed: bool
     reason: str
-
-
-class Gate(Protocol):
-    def metrics_needed(self) -> Sequence[str]: ...
-
-    def decide(self, metrics: Mapping[str, float]) -> GateDecision: ...
 
 
 #: A component factory as passed to ``register(name, factory)``.

@@ -4,7 +4,8 @@ The engine knows no objective, evaluator or gate by name; everything it runs cam
 registry through the plan. Each event is appended to ``metrics.jsonl`` as it happens, the
 summary is rewritten after every topic, the adapter is saved after every topic, and after every
 step a checkpoint records where the run stands, so a crash loses at most the step in progress
-and ``align run --resume`` goes on from there.
+and ``align run --resume`` goes on from there. What happens is emitted as events
+(:mod:`align.core.events`) to the metrics log, the checkpoint, the console and the plugins' hooks.
 
 A step that fails (a plugin raises, or training goes non-finite) has the adapter put back as it
 was before the step and is recorded with the plugin, topic, step and reason; then the run stops
@@ -22,202 +23,69 @@ process and broadcast, so every process takes the same branch; only the main pro
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
-import math
-import threading
 import time
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from align.core import distributed
+from align.core.calls import (
+    MAX_METRICS,
+    EvaluateTimeout,
+    call_with_timeout,
+    check_finite,
+    evaluators,
+    failure_record,
+    prefix_metrics,
+)
 from align.core.checkpoint import Checkpoint, Checkpoints, checkpoint_settings, topics_digest
-from align.core.components import GateDecision
+from align.core.components import GateDecision, TrainingPolicy
+from align.core.events import (
+    Checkpointer,
+    Console,
+    EventBus,
+    Hooks,
+    Noted,
+    Rechecked,
+    Recorded,
+    Reporter,
+    RunClosed,
+    RunEnded,
+    RunLog,
+    RunStarted,
+    RunStarting,
+    StepEnded,
+    TopicEnded,
+    TopicStarted,
+    TrainerLogged,
+    Warned,
+    now,
+)
 from align.core.plan import Component, Plan, Step
-from align.core.replay import replay_topic, with_person_voice
+from align.core.replay import replay_topic, with_generated_rejected, with_person_voice
+from align.core.results import StepResult, TopicResult, forgetting_matrix, retention_scores
 from align.core.rundir import RunDir
-from align.core.topics import NO_ANSWER, Topic
+from align.core.topics import Topic
 from align.errors import AlignError, NonFiniteTraining, RunStopped
-from align.plugins.lifecycle import call_isolated
+from align.plugins.lifecycle import Lifecycle
+
+#: Also the names other modules have long imported from here (defined in calls, events, results).
+__all__ = [
+    "MAX_METRICS",
+    "Engine",
+    "EvaluateTimeout",
+    "Reporter",
+    "StepResult",
+    "TopicResult",
+    "call_with_timeout",
+    "prefix_metrics",
+    "retention_scores",
+]
 
 logger = logging.getLogger(__name__)
 
 #: The longest answer generated for a voice pair without ``rejected``, in tokens.
 VOICE_REJECTED_MAX_NEW_TOKENS = 64
-
-
-@dataclass
-class StepResult:
-    name: str
-    kind: str
-    status: str  # "ran", "skipped" or "failed"
-    metrics: dict[str, float] = field(default_factory=dict)
-    gate: dict[str, Any] | None = None
-    seconds: float = 0.0
-    #: Set when this step's guard restored the adapter: ``step``, ``reason`` and ``metrics`` (the
-    #: values from before the rolled-back step, which hold again now).
-    rollback: dict[str, Any] | None = None
-    #: Set when the step failed: ``plugin``, ``component``, ``reason``.
-    error: dict[str, Any] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"step": self.name, "kind": self.kind, "status": self.status}
-        if self.gate is not None:
-            data["gate"] = self.gate
-        data["metrics"] = self.metrics
-        if self.rollback is not None:
-            data["rollback"] = self.rollback
-        if self.error is not None:
-            data["error"] = self.error
-        data["seconds"] = round(self.seconds, 3)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> StepResult:
-        """The inverse of :meth:`as_dict` (a checkpoint stores results this way)."""
-        return cls(
-            name=data["step"],
-            kind=data["kind"],
-            status=data["status"],
-            metrics=dict(data.get("metrics", {})),
-            gate=data.get("gate"),
-            seconds=float(data.get("seconds", 0.0)),
-            rollback=data.get("rollback"),
-            error=data.get("error"),
-        )
-
-
-@dataclass
-class TopicResult:
-    name: str
-    steps: list[StepResult] = field(default_factory=list)
-    adapter: str | None = None
-    #: Earlier topic → its metrics measured again after this topic (``recheck: earlier``).
-    recheck: dict[str, dict[str, float]] = field(default_factory=dict)
-    recheck_seconds: float = 0.0
-
-    def latest(self) -> dict[str, float]:
-        """The latest value of every metric recorded so far for this topic (what gates read)."""
-        metrics: dict[str, float] = {}
-        for step in self.steps:
-            metrics.update(step.metrics)
-            if step.rollback is not None:
-                metrics.update(step.rollback["metrics"])
-        return metrics
-
-    def ran(self, step_name: str) -> bool:
-        return any(s.name == step_name and s.status == "ran" for s in self.steps)
-
-    def evaluated(self, prefixes: Collection[str]) -> dict[str, float]:
-        """The latest value of each metric of the evaluators named ``prefixes``: what the topic's
-        own evaluation steps last measured (or what a rollback restored)."""
-        metrics: dict[str, float] = {}
-        for step in self.steps:
-            if step.kind == "eval" and step.status == "ran":
-                metrics.update(step.metrics)
-            if step.rollback is not None:
-                metrics.update(step.rollback["metrics"])
-        return {name: value for name, value in metrics.items() if name.split(".")[0] in prefixes}
-
-    def as_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "topic": self.name,
-            "adapter": self.adapter,
-            "steps": [s.as_dict() for s in self.steps],
-        }
-        if self.recheck:
-            data["recheck"] = self.recheck
-            data["recheck_seconds"] = round(self.recheck_seconds, 3)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TopicResult:
-        recheck = {target: dict(metrics) for target, metrics in data.get("recheck", {}).items()}
-        return cls(
-            data["topic"],
-            [StepResult.from_dict(s) for s in data["steps"]],
-            data.get("adapter"),
-            recheck,
-            float(data.get("recheck_seconds", 0.0)),
-        )
-
-
-class Reporter:
-    """Where the engine says what it is doing. The base class says nothing."""
-
-    def run_start(self, plan: Plan, output: str) -> None: ...
-    def topic_start(self, index: int, total: int, topic: Topic) -> None: ...
-    def step_log(self, step: str, logs: Mapping[str, float]) -> None: ...
-    def step_end(self, topic: Topic, result: StepResult) -> None: ...
-    def topic_end(self, topic: Topic, result: TopicResult) -> None: ...
-    def recheck_end(self, topic: Topic, results: Mapping[str, Mapping[str, float]]) -> None: ...
-    def run_end(self, summary: Mapping[str, Any]) -> None: ...
-    def warning(self, message: str) -> None: ...
-    def note(self, message: str) -> None: ...
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-#: The most metrics one call of an objective or evaluator may return: every step's metrics go into
-#: ``metrics.jsonl``, ``summary.json`` (rewritten after each topic) and the forgetting matrix, so a
-#: plugin returning 100,000 of them would make every later write megabytes long.
-MAX_METRICS = 256
-
-
-class EvaluateTimeout(TimeoutError):
-    """An evaluator did not return within ``evaluate_timeout`` seconds.
-
-    Python cannot stop a thread from outside, so the evaluator's thread may still be using the
-    model: the run stops whatever ``on_error`` says (a later step would train or score the model
-    under its feet), and the thread ends with the process."""
-
-
-def call_with_timeout(call: Callable[[], Any], seconds: float) -> Any:
-    """``call()`` in a daemon thread, waited for at most ``seconds``: its result, its exception
-    (raised here, ``SystemExit`` too), or :class:`EvaluateTimeout` while it still runs."""
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["result"] = call()
-        except BaseException as exc:  # handed to the waiting thread, which records it
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, name="align-evaluate", daemon=True)
-    thread.start()
-    thread.join(seconds)  # Ctrl-C still interrupts the wait
-    if thread.is_alive():
-        raise EvaluateTimeout(f"did not return within {seconds:g}s (evaluate_timeout)")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
-
-
-def prefix_metrics(
-    name: str, metrics: Mapping[str, Any], where: str, allow_non_finite: bool = False
-) -> dict[str, float]:
-    """``{key: value}`` returned by component ``name`` as ``{"name.key": float}``; ``where`` names
-    the component in the error when it returned something else than numbers, more than
-    :data:`MAX_METRICS` of them, or a NaN or infinite one (which strict JSON cannot hold) unless
-    ``allow_non_finite`` (training: the engine reports a non-finite loss as training that became
-    non-finite)."""
-    if not isinstance(metrics, Mapping):
-        raise TypeError(
-            f"{where} returned {type(metrics).__name__}, expected a mapping of metric name to number"
-        )
-    if len(metrics) > MAX_METRICS:
-        raise ValueError(f"{where} returned {len(metrics)} metrics; at most {MAX_METRICS} per call")
-    flat = {}
-    for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{where} returned {key}={value!r}; metric values must be numbers")
-        if not allow_non_finite and not math.isfinite(value):
-            raise ValueError(f"{where} returned {key}={value}; metric values must be finite numbers")
-        flat[f"{name}.{key}"] = float(value)
-    return flat
 
 
 class Engine:
@@ -232,7 +100,7 @@ class Engine:
     def __init__(
         self,
         plan: Plan,
-        policy: Any,
+        policy: TrainingPolicy,
         rundir: RunDir,
         reporter: Reporter | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -257,28 +125,30 @@ class Engine:
         self.voice_set = plan.settings.voice_set
         #: What a recheck runs on earlier topics: each evaluator of the protocol once, as its last
         #: evaluation step configures it (that step's values are the matrix's diagonal).
-        self.recheck_evaluators = _evaluators(plan.steps)
+        self.recheck_evaluators = evaluators(plan.steps)
         self.results: list[TopicResult] = []
         self.status = "running"
         self.error: str | None = None
-        self._started = _now()
+        self._started = now()
         self._start_clock = clock()
         self._seconds_before = 0.0  # time spent in earlier sessions of a resumed run
-        self._current_topic: str | None = None
-        self._current_step: str | None = None
+        #: Where the run stands (hook failures are named with them).
+        self.current_topic: str | None = None
+        self.current_step: str | None = None
         self._in_progress: TopicResult | None = None
-        #: ``on_trainer_log`` hooks that raised during the step in progress: ``(plugin, message)``.
-        self._trainer_log_failures: list[tuple[str, str]] = []
         # Training steps a later step may roll back: the adapter and metrics from before each.
         self._guarded = {step.rollback.step for step in plan.steps if step.rollback is not None}
         self._snapshots: dict[str, tuple[Any, dict[str, float]]] = {}
         self._digest = topics_digest(plan.topics)
         self._settings = checkpoint_settings(plan.config)
-        self._checkpoints = (
-            Checkpoints(rundir.checkpoint_dir, policy) if hasattr(policy, "save_snapshot") else None
-        )
-        if hasattr(policy, "set_recorder"):
-            policy.set_recorder(self._record_for_step)
+        self._checkpoints = Checkpoints(rundir.checkpoint_dir, policy)
+        # The one events path, in its fixed order (align.core.events): the metrics log, the
+        # checkpoint, the console, then the plugins' hooks.
+        subscribers = [RunLog(rundir), Checkpointer(self._checkpoint), Console(self.reporter)]
+        if hooks is not None:
+            subscribers.append(Hooks(Lifecycle(hooks), self))
+        self.bus = EventBus(subscribers)
+        policy.set_recorder(self._record_for_step)
         self._resume = resume
         self._start_at = (0, 0)
         if resume is not None:
@@ -291,8 +161,7 @@ class Engine:
                 f"{self.rundir.path}: the topics differ from those the run started with; "
                 "a resumed run must train on the same topics (start a new run instead)"
             )
-        if self._checkpoints is not None:
-            self._checkpoints.sequence = int(state["sequence"])
+        self._checkpoints.sequence = int(state["sequence"])
         self.policy.restore(checkpoint.adapter)
         self.results = [TopicResult.from_dict(r) for r in state["results"]]
         if state["current"] is not None:
@@ -304,101 +173,17 @@ class Engine:
 
     # -- events -------------------------------------------------------------------------------
     def _record(self, topic: str, step: str, kind: str, metrics: Mapping[str, float], **extra: Any) -> None:
-        event = {
-            "time": _now(),
-            "topic": topic,
-            "step": step,
-            "kind": kind,
-            "metrics": dict(metrics),
-            **extra,
-        }
-        self.rundir.record(event)
+        self.bus.emit(Recorded(topic, step, kind, metrics, extra))
 
     def _record_for_step(self, kind: str, data: Mapping[str, Any]) -> None:
         """An event a component records through its policy, about the topic and step in progress."""
-        self._record(self._current_topic or "", self._current_step or "", kind, {}, **data)
+        self._record(self.current_topic or "", self.current_step or "", kind, {}, **data)
 
     def on_trainer_log(self, topic: Topic) -> Callable[[str, dict[str, float]], None]:
         def forward(step: str, logs: dict[str, float]) -> None:
-            self._record(topic.name, step, "log", {k: v for k, v in logs.items() if math.isfinite(v)})
-            self.reporter.step_log(step, logs)
-            if self.hooks is not None and distributed.is_main():
-                # Called inside the trainer: what the hook's failure does waits for the step's end
-                # (settle_trainer_log_failures), so it never fails the training step it watches.
-                failures = self._call_hooks(
-                    "on_trainer_log",
-                    {"topic": topic, "step": step, "logs": dict(logs)},
-                    muted={plugin for plugin, _ in self._trainer_log_failures},
-                )
-                self._trainer_log_failures.extend(failures)
+            self.bus.emit(TrainerLogged(topic, step, logs))
 
         return forward
-
-    def settle_trainer_log_failures(self) -> None:
-        """Decide on the ``on_trainer_log`` hooks that raised during the step just checkpointed."""
-        if self.hooks is None:
-            return
-        failures, self._trainer_log_failures = self._trainer_log_failures, []
-        self._decide(failures)
-
-    def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call a lifecycle hook through pluggy, each implementation isolated.
-
-        One that raises is recorded (a ``hook_error`` event) and reported with its plugin, topic
-        and step; the other implementations are still called. Then ``on_error`` decides, as for
-        any plugin: ``skip`` goes on, ``stop`` stops the run with everything so far saved (a hook
-        runs after the checkpoint of what it watches, so ``--resume`` does not redo it).
-        """
-        if self.hooks is None:
-            return
-        failures: list[tuple[str, str]] = []
-        if distributed.is_main():  # loggers and notifiers hear of the run once
-            failures = self._call_hooks(hook_name, kwargs)
-        self._decide(failures)
-
-    def _decide(self, failures: list[tuple[str, str]]) -> None:
-        failures = [
-            tuple(f) for f in distributed.broadcast_object(failures)
-        ]  # the same decision on every process
-        if not failures:
-            return
-        if self.on_error == "stop" and self.status in ("running", "completed"):
-            plugin, message = failures[0]
-            if self.status == "completed":
-                raise RunStopped(
-                    f"{message}; the run completed and its results are saved, or set on_error: skip"
-                )
-            raise self._stopped(
-                message, f"fix the plugin, or disable it with ALIGN_DISABLE_PLUGINS={plugin},"
-            )
-        for _, message in failures:  # on_error: skip, or the run is already stopping
-            self.reporter.warning(message)
-
-    def _call_hooks(
-        self, hook_name: str, kwargs: Mapping[str, Any], muted: Collection[str] = ()
-    ) -> list[tuple[str, str]]:
-        """Call ``hook_name``; return ``(plugin, message)`` for each implementation that raised."""
-        assert self.hooks is not None
-        failures = []
-        for failure in call_isolated(self.hooks, hook_name, kwargs, muted=muted):
-            labels = [
-                f"{label} '{value}'"
-                for label, value in (("topic", self._current_topic), ("step", self._current_step))
-                if value
-            ]
-            where = f" ({', '.join(labels)})" if labels else ""
-            message = f"plugin '{failure.plugin}' raised in {hook_name}{where}: {failure.error}"
-            self._record(
-                self._current_topic or "",
-                self._current_step or "",
-                "hook_error",
-                {},
-                plugin=failure.plugin,
-                hook=hook_name,
-                error=failure.error,
-            )
-            failures.append((failure.plugin, message))
-        return failures
 
     def _timed_out(self, what: str) -> RunStopped:
         """The error that stops the run after an :class:`EvaluateTimeout`, even with ``on_error: skip``."""
@@ -417,7 +202,7 @@ class Engine:
             lambda: component.instance.evaluate(language_model, topic), self.evaluate_timeout
         )
 
-    def _stopped(self, what: str, fix: str, also: str = "") -> RunStopped:
+    def stopped(self, what: str, fix: str, also: str = "") -> RunStopped:
         """The error that stops the run (``on_error: stop``): what failed, how to fix it and go on."""
         return RunStopped(
             f"{what}; results so far are kept: {fix} and `align run --resume {self.rundir.path}`, "
@@ -425,10 +210,12 @@ class Engine:
         )
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def _checkpoint(self, topic_index: int, step_index: int) -> None:
-        """Record that the run stands before step ``step_index`` of topic ``topic_index``."""
-        if self._checkpoints is None:
-            return
+    def _checkpoint(self, topic_index: int, step_index: int, redo: bool = False) -> None:
+        """Record that the run stands before step ``step_index`` of topic ``topic_index``;
+        ``redo``: without the topic's last step result (the step that stopped the run)."""
+        current = self._in_progress.as_dict() if self._in_progress is not None else None
+        if redo and current is not None:
+            current["steps"] = current["steps"][:-1]  # a resumed run runs this step again
         state = {
             "status": self.status,
             "topic_index": topic_index,
@@ -437,7 +224,7 @@ class Engine:
             "topics": self._digest,
             "settings": self._settings,
             "results": [r.as_dict() for r in self.results],
-            "current": self._in_progress.as_dict() if self._in_progress is not None else None,
+            "current": current,
             "metrics_offset": self.rundir.metrics_offset(),
             "metrics_sha256": self.rundir.metrics_sha256(),
             "started": self._started,
@@ -464,28 +251,12 @@ class Engine:
         generated once, before any training (the adapter starts as a no-op): the voice score then
         compares the person with the model's default. Recorded as a ``generated`` event and in
         ``topics.json``, which ``--resume`` reads, so a resumed run never generates them again."""
-        import dataclasses
-
-        missing = [
-            pair.prompt for topic in self.plan.topics for pair in topic.voice_pairs if pair.rejected is None
-        ]
-        if not missing:
+        generated = with_generated_rejected(
+            self.plan.topics, self.policy.language_model, VOICE_REJECTED_MAX_NEW_TOKENS
+        )
+        if generated is None:
             return
-        prompts = list(dict.fromkeys(missing))
-        answers = self.policy.language_model.generate(prompts, max_new_tokens=VOICE_REJECTED_MAX_NEW_TOKENS)
-        answer_of = {prompt: answer.strip() or NO_ANSWER for prompt, answer in zip(prompts, answers)}
-        self.plan.topics = [
-            dataclasses.replace(
-                topic,
-                voice_pairs=tuple(
-                    pair
-                    if pair.rejected is not None
-                    else dataclasses.replace(pair, rejected=answer_of[pair.prompt])
-                    for pair in topic.voice_pairs
-                ),
-            )
-            for topic in self.plan.topics
-        ]
+        self.plan.topics, answer_of = generated
         self._digest = topics_digest(self.plan.topics)
         self.rundir.write_topics([topic.to_dict() for topic in self.plan.topics])
         self._record(
@@ -494,35 +265,32 @@ class Engine:
             "generated",
             {},
             purpose="voice_rejected",
-            answers=[{"prompt": prompt, "answer": answer_of[prompt]} for prompt in prompts],
+            answers=[{"prompt": prompt, "answer": answer} for prompt, answer in answer_of.items()],
         )
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        self.reporter.run_start(self.plan, str(self.rundir.path))
+        output = str(self.rundir.path)
+        self.bus.emit(RunStarting(self.plan, output))
         first_topic, first_step = self._start_at
         if self._resume is not None:
             where = self._describe_position(first_topic, first_step)
             self._record("", "", "resume", {}, at=where, topic_index=first_topic, step_index=first_step)
-            self.reporter.note(f"resuming at {where}")
+            self.bus.emit(Noted(f"resuming at {where}"))
         try:
             if self._resume is None:
                 # Inside the try: a failure while generating is the run's recorded failure.
                 self._voice_rejected_from_bare_model()
-                self._checkpoint(0, 0)  # the adapter as the run starts
-            self.notify("on_run_start", plan=self.plan, output=str(self.rundir.path))
-            for index in range(first_topic, len(self.plan.topics)):
+            self.bus.emit(RunStarted(self.plan, output, resumed=self._resume is not None))
+            total = len(self.plan.topics)
+            for index in range(first_topic, total):
                 topic = self.plan.topics[index]
-                self._current_topic = topic.name
-                self.reporter.topic_start(index, len(self.plan.topics), topic)
-                self.notify("on_topic_start", topic=topic, index=index, total=len(self.plan.topics))
+                self.current_topic = topic.name
+                self.bus.emit(TopicStarted(topic, index, total))
                 result = self.run_topic(topic, index, first_step if index == first_topic else 0)
                 self.results.append(result)
                 self._in_progress = None
-                self.rundir.write_summary(self.summary())
-                self._checkpoint(index + 1, 0)
-                self.reporter.topic_end(topic, result)
-                self.notify("on_topic_end", topic=topic, result=result.as_dict())
+                self.bus.emit(TopicEnded(topic, index, result, self.summary()))
             self.status = "completed"
         except KeyboardInterrupt:
             self.status = "interrupted"
@@ -536,16 +304,13 @@ class Engine:
             self.error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            self._current_topic = self._current_step = None
+            self.current_topic = self.current_step = None
             summary = self.summary()
             try:
-                self.rundir.write_summary(summary)
-                if self.status == "completed":
-                    self._checkpoint(len(self.plan.topics), 0)
-                self.notify("on_run_end", summary=summary)
+                self.bus.emit(RunEnded(summary, self.status == "completed", len(self.plan.topics)))
             finally:
                 self.rundir.close()  # releases the lock, even when the disk is full
-        self.reporter.run_end(summary)
+        self.bus.emit(RunClosed(summary))
         return summary
 
     def run_topic(self, topic: Topic, index: int = 0, first_step: int = 0) -> TopicResult:
@@ -556,11 +321,10 @@ class Engine:
             result = TopicResult(topic.name)
             self._snapshots.clear()
         self._in_progress = result
-        if hasattr(self.policy, "set_log_target"):
-            self.policy.set_log_target(self.on_trainer_log(topic), topic=topic.name)
+        self.policy.set_log_target(self.on_trainer_log(topic), topic=topic.name)
         for step_index in range(first_step, len(self.plan.steps)):
             step = self.plan.steps[step_index]
-            self._current_step = step.name
+            self.current_step = step.name
             if self.seed_step is not None:
                 self.seed_step(index * len(self.plan.steps) + step_index)
             logger.info("topic '%s': step '%s' starts", topic.name, step.name)
@@ -576,13 +340,11 @@ class Engine:
             timed_out = (
                 step_result.status == "failed" and step_result.error["exception"] == EvaluateTimeout.__name__
             )
-            if step_result.status == "failed" and (self.on_error == "stop" or timed_out):
-                self._trainer_log_failures = []  # the step's own failure is what stops the run
-                result.steps.pop()  # a resumed run runs this step again
-                self._checkpoint(index, step_index)  # keeps the error event in metrics.jsonl
-                result.steps.append(step_result)
-                self.reporter.step_end(topic, step_result)
-                self.notify("on_step_end", topic=topic, step=step.name, result=step_result.as_dict())
+            stops = step_result.status == "failed" and (self.on_error == "stop" or timed_out)
+            # Checkpointed before the step when it stops the run (keeping its error event in
+            # metrics.jsonl, a resumed run runs it again), else after it.
+            self.bus.emit(StepEnded(topic, index, step_index, step_result, stops=stops))
+            if stops:
                 if timed_out:
                     raise self._timed_out(
                         f"topic '{topic.name}', step '{step.name}': {step_result.error['reason']}"
@@ -590,14 +352,10 @@ class Engine:
                 fix = "fix the cause"
                 if step_result.error["exception"] == NonFiniteTraining.__name__:
                     fix = f"lower {step_result.error['component']}.learning_rate in {self.rundir.path / 'config.yaml'}"
-                raise self._stopped(
+                raise self.stopped(
                     f"topic '{topic.name}', step '{step.name}': {step_result.error['reason']}", fix
                 )
-            self._checkpoint(index, step_index + 1)
-            self.reporter.step_end(topic, step_result)
-            self.notify("on_step_end", topic=topic, step=step.name, result=step_result.as_dict())
-            self.settle_trainer_log_failures()
-        self._current_step = None
+        self.current_step = None
         self._snapshots.clear()
         # Part of the topic's end: a resumed run at this position redoes it (evaluation is
         # deterministic and the adapter does not change), so the checkpoint needs no step for it.
@@ -610,7 +368,7 @@ class Engine:
             logger.info(
                 "topic '%s': rechecked %d earlier topics in %.2fs", topic.name, index, result.recheck_seconds
             )
-            self.reporter.recheck_end(topic, result.recheck)
+            self.bus.emit(Rechecked(topic, result.recheck))
         adapter_dir = self.rundir.adapter_dir(topic.name)
         # The main process of a multi-process run writes; every process holds the same adapter, but
         # under FSDP each holds a shard, and gathering them takes every process.
@@ -638,12 +396,12 @@ class Engine:
     def recheck_earlier(self, topic: Topic, index: int) -> dict[str, dict[str, float]]:
         """Evaluate every topic before ``topic`` (number ``index``) again with the current adapter.
 
-        One ``recheck`` event per earlier topic, written once all are measured (so a recheck that
-        stops the run leaves only its error event, and the resumed run writes each event once). An
+        The caller emits them as :class:`~align.core.events.Rechecked` (a ``recheck`` event per
+        earlier topic, written once all are measured; see :class:`~align.core.events.RunLog`). An
         evaluator that raises follows ``on_error``: ``stop`` raises :class:`RunStopped` after a
         checkpoint at the topic's end, ``skip`` leaves its metrics out and goes on.
         """
-        self._current_step = "recheck"
+        self.current_step = "recheck"
         results: dict[str, dict[str, float]] = {}
         for target in self.plan.topics[:index]:
             metrics: dict[str, float] = {}
@@ -661,41 +419,18 @@ class Engine:
                         raise self._timed_out(f"{where}: {error['reason']}") from exc
                     if self.on_error == "stop":
                         self._checkpoint(index, len(self.plan.steps))  # keeps the error event
-                        raise self._stopped(
+                        raise self.stopped(
                             f"{where}: {error['reason']}", "fix the cause", also=" (or recheck: none)"
                         ) from exc
-                    self.reporter.warning(f"{where}: {error['reason']} (on_error: skip)")
+                    self.bus.emit(Warned(f"{where}: {error['reason']} (on_error: skip)"))
             results[target.name] = metrics
-        for target_name, metrics in results.items():
-            self._record(topic.name, "recheck", "recheck", metrics, target=target_name)
-        self._current_step = None
+        self.current_step = None
         return results
 
     def forgetting(self) -> dict[str, Any]:
-        """``summary["forgetting"]``: per metric, ``M[i][j]`` is topic ``j``'s value right after
-        topic ``i`` was trained (``j < i``: a recheck; ``j == i``: topic ``i``'s own last
-        evaluation), ``None`` for ``j > i`` or a value not measured; a row per finished topic."""
-        names = [topic.name for topic in self.plan.topics]
+        """``summary["forgetting"]`` (:func:`~align.core.results.forgetting_matrix`)."""
         prefixes = {component.name for component in self.recheck_evaluators}
-        rows = [{**result.recheck, result.name: result.evaluated(prefixes)} for result in self.results]
-        metric_names: dict[str, None] = {}  # ordered, and a set: a list's membership test is quadratic
-        for row in rows:
-            for metrics in row.values():
-                metric_names.update(dict.fromkeys(metrics))
-        matrix = {
-            metric: [
-                [row.get(name, {}).get(metric) if j <= i else None for j, name in enumerate(names)]
-                for i, row in enumerate(rows)
-            ]
-            for metric in metric_names
-        }
-        retention = {metric: retention_scores(m) for metric, m in matrix.items()}
-        return {
-            "topics": names,
-            "metrics": matrix,
-            "acc": {metric: r["acc"] for metric, r in retention.items()},
-            "bwt": {metric: r["bwt"] for metric, r in retention.items()},
-        }
+        return forgetting_matrix([topic.name for topic in self.plan.topics], self.results, prefixes)
 
     def _training_topic(self, step: Step, topic: Topic, objective: Any = None) -> Topic:
         """What a training step of ``topic`` trains on: the topic, plus a sample of every earlier
@@ -759,7 +494,7 @@ class Engine:
                     prefix_metrics(component.name, raw, where, allow_non_finite=step.kind == "train")
                 )
             if step.kind == "train":
-                _check_finite(metrics)
+                check_finite(metrics)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # a plugin's SystemExit too: a failed step, not a silent exit 0
@@ -798,8 +533,8 @@ class Engine:
         error = self._record_error(step.name, topic, component, exc, restored=before is not None)
         kind = step.kind
         if self.on_error == "skip" and not isinstance(exc, EvaluateTimeout):  # that one stops the run
-            self.reporter.warning(
-                f"topic '{topic.name}', step '{step.name}': {error['reason']} (on_error: skip)"
+            self.bus.emit(
+                Warned(f"topic '{topic.name}', step '{step.name}': {error['reason']} (on_error: skip)")
             )
         return StepResult(step.name, kind, "failed", gate=gate, seconds=seconds, error=error)
 
@@ -813,24 +548,7 @@ class Engine:
         **extra: Any,
     ) -> dict[str, Any]:
         """Record an ``error`` event for a failed step (or recheck); returns what it holds."""
-        if isinstance(exc, NonFiniteTraining):
-            what = f"training became non-finite: {exc}"
-        elif isinstance(exc, AlignError):
-            what = str(exc)
-        else:
-            what = f"{type(exc).__name__}: {exc}"
-        who = f"{component.kind} '{component.name}'" if component is not None else f"step '{step_name}'"
-        if component is not None and component.plugin:
-            who += f" (plugin '{component.plugin}')"
-        reason = f"{who} failed: {what}"
-        if restored:
-            reason += "; adapter restored to before the step"
-        error = {
-            "plugin": component.plugin if component is not None else "",
-            "component": component.name if component is not None else "",
-            "exception": type(exc).__name__,
-            "reason": reason,
-        }
+        error = failure_record(step_name, component, exc, restored)
         self._record(topic.name, step_name, "error", {}, **extra, **error)
         return error
 
@@ -893,45 +611,3 @@ class Engine:
         if self.error is not None:
             summary["error"] = self.error
         return summary
-
-
-def retention_scores(matrix: list[list[float | None]]) -> dict[str, float | None]:
-    """ACC and BWT of a forgetting matrix (``M[i][j]``: topic ``j`` right after topic ``i``).
-
-    ``acc``: the mean over the topics trained so far of their value now (the last row). ``bwt``
-    (backward transfer): the mean over the earlier topics of their value now minus their value
-    right after their own training (``M[last][j] - M[j][j]``); negative is forgetting, ``None``
-    before a second topic. Values not measured are left out of either mean.
-    """
-    if not matrix:
-        return {"acc": None, "bwt": None}
-    last = len(matrix) - 1
-    now = [value for value in matrix[last][: last + 1] if value is not None]
-    changes = [
-        matrix[last][j] - matrix[j][j]
-        for j in range(last)
-        if matrix[last][j] is not None and matrix[j][j] is not None
-    ]
-    return {
-        "acc": sum(now) / len(now) if now else None,
-        "bwt": sum(changes) / len(changes) if changes else None,
-    }
-
-
-def _evaluators(steps: list[Step]) -> list[Component]:
-    """The protocol's evaluators, each once (by name, in order of first use), as last configured;
-    an evaluator whose class sets ``recheck = False`` (slow ones, like ``style``) is left out."""
-    found: dict[str, Component] = {}
-    for step in steps:
-        if step.kind == "eval":
-            for component in step.components:
-                if getattr(component.instance, "recheck", True):
-                    found[component.name] = component
-    return list(found.values())
-
-
-def _check_finite(metrics: Mapping[str, float]) -> None:
-    """A training step whose reported loss (or any metric) is NaN or infinite failed."""
-    bad = {name: value for name, value in metrics.items() if not math.isfinite(value)}
-    if bad:
-        raise NonFiniteTraining(", ".join(f"{name} is {value}" for name, value in bad.items()))

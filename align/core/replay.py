@@ -19,7 +19,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from align.core.topics import Topic
+from align.core.topics import NO_ANSWER, Topic
 
 #: The topic fields replay mixes, each with its config key under ``replay:``.
 REPLAYED_FIELDS = ("content", "preference_pairs")
@@ -65,3 +65,30 @@ def with_person_voice(topic: Topic, topics: Sequence[Topic]) -> Topic:
     if pairs == topic.voice_pairs:
         return topic
     return dataclasses.replace(topic, voice_pairs=pairs)
+
+
+def with_generated_rejected(
+    topics: Sequence[Topic], language_model: Any, max_new_tokens: int
+) -> tuple[list[Topic], dict[str, str]] | None:
+    """``topics`` with every voice pair that lacks ``rejected`` given the model's own greedy
+    answer to its prompt (each distinct prompt generated once), and prompt → answer in order;
+    ``None`` when every pair has one."""
+    missing = [pair.prompt for topic in topics for pair in topic.voice_pairs if pair.rejected is None]
+    if not missing:
+        return None
+    prompts = list(dict.fromkeys(missing))
+    answers = language_model.generate(prompts, max_new_tokens=max_new_tokens)
+    answer_of = {prompt: answer.strip() or NO_ANSWER for prompt, answer in zip(prompts, answers)}
+    replaced = [
+        dataclasses.replace(
+            topic,
+            voice_pairs=tuple(
+                pair
+                if pair.rejected is not None
+                else dataclasses.replace(pair, rejected=answer_of[pair.prompt])
+                for pair in topic.voice_pairs
+            ),
+        )
+        for topic in topics
+    ]
+    return replaced, answer_of

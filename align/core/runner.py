@@ -179,7 +179,7 @@ def execute(
         environment=library_versions(),
         hooks=hooks,
         resume=checkpoint,
-        seed_step=getattr(policy, "reseed", None),
+        seed_step=policy.reseed,
     )
     try:
         return engine.run()

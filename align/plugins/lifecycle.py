@@ -114,3 +114,36 @@ def _guard_wrapper(
         return sent
 
     return guarded
+
+
+class Lifecycle:
+    """The lifecycle hooks of a plugin manager as typed calls (as tox wraps its pluggy hooks).
+
+    Each method calls one hook (:mod:`align.plugins.hookspecs` documents it) with every
+    implementation isolated (:func:`call_isolated`) and returns the implementations that raised.
+    """
+
+    def __init__(self, hooks: Any):
+        #: The plugin manager (or anything with ``.hook``).
+        self.hooks = hooks
+
+    def on_run_start(self, plan: Any, output: str) -> list[HookFailure]:
+        return call_isolated(self.hooks, "on_run_start", {"plan": plan, "output": output})
+
+    def on_topic_start(self, topic: Any, index: int, total: int) -> list[HookFailure]:
+        return call_isolated(self.hooks, "on_topic_start", {"topic": topic, "index": index, "total": total})
+
+    def on_trainer_log(
+        self, topic: Any, step: str, logs: dict[str, float], *, muted: Collection[str] = ()
+    ) -> list[HookFailure]:
+        kwargs = {"topic": topic, "step": step, "logs": logs}
+        return call_isolated(self.hooks, "on_trainer_log", kwargs, muted=muted)
+
+    def on_step_end(self, topic: Any, step: str, result: dict[str, Any]) -> list[HookFailure]:
+        return call_isolated(self.hooks, "on_step_end", {"topic": topic, "step": step, "result": result})
+
+    def on_topic_end(self, topic: Any, result: dict[str, Any]) -> list[HookFailure]:
+        return call_isolated(self.hooks, "on_topic_end", {"topic": topic, "result": result})
+
+    def on_run_end(self, summary: dict[str, Any]) -> list[HookFailure]:
+        return call_isolated(self.hooks, "on_run_end", {"summary": summary})

@@ -109,6 +109,14 @@ class StubPolicy:
         """Where :meth:`log` sends trainer logs (the engine: metrics.jsonl and ``on_trainer_log``)."""
         self._on_log = on_log
 
+    def set_recorder(self, recorder: Callable[[str, dict[str, Any]], None] | None) -> None:
+        """Where events recorded through the policy would go; a stub has none to record (it has
+        no ``record``, so components that record through a real policy record nothing here)."""
+        self._recorder = recorder
+
+    def reseed(self, offset: int) -> None:
+        """Nothing to seed: a stub draws no random numbers."""
+
     def log(self, step: str, logs: dict[str, float]) -> None:
         """What a real trainer does after an optimizer step: a stub objective's ``effect`` may call
         it to test an ``on_trainer_log`` hook without a model."""
