@@ -61,6 +61,16 @@ COMMITTED = HERE / "results" / "latest.json"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX): without them bfloat16 is
+    emulated, many times slower than fp32, and its rows would measure the emulation."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine() == "arm64"  # Apple silicon has them; elsewhere, assume not
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 # -- workers: run in a subprocess each -------------------------------------------------------------
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -455,7 +465,12 @@ def main() -> None:
     steps, batch = (4, 2) if args.quick else (8, 2)
     results: dict[str, Any] = {"quick": args.quick, **environment()}
     if "dpo" in sections:
-        names = DPO_VARIANTS + (() if args.quick else FULL_VARIANTS)
+        full = (
+            FULL_VARIANTS
+            if cpu_has_bfloat16()
+            else tuple(v for v in FULL_VARIANTS if not v.endswith("_bf16"))
+        )
+        names = DPO_VARIANTS + (() if args.quick else full)
         variants = {v: _in_subprocess("dpo", v, str(steps), str(batch)) for v in names}
         ours = variants["align"]
         ratios = {
@@ -479,6 +494,8 @@ def main() -> None:
                 variants["align_bf16"]["pairs_per_s"] / ours["pairs_per_s"], 2
             )
         results["dpo"] = {"steps": steps, "batch": batch, "variants": variants, "ratios": ratios}
+        if not args.quick and not cpu_has_bfloat16():
+            results["dpo"]["skipped"] = "the bfloat16 rows: this CPU has no bfloat16 instructions"
     if "sft" in sections:
         results["sft"] = _in_subprocess("sft", "1" if args.quick else "3")
     if "eval" in sections:

@@ -31,6 +31,13 @@ from align import compat
 FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
+#: The arguments of a fused forward this can serve: anything else goes to TRL's forward.
+PLAIN = frozenset({"input_ids", "attention_mask", "labels", "use_cache"})
+#: Arguments that may come along as long as they are None (PEFT's ``PeftModelForCausalLM`` passes
+#: them on unset).
+UNSET_OK = frozenset({"inputs_embeds", "output_attentions", "output_hidden_states", "return_dict"})
+
+
 class Layout(NamedTuple):
     """Where the prompt ends and the answer lies in each of the ``2B`` rows."""
 
@@ -152,11 +159,12 @@ def shared_prompt_forward(peft_model: Any, outputs: tuple[str, ...] = FIELDS) ->
 
     def forward(self: Any, *args: Any, fused_lm_head: bool = False, **kwargs: Any) -> Any:
         layout = None
-        plain = {"input_ids", "attention_mask", "labels", "use_cache"}
+        # PEFT's causal-LM wrapper passes its own arguments on, unset (None), as well.
+        given = {key for key, value in kwargs.items() if value is not None or key not in UNSET_OK}
         if (
             fused_lm_head
             and not args
-            and set(kwargs) <= plain
+            and given <= PLAIN
             and kwargs.get("input_ids") is not None
             and not getattr(self, "is_gradient_checkpointing", False)
         ):

@@ -38,7 +38,11 @@ def dpo_trainer(tmp_path, loss_type, **extra):
 
     model, tokenizer = tiny_causal_lm(seed=1)
     # A non-zero adapter, so that the gradients reach both LoRA matrices.
-    config = LoraConfig(r=1, lora_alpha=1, target_modules=TARGETS, init_lora_weights=False)
+    # task_type as align attaches its adapter: PEFT's causal-LM wrapper, which passes its own
+    # unset arguments (inputs_embeds=None, return_dict=None, ...) on to the model's forward.
+    config = LoraConfig(
+        r=1, lora_alpha=1, target_modules=TARGETS, init_lora_weights=False, task_type="CAUSAL_LM"
+    )
     peft_model = get_peft_model(model, config)
     args = DPOConfig(
         output_dir=str(tmp_path),

@@ -190,7 +190,9 @@ def test_precomputed_reference_gives_the_loss_curve_of_a_per_step_reference(poli
 
 def test_dpo_scores_only_completion_tokens_with_the_same_loss_curve(policy, monkeypatch):
     """TRL runs every position (prompt, padding) through its LM head on a CPU; align has it score
-    only the completion tokens: the same losses for less work, and TRL is left as it was."""
+    only the completion tokens: the same losses for less work, and TRL is left as it was. (TRL's
+    own forward, as DPO uses it with ``share_prompt: false``, under FSDP, DeepSpeed or gradient
+    checkpointing; the shared-prompt forward scores only answer tokens by construction.)"""
     import trl.trainer.utils as trl_utils
 
     from align.hf import training
@@ -219,7 +221,9 @@ def test_dpo_scores_only_completion_tokens_with_the_same_loss_curve(policy, monk
         if not compact:  # what TRL does on its own
             monkeypatch.setattr(training, "completion_tokens_only", contextlib.nullcontext)
             monkeypatch.setattr("align.objectives.dpo.completion_tokens_only", contextlib.nullcontext)
-        DPOObjective(max_steps=3, learning_rate=5e-2, per_device_train_batch_size=2).train(policy, TOPIC)
+        DPOObjective(
+            max_steps=3, learning_rate=5e-2, per_device_train_batch_size=2, share_prompt=False
+        ).train(policy, TOPIC)
         return [entry["loss"] for step, entry in policy.logs if "loss" in entry], sum(rows)
 
     compact_losses, compact_rows = run(compact=True)
@@ -368,3 +372,24 @@ def test_on_policy_rejected_keeps_the_written_answer_where_the_policy_already_sa
             },
         )
     ]
+
+
+def test_dpo_runs_every_batch_through_the_shared_prompt_forward(policy, monkeypatch):
+    """On align's own adapter (PEFT's causal-LM wrapper), the reference pass and every training
+    step take the shared-prompt path, none falls back to TRL's forward; off, none takes it."""
+    import align.objectives.dpo as dpo_module
+
+    seen = []
+    real = dpo_module.shared_prompt_forward
+
+    @contextlib.contextmanager
+    def spying(model, *args, **kwargs):
+        with real(model, *args, **kwargs) as counts:
+            yield counts
+        seen.append(dict(counts))
+
+    monkeypatch.setattr(dpo_module, "shared_prompt_forward", spying)
+    DPOObjective(max_steps=2, per_device_train_batch_size=2).train(policy, TOPIC)
+    assert seen == [{"shared": 3, "passed": 0}]  # one reference batch, two steps
+    DPOObjective(max_steps=2, per_device_train_batch_size=2, share_prompt=False).train(policy, TOPIC)
+    assert len(seen) == 1  # not even entered
