@@ -197,7 +197,7 @@ def worker_dpo(variant: str, steps: int, batch: int) -> dict[str, Any]:
     }
 
 
-def worker_sft(epochs: int) -> dict[str, Any]:
+def worker_sft(epochs: float) -> dict[str, Any]:
     """align's ``sft`` objective on the demo's early_life passages: time and MFU."""
     os.environ.update(ENV)
     from flops import FlopMeter, utilisation
@@ -453,7 +453,7 @@ def main() -> None:
         if kind == "eval":
             result = worker_eval()
         elif kind == "sft":
-            result = worker_sft(int(rest[0]))
+            result = worker_sft(float(rest[0]))
         else:
             result = worker_dpo(rest[0], int(rest[1]), int(rest[2]))
         print(json.dumps(result))
@@ -497,7 +497,7 @@ def main() -> None:
         if not args.quick and not cpu_has_bfloat16():
             results["dpo"]["skipped"] = "the bfloat16 rows: this CPU has no bfloat16 instructions"
     if "sft" in sections:
-        results["sft"] = _in_subprocess("sft", "1" if args.quick else "3")
+        results["sft"] = _in_subprocess("sft", "0.25" if args.quick else "3")
     if "eval" in sections:
         results["eval"] = _in_subprocess("eval")
     if "startup" in sections:

@@ -356,10 +356,13 @@ def ddp_then_fsdp(root: Path, name: str, *args: str, tolerance: float) -> subpro
 def test_fsdp_in_bfloat16_trains_as_ddp(sharded, tiny_model_dir):
     """bfloat16 base weights beside the float32 adapter in one FSDP unit (what a GPU run uses):
     FSDP gives DDP's numbers. (Both differ more from one process than in float32: bfloat16 rounds
-    the differently shaped batches differently.)"""
+    the differently shaped batches differently.) DPO under FSDP takes TRL's forward, which runs each
+    prompt with each answer; DDP would run each prompt once (``dpo.share_prompt``), the same sums
+    in another order, which bfloat16 rounds apart: both runs take TRL's forward here, so that the
+    sharding is what is compared."""
     done, _ = sharded
     config = str(done.parent / "batch1.yaml")
-    bf16 = ("--set", "model.dtype=bfloat16")
+    bf16 = ("--set", "model.dtype=bfloat16", "--set", "dpo.share_prompt=false")
     ddp_then_fsdp(done.parent, "bf16", config, "--model", str(tiny_model_dir), *bf16, tolerance=1e-6)
 
 
