@@ -28,9 +28,7 @@ class FlopMeter:
     """Counts the useful FLOPs of everything a causal LM runs while :meth:`watch` is active."""
 
     def __init__(self, model: Any):
-        self.model = model
         causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.causal = causal
         self.decoder = causal.get_decoder() if hasattr(causal, "get_decoder") else causal.model
         self.head = causal.get_output_embeddings()
         config = causal.config

@@ -46,16 +46,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from align.hf.source import cache_root
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TARGETS = ["o_proj", "v_proj", "up_proj", "down_proj"]
 DPO_VARIANTS = ("seed", "trl", "trl_precompute", "trl_fastest", "align")
 #: Full runs only: align without its shared-prompt DPO forward (the lever's own measure), and bfloat16.
 FULL_VARIANTS = ("align_unshared", "trl_bf16", "align_bf16")
-#: Where results go unless ``--out`` or ``--update`` says otherwise: outside the source tree.
-DEFAULT_OUT = (
-    Path(os.environ.get("ALIGN_CACHE") or Path.home() / ".cache" / "align") / "benchmarks" / "latest.json"
-)
+#: Where results go unless ``--out`` or ``--update`` says otherwise: outside the source tree, in
+#: align's own cache (``$ALIGN_CACHE``, else the user cache directory).
+DEFAULT_OUT = cache_root() / "benchmarks" / "latest.json"
 #: The committed results that docs/performance.md quotes (``--update`` writes them).
 COMMITTED = HERE / "results" / "latest.json"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}

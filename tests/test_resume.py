@@ -6,6 +6,7 @@ wherever the run happens to be a few milliseconds later: inside a trainer, while
 between steps.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -62,22 +63,8 @@ def setup(tmp_path_factory, tiny_model_dir):
         )
     )
     args = [str(config), "--model", str(tiny_model_dir), "--topics", str(topics)]
-    whole = root / "whole"
-    pool = ThreadPoolExecutor(PARALLEL)
-    try:
-        # The uninterrupted run, once for every test, beside the runs that are killed and resumed
-        # (each a process of its own, as before; each test reads its own scenario's outcome).
-        reference = pool.submit(run, align("run", *args, "--output", str(whole)))
-        scenarios = {
-            point: pool.submit(kill_and_resume, args, root / f"killed-{point}", predicate)
-            for point, predicate in KILL_POINTS.items()
-        }
-        scenarios["sigterm"] = pool.submit(terminate_and_resume, args, root / "terminated")
-        completed = reference.result()
-        assert completed.returncode == 0, completed.stderr
+    with uninterrupted_beside(args, root, KILL_POINTS, sigterm=True) as (whole, scenarios):
         yield root, args, whole, scenarios
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 #: Child processes run two at a time, one per core of the 2-core CI machine, each on one thread
@@ -125,6 +112,29 @@ def terminate_and_resume(args, run_dir):
     stderr = process.communicate(timeout=120)[1].decode()
     terminated = (process.returncode, stderr, summary_status(run_dir))
     return terminated, run(align("run", "--resume", str(run_dir)))
+
+
+@contextlib.contextmanager
+def uninterrupted_beside(args, root, kill_points, sigterm=False):
+    """The uninterrupted run, once for every test of a module, beside the runs that are killed
+    (at each of ``kill_points``, and by SIGTERM with ``sigterm``) and resumed, ``PARALLEL`` at a
+    time, each a process of its own; yields the uninterrupted run's directory and each scenario's
+    future, which its own test reads."""
+    whole = root / "whole"
+    pool = ThreadPoolExecutor(PARALLEL)
+    try:
+        reference = pool.submit(run, align("run", *args, "--output", str(whole)))
+        scenarios = {
+            point: pool.submit(kill_and_resume, args, root / f"killed-{point}", predicate)
+            for point, predicate in kill_points.items()
+        }
+        if sigterm:
+            scenarios["sigterm"] = pool.submit(terminate_and_resume, args, root / "terminated")
+        completed = reference.result()
+        assert completed.returncode == 0, completed.stderr
+        yield whole, scenarios
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def events(run_dir):
@@ -310,19 +320,8 @@ def without_rejected(tmp_path_factory, tiny_model_dir):
         )
     )
     args = [str(config), "--model", str(tiny_model_dir), "--topics", str(topics)]
-    whole = root / "whole"
-    pool = ThreadPoolExecutor(PARALLEL)
-    try:
-        reference = pool.submit(run, align("run", *args, "--output", str(whole)))
-        scenarios = {
-            point: pool.submit(kill_and_resume, args, root / f"killed-{point}", predicate)
-            for point, predicate in WITHOUT_REJECTED_KILL_POINTS.items()
-        }
-        completed = reference.result()
-        assert completed.returncode == 0, completed.stderr
+    with uninterrupted_beside(args, root, WITHOUT_REJECTED_KILL_POINTS) as (whole, scenarios):
         yield root, whole, scenarios
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 WITHOUT_REJECTED_KILL_POINTS = {

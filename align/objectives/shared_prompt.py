@@ -11,10 +11,10 @@ the prompt pass). It returns the same :class:`FusedCausalLMOutput` fields at the
 unchanged on it; ``tests/objectives/test_shared_prompt.py`` checks losses and gradients against
 TRL's own forward for each loss type.
 
-A batch that is not laid out that way (an odd number of rows, a row without answer tokens, answers
-that are not one contiguous run, the two rows of a pair with different prompts) and calls this
-cannot serve (gradient checkpointing, router logits, pre-shifted labels) go to TRL's forward as
-they are.
+Everything else goes to TRL's forward as it is: a batch not laid out that way (an odd number of
+rows, a row without answer tokens, answers that are not one contiguous run, the two rows of a pair
+with different prompts), and calls this cannot serve (gradient checkpointing, router logits,
+pre-shifted labels, any argument but ``input_ids``, ``attention_mask``, ``labels``, ``use_cache``).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def pair_layout(input_ids: Any, attention_mask: Any, labels: Any) -> Layout | No
     return Layout(start, length)
 
 
-def _forward_shared(model: Any, input_ids: Any, labels: Any, layout: Layout, outputs: tuple[str, ...]) -> Any:
+def _forward_shared(model: Any, input_ids: Any, layout: Layout, outputs: tuple[str, ...]) -> Any:
     """Score the answers of a DPO batch with each prompt run once; ``model`` is the causal LM whose
     ``base_model`` is the backbone (as TRL's fused forward reads it)."""
     import torch
@@ -128,9 +128,7 @@ def _forward_shared(model: Any, input_ids: Any, labels: Any, layout: Layout, out
         return values.new_zeros(shape).index_put((row_index, column_index), values)
 
     log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (place(v) for v in per_token)
-    mask = torch.zeros(shape, dtype=torch.bool, device=device).index_put(
-        (row_index, column_index), torch.ones_like(row_index, dtype=torch.bool)
-    )
+    mask = place(torch.ones_like(row_index, dtype=torch.bool))
     return compat.fused_output(
         loss=-log_probs.sum() / mask.sum().clamp(min=1),
         log_probs=log_probs,
@@ -173,7 +171,7 @@ def shared_prompt_forward(peft_model: Any, outputs: tuple[str, ...] = FIELDS) ->
             counts["passed"] += 1
             return original(*args, fused_lm_head=fused_lm_head, **kwargs)
         counts["shared"] += 1
-        return _forward_shared(self, kwargs["input_ids"], kwargs["labels"], layout, outputs)
+        return _forward_shared(self, kwargs["input_ids"], layout, outputs)
 
     base.forward = types.MethodType(forward, base)
     try:
