@@ -64,6 +64,7 @@ from align.core.events import (
 from align.core.plan import Component, Plan, Step
 from align.core.replay import replay_topic, with_generated_rejected, with_person_voice
 from align.core.results import StepResult, TopicResult, forgetting_matrix, retention_scores
+from align.core.reuse import Evaluations
 from align.core.rundir import RunDir
 from align.core.topics import Topic
 from align.errors import AlignError, NonFiniteTraining, RunStopped
@@ -139,6 +140,7 @@ class Engine:
         # Training steps a later step may roll back: the adapter and metrics from before each.
         self._guarded = {step.rollback.step for step in plan.steps if step.rollback is not None}
         self._snapshots: dict[str, tuple[Any, dict[str, float]]] = {}
+        self._evaluations = Evaluations()
         self._digest = topics_digest(plan.topics)
         self._settings = checkpoint_settings(plan.config)
         self._checkpoints = Checkpoints(rundir.checkpoint_dir, policy)
@@ -194,13 +196,21 @@ class Engine:
         )
 
     def _evaluate(self, component: Component, topic: Topic) -> Any:
-        """``component``'s evaluation of ``topic``, within ``evaluate_timeout`` seconds if set."""
-        if self.evaluate_timeout is None:
-            return component.instance.evaluate(self.policy.language_model, topic)
+        """``component``'s evaluation of ``topic``, within ``evaluate_timeout`` seconds if set, or
+        the metrics of the same evaluation of the same weights made earlier (:mod:`align.core.reuse`)."""
+        key = self._evaluations.key(component.name, component.instance, topic, self.policy)
+        reused = self._evaluations.get(key)
+        if reused is not None:
+            return reused
         language_model = self.policy.language_model
-        return call_with_timeout(
-            lambda: component.instance.evaluate(language_model, topic), self.evaluate_timeout
-        )
+        if self.evaluate_timeout is None:
+            raw = component.instance.evaluate(language_model, topic)
+        else:
+            raw = call_with_timeout(
+                lambda: component.instance.evaluate(language_model, topic), self.evaluate_timeout
+            )
+        self._evaluations.put(key, raw)
+        return raw
 
     def stopped(self, what: str, fix: str, also: str = "") -> RunStopped:
         """The error that stops the run (``on_error: stop``): what failed, how to fix it and go on."""

@@ -22,6 +22,8 @@ class QuizEvaluator:
 
     metrics = ("accuracy",)
     requires = ("quiz",)
+    #: The same weights and data give the same metrics: the engine reuses them (align.core.reuse).
+    cacheable = True
 
     def evaluate(self, model: LanguageModel, topic: Topic) -> dict[str, float]:
         prompts = [item.question for item in topic.quiz for _ in item.choices]

@@ -98,6 +98,8 @@ class StyleEvaluator:
 
     metrics = ("score", "similarity", "repetition")
     requires = ("voice_pairs",)
+    #: The same weights and data give the same metrics: the engine reuses them (align.core.reuse).
+    cacheable = True
     #: Generating is slower than scoring: rechecks of earlier topics leave this evaluator out
     #: (with ``voice_set: person`` every topic has the same voice prompts anyway).
     recheck = False

@@ -22,6 +22,8 @@ class VoiceEvaluator:
 
     metrics = ("score", "margin")
     requires = ("voice_pairs",)
+    #: The same weights and data give the same metrics: the engine reuses them (align.core.reuse).
+    cacheable = True
 
     def evaluate(self, model: LanguageModel, topic: Topic) -> dict[str, float]:
         pairs = scored_pairs(topic, "voice")

@@ -4,6 +4,7 @@ shared arguments and callbacks, adapter snapshots (for rollbacks and checkpoints
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import re
@@ -182,6 +183,20 @@ class EnginePolicy:
         Under FSDP the adapter is sharded: its shards are gathered, so every process holds the
         whole copy (which takes every process: they all take snapshots at the same points)."""
         return {name: whole(param.detach()).clone() for name, param in self._adapter_parameters().items()}
+
+    def fingerprint(self) -> str | None:
+        """A digest of the adapter's weights as they are now, so the engine can reuse an evaluation
+        of the same weights (:mod:`align.core.reuse`); ``None`` under a multi-process launch, where
+        every process must make the same forward passes."""
+        if distributed.is_distributed():
+            return None
+        import torch
+
+        digest = hashlib.blake2b(digest_size=16)
+        for name, param in sorted(self._adapter_parameters().items()):
+            digest.update(f"{name}:{param.dtype}:{tuple(param.shape)}".encode())
+            digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def restore(self, state: dict[str, Any]) -> None:
         """Put back the adapter weights from :meth:`snapshot`, exactly (each process its own shard
