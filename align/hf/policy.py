@@ -113,10 +113,20 @@ class EnginePolicy:
                     if isinstance(value, (int, float)) and not math.isfinite(value):
                         raise NonFiniteTraining(f"{key} became {value} at optimizer step {state.global_step}")
 
+            def on_train_begin(self, args, state, control, **kwargs):
+                # Looked up once a training, not every step (a walk over all the model's modules).
+                self.adapter = list(policy._adapter_parameters().items())
+
             def on_step_end(self, args, state, control, **kwargs):
                 import torch
 
-                for name, param in policy._adapter_parameters().items():
+                adapter = getattr(self, "adapter", None) or list(policy._adapter_parameters().items())
+                # One check for all the weights (a NaN or an infinity makes the sum non-finite),
+                # then the weight to name, only when there is one.
+                total = torch.stack([whole(param).detach().float().sum() for _, param in adapter]).sum()
+                if bool(torch.isfinite(total)):
+                    return
+                for name, param in adapter:
                     if not bool(torch.isfinite(whole(param)).all()):
                         raise NonFiniteTraining(
                             f"adapter weight {name} became non-finite at optimizer step {state.global_step}"

@@ -393,3 +393,27 @@ def test_dpo_runs_every_batch_through_the_shared_prompt_forward(policy, monkeypa
     assert seen == [{"shared": 3, "passed": 0}]  # one reference batch, two steps
     DPOObjective(max_steps=2, per_device_train_batch_size=2, share_prompt=False).train(policy, TOPIC)
     assert len(seen) == 1  # not even entered
+
+
+def test_the_trainer_s_flop_estimate_counts_the_parameters_once_with_the_same_number(policy, monkeypatch):
+    from types import SimpleNamespace
+
+    from align.hf.training import count_parameters_once
+
+    model = policy.model
+    inputs = {"input_ids": torch.ones((2, 7), dtype=torch.long)}
+    expected = 6 * 14 * model.num_parameters(exclude_embeddings=True)
+    counts = []
+    base = type(model.get_base_model())  # the PEFT model hands the call on to it
+    original = base.num_parameters
+
+    def counted(self, *args, **kwargs):
+        counts.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(base, "num_parameters", counted)
+    trainer = SimpleNamespace(model=model)
+    count_parameters_once(trainer)
+    assert [trainer.floating_point_ops(inputs) for _ in range(3)] == [expected] * 3
+    assert len(counts) == 1
+    assert trainer.floating_point_ops({"labels": inputs["input_ids"]}) == 0
