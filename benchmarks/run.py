@@ -214,17 +214,50 @@ def worker_sft(epochs: float) -> dict[str, Any]:
     base, tokenizer = load_model("smollm2")
     model = attach_adapter(base, rank=1, alpha=1.0, dropout=0.0, target_modules=TARGETS)
     policy = EnginePolicy(model, tokenizer, seed=0, scratch_dir=Path(tempfile.mkdtemp(prefix="align-bench-")))
+    objective = SFTObjective(epochs=epochs)
+    start = policy.snapshot()
     meter = FlopMeter(model)
     with meter.watch():
         started = time.perf_counter()
-        metrics = SFTObjective(epochs=epochs).train(policy, _topic())
+        metrics = objective.train(policy, _topic())
         seconds = time.perf_counter() - started
+    steps = int(metrics["steps"])
+    # The alternative: a plain PyTorch loop over the same texts, as many steps, batch 1, the
+    # trainer's optimizer (AdamW), schedule (linear) and gradient clipping (1.0), from the same
+    # adapter. What is left between the two is the trainer's per-step overhead.
+    import torch
+
+    policy.restore(start)
+    texts = objective.texts(policy, _topic())
+    texts = [texts[i % len(texts)] for i in range(steps)]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=objective.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / steps))
+    model.train()
+    started = time.perf_counter()
+    plain_losses = []
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=objective.max_length)[
+            "input_ids"
+        ]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        plain_losses.append(float(loss))
+    plain = time.perf_counter() - started
     return {
         "seconds": round(seconds, 3),
-        "steps": int(metrics["steps"]),
+        "steps": steps,
         "tokens_per_s": round(meter.decoder_tokens / seconds, 1),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "mfu": utilisation(meter, seconds),
+        "plain_loop_seconds": round(plain, 3),
+        "trainer_over_plain_loop": round(seconds / plain, 2),
+        "loss": round(float(metrics["loss"]), 4),
+        "plain_loop_loss": round(sum(plain_losses) / len(plain_losses), 4),
     }
 
 
@@ -417,7 +450,9 @@ def table(results: dict[str, Any]) -> str:
     if "sft" in results:
         t = results["sft"]
         lines.append(
-            f"SFT ({t['steps']} steps): {t['seconds']}s, {t['tokens_per_s']} tokens/s, {_mfu(t['mfu'])}"
+            f"SFT ({t['steps']} steps): {t['seconds']}s, {t['tokens_per_s']} tokens/s, {_mfu(t['mfu'])}; "
+            f"a plain loop of as many steps {t['plain_loop_seconds']}s (trainer / plain loop "
+            f"{t['trainer_over_plain_loop']}x, mean loss {t['loss']} against {t['plain_loop_loss']})"
         )
     if "eval" in results:
         e = results["eval"]

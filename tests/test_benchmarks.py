@@ -52,6 +52,7 @@ def test_quick_benchmark_suite_reports_every_section(tmp_path):
         assert mfu["useful_gflop"] > 0 and mfu["gemm_gflops"] > 0
         assert 0 < mfu["mfu"] == pytest.approx(mfu["achieved_gflops"] / mfu["gemm_gflops"], abs=0.01)
     assert results["sft"]["steps"] > 0
+    assert results["sft"]["plain_loop_seconds"] > 0 and results["sft"]["trainer_over_plain_loop"] > 0
     assert results["startup"]["help_s"] > 0
     assert "speed-up" in completed.stdout and "pairs/s" in completed.stdout and "MFU" in completed.stdout
 
