@@ -16,7 +16,8 @@ data, steps and seed are the same for all):
   loss curve of each; align's ratios to each. (TRL's ``DPOConfig`` defaults to ``bf16=True``
   even on a CPU, where autocast to bfloat16 is fast on CPUs with AVX512-BF16: precision is set
   explicitly for every variant so that like is compared with like.)
-* ``sft``: align's ``sft`` objective on the same topic's passages: time, tokens/s, MFU.
+* ``sft``: align's ``sft`` objective on the same topic's passages: time, tokens/s, MFU, beside a
+  plain PyTorch loop of as many steps (the trainer's per-step overhead as a ratio).
 * ``eval``: quiz and voice scoring as align does it (batched, each prompt run once for all its
   completions) against one plain forward pass per prompt and completion: wall time, speed-up,
   and whether the scores are identical.
@@ -261,8 +262,9 @@ def worker_sft(epochs: float) -> dict[str, Any]:
     }
 
 
-def worker_eval() -> dict[str, Any]:
-    """Quiz and voice scoring batched (align) against one prompt at a time, same model and scores."""
+def worker_eval(topic_count: int | None = None) -> dict[str, Any]:
+    """Quiz and voice scoring batched (align) against one prompt at a time, same model and scores,
+    on the demo's topics (the first ``topic_count`` of them, for ``--quick``)."""
     os.environ.update(ENV)
     from align.core.runner import quiet_libraries
     from align.core.topics import load_topics
@@ -273,7 +275,7 @@ def worker_eval() -> dict[str, Any]:
 
     quiet_libraries()
     model, tokenizer = load_model("smollm2")
-    topics = load_topics(REPO / "align" / "demo" / "topics")
+    topics = load_topics(REPO / "align" / "demo" / "topics")[:topic_count]
     batched = HFLanguageModel(model, tokenizer, batch_size=16)
 
     import torch
@@ -319,6 +321,7 @@ def worker_eval() -> dict[str, Any]:
         "batched_s": round(fast, 3),
         "one_at_a_time_s": round(slow, 3),
         "speedup": round(slow / fast, 2),
+        "topics": len(topics),
         "identical_scores": identical,
         "scores": fast_scores,
         "mfu": utilisation(meter, fast),
@@ -457,7 +460,7 @@ def table(results: dict[str, Any]) -> str:
     if "eval" in results:
         e = results["eval"]
         lines.append(
-            f"Evaluation (quiz + voice, 3 topics): batched {e['batched_s']}s, one at a time {e['one_at_a_time_s']}s, "
+            f"Evaluation (quiz + voice, {e['topics']} topic(s)): batched {e['batched_s']}s, one at a time {e['one_at_a_time_s']}s, "
             f"speed-up {e['speedup']}x, identical scores: {e['identical_scores']}; batched {_mfu(e['mfu'])}"
         )
     if "startup" in results:
@@ -487,7 +490,7 @@ def main() -> None:
     if args.worker:
         kind, *rest = args.worker
         if kind == "eval":
-            result = worker_eval()
+            result = worker_eval(int(rest[0]) if rest else None)
         elif kind == "sft":
             result = worker_sft(float(rest[0]))
         else:
@@ -498,7 +501,7 @@ def main() -> None:
         parser.error("--out and --update name two places; give one")
     out = COMMITTED if args.update else args.out or DEFAULT_OUT
     sections = args.only or (["dpo", "sft", "eval", "startup"] + ([] if args.quick else ["demo"]))
-    steps, batch = (4, 2) if args.quick else (8, 2)
+    steps, batch = (2, 2) if args.quick else (8, 2)
     results: dict[str, Any] = {"quick": args.quick, **environment()}
     if "dpo" in sections:
         full = (
@@ -535,7 +538,7 @@ def main() -> None:
     if "sft" in sections:
         results["sft"] = _in_subprocess("sft", "0.25" if args.quick else "3")
     if "eval" in sections:
-        results["eval"] = _in_subprocess("eval")
+        results["eval"] = _in_subprocess("eval", *(["1"] if args.quick else []))
     if "startup" in sections:
         results["startup"] = bench_startup()
     if "demo" in sections:
