@@ -195,10 +195,11 @@ class Engine:
             f"{self.rundir.path / 'config.yaml'}, and `align run --resume {self.rundir.path}`"
         )
 
-    def _evaluate(self, component: Component, topic: Topic) -> Any:
+    def _evaluate(self, component: Component, topic: Topic, weights: str | None) -> Any:
         """``component``'s evaluation of ``topic``, within ``evaluate_timeout`` seconds if set, or
-        the metrics of the same evaluation of the same weights made earlier (:mod:`align.core.reuse`)."""
-        key = self._evaluations.key(component.name, component.instance, topic, self.policy)
+        the metrics of the same evaluation of the same weights (``weights``, their fingerprint)
+        made earlier (:mod:`align.core.reuse`)."""
+        key = self._evaluations.key(component.name, component.instance, topic, weights)
         reused = self._evaluations.get(key)
         if reused is not None:
             return reused
@@ -413,11 +414,12 @@ class Engine:
         """
         self.current_step = "recheck"
         results: dict[str, dict[str, float]] = {}
+        weights = self._evaluations.weights(self.policy, self.recheck_evaluators)
         for target in self.plan.topics[:index]:
             metrics: dict[str, float] = {}
             for component in self.recheck_evaluators:
                 try:
-                    raw = self._evaluate(component, self._scored(target))
+                    raw = self._evaluate(component, self._scored(target), weights)
                     metrics.update(prefix_metrics(component.name, raw, f"evaluator '{component.name}'"))
                 except KeyboardInterrupt:
                     raise
@@ -491,6 +493,7 @@ class Engine:
             if step.name in self._guarded:
                 self._snapshots[step.name] = (before, so_far.latest())
             metrics: dict[str, float] = {}
+            weights = self._evaluations.weights(self.policy, step.components) if kind == "eval" else None
             for component in step.components:
                 if step.kind == "train":
                     raw = component.instance.train(
@@ -498,7 +501,7 @@ class Engine:
                     )
                     where = f"objective '{component.name}'"
                 else:
-                    raw = self._evaluate(component, self._scored(topic))
+                    raw = self._evaluate(component, self._scored(topic), weights)
                     where = f"evaluator '{component.name}'"
                 metrics.update(
                     prefix_metrics(component.name, raw, where, allow_non_finite=step.kind == "train")

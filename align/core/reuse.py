@@ -22,7 +22,7 @@ value is what the evaluator returned for the same key, bit for bit.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from align.core.topics import Topic
@@ -41,17 +41,22 @@ class Evaluations:
 
     def __init__(self) -> None:
         self._stored: dict[tuple[str, str, str, str], dict[str, Any]] = {}
-        #: How many evaluations were reused rather than run (reported in ``summary.json``).
-        self.reused = 0
 
-    def key(self, name: str, instance: Any, topic: Topic, policy: Any) -> tuple[str, str, str, str] | None:
-        """The key of evaluating ``topic`` with ``instance`` under ``policy``, or ``None`` when
-        this evaluation is not to be reused."""
-        if not getattr(instance, "cacheable", False):
-            return None
+    @staticmethod
+    def weights(policy: Any, components: Sequence[Any]) -> str | None:
+        """The policy's fingerprint of its weights, taken once for the evaluations about to run
+        with them, or ``None`` when none of ``components`` is cacheable or the policy has none."""
         fingerprint = getattr(policy, "fingerprint", None)
-        weights = fingerprint() if callable(fingerprint) else None
-        if weights is None:
+        if not callable(fingerprint) or not any(getattr(c.instance, "cacheable", False) for c in components):
+            return None
+        return fingerprint()
+
+    def key(
+        self, name: str, instance: Any, topic: Topic, weights: str | None
+    ) -> tuple[str, str, str, str] | None:
+        """The key of evaluating ``topic`` with ``instance`` on the weights whose fingerprint is
+        ``weights`` (:meth:`weights`), or ``None`` when this evaluation is not to be reused."""
+        if weights is None or not getattr(instance, "cacheable", False):
             return None
         data = hashlib.sha256(topic_key(topic, getattr(instance, "requires", None)).encode()).hexdigest()
         return name, repr(instance), data, str(weights)
@@ -59,7 +64,6 @@ class Evaluations:
     def get(self, key: tuple[str, str, str, str] | None) -> dict[str, Any] | None:
         if key is None or key not in self._stored:
             return None
-        self.reused += 1
         return dict(self._stored[key])
 
     def put(self, key: tuple[str, str, str, str] | None, metrics: Mapping[str, Any]) -> None:

@@ -121,6 +121,8 @@ class EnginePolicy:
                 import torch
 
                 adapter = getattr(self, "adapter", None) or list(policy._adapter_parameters().items())
+                if not adapter:
+                    return
                 # One check for all the weights (a NaN or an infinity makes the sum non-finite),
                 # then the weight to name, only when there is one.
                 total = torch.stack([whole(param).detach().float().sum() for _, param in adapter]).sum()

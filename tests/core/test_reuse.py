@@ -104,10 +104,11 @@ def test_the_real_policy_s_fingerprint_follows_the_adapter_weights(tmp_path):
     assert policy.fingerprint() == first
 
 
-def test_a_real_run_reports_the_same_metrics_with_and_without_reuse(tmp_path, tiny_model_dir, monkeypatch):
+def test_a_real_run_reports_the_same_metrics_with_and_without_reuse(
+    runner, tmp_path, tiny_model_dir, monkeypatch
+):
     """The tiny model, two topics, quiz, voice and style: reuse changes no number."""
     import yaml
-    from click.testing import CliRunner
 
     from align.cli import cli
     from tests.conftest import TINY_RUN_PROTOCOL, write_topic
@@ -150,7 +151,7 @@ def test_a_real_run_reports_the_same_metrics_with_and_without_reuse(tmp_path, ti
             "--output",
             str(out),
         ]
-        result = CliRunner().invoke(cli, args, env={"ALIGN_LOAD_PLUGINS": ""})
+        result = runner.invoke(cli, args)
         assert result.exit_code == 0, result.output
         return json.loads((out / "summary.json").read_text())
 
