@@ -297,6 +297,11 @@ def _(c):
     return ["validate", c.config("dpo:\n  rejected: model\n"), "--topics", c.topics()]
 
 
+@case("dpo-epochs-not-positive")
+def _(c):
+    return ["validate", c.config("dpo:\n  epochs: 0\n"), "--topics", c.topics()]
+
+
 @case("sft-answers-unknown")
 def _(c):
     return ["validate", c.config("sft:\n  answers: all\n"), "--topics", c.topics()]

@@ -447,11 +447,11 @@ class Engine:
     def _training_topic(self, step: Step, topic: Topic, objective: Any = None) -> Topic:
         """What a training step of ``topic`` trains on: the topic, plus a sample of every earlier
         topic's training items when ``replay`` asks for them (recorded as a ``replay`` event).
-        Only the fields the objective reads (its ``requires``) are replayed: a DPO step gets
-        earlier preference pairs, not passages it would never look at."""
+        Only the fields the objective reads (its ``reads``, else its ``requires``) are replayed: a
+        DPO step gets earlier preference pairs, not passages it would never look at."""
         index = next(i for i, t in enumerate(self.plan.topics) if t.name == topic.name)
         settings = self.replay
-        reads = getattr(objective, "requires", None)
+        reads = getattr(objective, "reads", None) or getattr(objective, "requires", None)
         if reads is not None:
             settings = {name: value for name, value in settings.items() if name in reads}
         if index == 0 or not any(settings.values()):

@@ -47,6 +47,9 @@ class DPOObjective:
     beta: float = 0.1
     learning_rate: float = 5e-3
     max_steps: int = 10
+    #: Passes over the topic's preference pairs (replayed ones included); when set it decides the
+    #: number of steps instead of ``max_steps``, so a topic with more pairs gets more steps.
+    epochs: float | None = None
     per_device_train_batch_size: int = 2
     gradient_accumulation_steps: int = 1
     loss_type: str | list[str] = "sigmoid"
@@ -83,6 +86,11 @@ class DPOObjective:
         require(self.beta > 0, "beta", f"must be > 0 (got {self.beta})")
         require(self.learning_rate > 0, "learning_rate", f"must be > 0 (got {self.learning_rate})")
         require(self.max_steps >= 1, "max_steps", f"must be >= 1 (got {self.max_steps})")
+        require(
+            self.epochs is None or 0 < self.epochs <= 1000,
+            "epochs",
+            f"must be a number of passes over the pairs above 0 and at most 1000, or left out to use max_steps (got {self.epochs})",
+        )
         require(self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "must be >= 1")
         require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
         require(self.max_length >= 8, "max_length", f"must be >= 8 (got {self.max_length})")
@@ -129,7 +137,8 @@ class DPOObjective:
             args = DPOConfig(
                 beta=self.beta,
                 learning_rate=self.learning_rate,
-                max_steps=self.max_steps,
+                max_steps=self.max_steps if self.epochs is None else -1,
+                num_train_epochs=self.epochs if self.epochs is not None else 1.0,
                 per_device_train_batch_size=self.per_device_train_batch_size,
                 gradient_accumulation_steps=self.gradient_accumulation_steps,
                 loss_type=self.loss_types,

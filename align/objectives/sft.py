@@ -42,6 +42,13 @@ class SFTObjective:
     #: Topic fields that must be non-empty.
     requires = ("content",)
 
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Topic fields SFT trains on, so the ones replay mixes earlier topics' items into: the
+        passages, and with ``answers`` the preference pairs (an earlier topic's answers carry its
+        facts and the person's voice as much as its passages do)."""
+        return self.requires if self.answers == "none" else (*self.requires, "preference_pairs")
+
     def __post_init__(self) -> None:
         require(self.epochs > 0, "epochs", f"must be > 0 (got {self.epochs})")
         require(self.learning_rate > 0, "learning_rate", f"must be > 0 (got {self.learning_rate})")

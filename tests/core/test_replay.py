@@ -171,3 +171,38 @@ def test_the_summary_carries_acc_and_bwt_per_recheck_metric():
     summary = run_protocol(protocol, TOPICS, plugins=[plugin], builtins=False).summary
     assert summary["forgetting"]["acc"]["quiz.accuracy"] == pytest.approx((0.5 + 0.75 + 1.0) / 3)
     assert summary["forgetting"]["bwt"]["quiz.accuracy"] == pytest.approx((-0.5 - 0.25) / 2)
+
+
+@pytest.mark.parametrize(
+    ("answers", "reads"),
+    [
+        ("none", ("content",)),
+        ("chosen", ("content", "preference_pairs")),
+        ("rejected", ("content", "preference_pairs")),
+    ],
+)
+def test_sft_replays_earlier_answers_only_when_it_trains_on_answers(answers, reads):
+    from align.objectives.sft import SFTObjective
+
+    assert SFTObjective(answers=answers).reads == reads
+    assert SFTObjective(answers=answers).requires == ("content",)  # a topic needs no pairs for SFT
+
+
+def test_a_reads_attribute_decides_what_is_replayed_over_requires():
+    seen = []
+    objective = StubObjective(effect=lambda policy, t: seen.append(t))
+    objective.requires = ("content",)
+    objective.reads = ("content", "preference_pairs")
+    plugin = StubPlugin(
+        objectives={"train": objective}, evaluators={"quiz": StubEvaluator({"accuracy": 1.0})}
+    )
+    protocol = [{"name": "train", "train": "train"}, {"name": "after", "evaluate": ["quiz"]}]
+    run_protocol(
+        protocol,
+        TOPICS,
+        plugins=[plugin],
+        builtins=False,
+        config={"replay": {"content": 1.0, "preference_pairs": 1.0}},
+    )
+    assert [len(t.preference_pairs) for t in seen] == [2, 4, 4]
+    assert [len(t.content) for t in seen] == [4, 8, 4]

@@ -123,6 +123,23 @@ def test_dpo_combines_trl_losses_with_weights(policy):
     assert metrics["steps"] == 1
 
 
+@pytest.mark.parametrize(("epochs", "pairs", "steps"), [(2, 2, 2), (3, 4, 6), (1.5, 4, 3)])
+def test_dpo_epochs_make_the_step_count_follow_the_number_of_pairs(policy, epochs, pairs, steps):
+    more = make_topic(
+        content=list(TOPIC.content),
+        preference_pairs=[
+            {
+                "prompt": f"Question {i}?",
+                "chosen": f"Bright answer {i}, little gull.",
+                "rejected": f"Answer {i}.",
+            }
+            for i in range(pairs)
+        ],
+    )
+    metrics = DPOObjective(epochs=epochs, max_steps=50, per_device_train_batch_size=2).train(policy, more)
+    assert metrics["steps"] == steps  # epochs x pairs / batch; max_steps is not used
+
+
 def test_snapshot_and_restore_put_the_adapter_back_exactly(policy):
     before = policy.snapshot()
     assert before and all("lora_" in name for name in before)
