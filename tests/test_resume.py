@@ -47,10 +47,11 @@ def setup(tmp_path_factory, tiny_model_dir):
     config.write_text(
         yaml.safe_dump(
             {
-                "sft": {"epochs": 2, "learning_rate": 0.05, "cloze": 1},
+                # SFT trains on the pairs' chosen answers too, as configs/mindprint.yaml does.
+                "sft": {"epochs": 2, "learning_rate": 0.05, "cloze": 1, "answers": "chosen"},
                 # The DPO step generates its rejected answers from the policy, and the second topic
-                # replays the first one's passages and pairs: a kill mid-replay or mid-generation
-                # must resume to the same result.
+                # replays the first one's passages and pairs (into its SFT and its DPO): a kill
+                # mid-replay or mid-generation must resume to the same result.
                 "dpo": {
                     "max_steps": 3,
                     "learning_rate": 0.05,
@@ -217,6 +218,8 @@ def test_a_killed_run_resumes_to_the_same_results(setup, point):
     # what was replayed and generated: each once, the same as in the uninterrupted run
     for kind in ("replay", "generated"):
         assert recorded(run_dir, kind) == recorded(whole, kind), kind
+    sft_replay = dict(recorded(whole, "replay"))[("second", "sft")]
+    assert set(sft_replay["items"]) == {"content", "preference_pairs"}  # the first's answers too
     assert [key for key, _ in recorded(whole, "generated")] == [("first", "dpo"), ("second", "dpo")]
     expected_matrix = json.loads((whole / "summary.json").read_text())["forgetting"]
     assert summary["forgetting"]["topics"] == expected_matrix["topics"] == ["first", "second"]

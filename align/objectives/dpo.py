@@ -133,12 +133,17 @@ class DPOObjective:
                 policy, topic, self.rejected_max_new_tokens, only_missing=self.rejected == "given"
             )
         model = policy.model
+        # With epochs, the trainer counts the steps from the pairs (max_steps -1 hands it over).
+        steps = (
+            {"max_steps": self.max_steps}
+            if self.epochs is None
+            else {"max_steps": -1, "num_train_epochs": self.epochs}
+        )
         with reference_from_policy(model):
             args = DPOConfig(
                 beta=self.beta,
                 learning_rate=self.learning_rate,
-                max_steps=self.max_steps if self.epochs is None else -1,
-                num_train_epochs=self.epochs if self.epochs is not None else 1.0,
+                **steps,
                 per_device_train_batch_size=self.per_device_train_batch_size,
                 gradient_accumulation_steps=self.gradient_accumulation_steps,
                 loss_type=self.loss_types,
