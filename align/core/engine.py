@@ -451,7 +451,9 @@ class Engine:
         DPO step gets earlier preference pairs, not passages it would never look at."""
         index = next(i for i, t in enumerate(self.plan.topics) if t.name == topic.name)
         settings = self.replay
-        reads = getattr(objective, "reads", None) or getattr(objective, "requires", None)
+        reads = getattr(objective, "reads", None)
+        if reads is None:  # an objective that reads nothing says so with reads = ()
+            reads = getattr(objective, "requires", None)
         if reads is not None:
             settings = {name: value for name, value in settings.items() if name in reads}
         if index == 0 or not any(settings.values()):

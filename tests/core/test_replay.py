@@ -97,18 +97,29 @@ def test_by_default_each_topic_replays_as_many_earlier_passages_as_it_has():
 
 
 @pytest.mark.parametrize(
-    ("reads", "content", "pairs", "replayed"),
+    ("requires", "reads", "content", "pairs", "replayed"),
     [
-        (("preference_pairs",), [4, 4, 2], [2, 4, 4], {"preference_pairs"}),
-        (("content",), [4, 8, 4], [2, 2, 2], {"content"}),
-        (None, [4, 8, 4], [2, 4, 4], {"content", "preference_pairs"}),  # says nothing: everything
+        (("preference_pairs",), None, [4, 4, 2], [2, 4, 4], {"preference_pairs"}),
+        (("content",), None, [4, 8, 4], [2, 2, 2], {"content"}),
+        (None, None, [4, 8, 4], [2, 4, 4], {"content", "preference_pairs"}),  # says nothing: everything
+        # reads, where declared, wins over requires (SFT with answers needs passages, reads pairs too)
+        (
+            ("content",),
+            ("content", "preference_pairs"),
+            [4, 8, 4],
+            [2, 4, 4],
+            {"content", "preference_pairs"},
+        ),
+        (("content",), (), [4, 4, 2], [2, 2, 2], None),  # reads nothing: nothing replayed
     ],
 )
-def test_replay_draws_only_the_fields_the_objective_reads(reads, content, pairs, replayed):
+def test_replay_draws_only_the_fields_the_objective_reads(requires, reads, content, pairs, replayed):
     seen = []
     objective = StubObjective(effect=lambda policy, t: seen.append(t))
+    if requires is not None:
+        objective.requires = requires
     if reads is not None:
-        objective.requires = reads
+        objective.reads = reads
     plugin = StubPlugin(
         objectives={"train": objective}, evaluators={"quiz": StubEvaluator({"accuracy": 1.0})}
     )
@@ -123,7 +134,10 @@ def test_replay_draws_only_the_fields_the_objective_reads(reads, content, pairs,
     assert [len(t.content) for t in seen] == content
     assert [len(t.preference_pairs) for t in seen] == pairs
     events = [e for e in result.events if e["kind"] == "replay"]
-    assert events and all(set(e["items"]) == replayed for e in events)
+    if replayed is None:
+        assert not events
+    else:
+        assert events and all(set(e["items"]) == replayed for e in events)
 
 
 @pytest.mark.parametrize(("voice_set", "pairs"), [("person", 3), ("topic", 1)])
@@ -186,23 +200,3 @@ def test_sft_replays_earlier_answers_only_when_it_trains_on_answers(answers, rea
 
     assert SFTObjective(answers=answers).reads == reads
     assert SFTObjective(answers=answers).requires == ("content",)  # a topic needs no pairs for SFT
-
-
-def test_a_reads_attribute_decides_what_is_replayed_over_requires():
-    seen = []
-    objective = StubObjective(effect=lambda policy, t: seen.append(t))
-    objective.requires = ("content",)
-    objective.reads = ("content", "preference_pairs")
-    plugin = StubPlugin(
-        objectives={"train": objective}, evaluators={"quiz": StubEvaluator({"accuracy": 1.0})}
-    )
-    protocol = [{"name": "train", "train": "train"}, {"name": "after", "evaluate": ["quiz"]}]
-    run_protocol(
-        protocol,
-        TOPICS,
-        plugins=[plugin],
-        builtins=False,
-        config={"replay": {"content": 1.0, "preference_pairs": 1.0}},
-    )
-    assert [len(t.preference_pairs) for t in seen] == [2, 4, 4]
-    assert [len(t.content) for t in seen] == [4, 8, 4]
