@@ -409,6 +409,7 @@ def test_the_example_plugin_is_used_from_a_config_in_align_run(tmp_path, tiny_mo
     check, _, again = summary["topics"][0]["steps"]
     assert set(check["metrics"]) == {
         "quiz.accuracy",
+        "quiz.margin",
         "recall.accuracy",
         "recall.confusion",
         "recall.coverage",

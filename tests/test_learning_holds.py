@@ -2,7 +2,7 @@
 
 Two topics of examples/topics (written the way users write: each fact once) on the packaged
 SmolLM2. The quiz's accuracy moves in steps of 1/6 on six questions, so these tests read the
-quiz's log-likelihood margins (the right choice against the best wrong one, per character, as
+quiz's margin (``quiz.margin``: the right choice against the best wrong one, per character, as
 the quiz scores them) through the saved adapters: a continuous measure of what is known.
 """
 
@@ -43,19 +43,15 @@ def run(tmp_path, topics, name, **config):
 
 
 def quiz_margin(run_dir, adapter_topic, quiz_topic):
-    """Mean over ``quiz_topic``'s questions of the right choice's per-character log-likelihood
-    minus the best wrong choice's, with the adapter saved after ``adapter_topic``."""
+    """``quiz.margin`` of ``quiz_topic`` with the adapter saved after ``adapter_topic``: the mean
+    over its questions of the right choice's per-character log-likelihood minus the best wrong
+    choice's."""
+    from align.evaluators.quiz import QuizEvaluator
     from align.tools import load, read_run_topics
 
     topic = {t.name: t for t in read_run_topics(run_dir)}[quiz_topic]
     model = load(run_dir / "adapters" / adapter_topic).language_model()
-    margins = []
-    for item in topic.quiz:
-        scores = model.loglikelihood([item.question] * len(item.choices), list(item.choices))
-        scores = [s / len(c) for s, c in zip(scores, item.choices)]
-        wrong = max(s for i, s in enumerate(scores) if i != item.answer)
-        margins.append(scores[item.answer] - wrong)
-    return sum(margins) / len(margins)
+    return QuizEvaluator().evaluate(model, topic)["margin"]
 
 
 def test_replay_keeps_more_of_the_first_topic_than_training_without_it(tmp_path, monkeypatch, topics):

@@ -52,6 +52,7 @@ def test_report_of_a_real_run_writes_markdown_plots_and_samples(runner, tiny_run
             "plots/gates.png",
             "plots/loss.png",
             "plots/metric_quiz.accuracy.png",
+            "plots/metric_quiz.margin.png",
             "plots/metric_voice.margin.png",
             "plots/metric_voice.score.png",
         ]

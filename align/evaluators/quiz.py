@@ -16,11 +16,16 @@ class QuizEvaluator:
     Each question is the prompt and each choice a completion; all choices of all questions are
     scored in one batched ``loglikelihood`` call. ``normalize: chars`` divides each choice's
     log-likelihood by its length in characters, so long choices are not penalised for length.
+
+    ``margin`` is the mean, over questions, of the right choice's score minus the best wrong
+    choice's (per character with ``normalize: chars``): positive when the right answer wins. It
+    moves continuously where ``accuracy`` moves in steps of one question, so it shows an answer
+    weakening (forgetting) before it flips.
     """
 
     normalize: Literal["none", "chars"] = "chars"
 
-    metrics = ("accuracy",)
+    metrics = ("accuracy", "margin")
     requires = ("quiz",)
     #: The same weights and data give the same metrics: the engine reuses them (align.core.reuse).
     cacheable = True
@@ -29,14 +34,19 @@ class QuizEvaluator:
         prompts = [item.question for item in topic.quiz for _ in item.choices]
         completions = [choice for item in topic.quiz for choice in item.choices]
         scores = model.loglikelihood(prompts, completions)
-        predictions, start = [], 0
+        predictions, margins, start = [], [], 0
         for item in topic.quiz:
             item_scores = scores[start : start + len(item.choices)]
             if self.normalize == "chars":
                 item_scores = [s / max(1, len(c)) for s, c in zip(item_scores, item.choices)]
             predictions.append(max(range(len(item_scores)), key=item_scores.__getitem__))
+            wrong = [s for i, s in enumerate(item_scores) if i != item.answer]
+            margins.append(item_scores[item.answer] - max(wrong) if wrong else 0.0)
             start += len(item.choices)
-        return {"accuracy": accuracy(predictions, [item.answer for item in topic.quiz])}
+        return {
+            "accuracy": accuracy(predictions, [item.answer for item in topic.quiz]),
+            "margin": sum(margins) / len(margins),
+        }
 
 
 @hookimpl
