@@ -53,8 +53,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TARGETS = ["o_proj", "v_proj", "up_proj", "down_proj"]
 DPO_VARIANTS = ("seed", "trl", "trl_precompute", "trl_fastest", "align")
-#: Full runs only: align without its shared-prompt DPO forward (the lever's own measure), and bfloat16.
-FULL_VARIANTS = ("align_unshared", "trl_bf16", "align_bf16")
+#: Full runs only: align without its shared-prompt DPO forward (the lever's own measure), align
+#: with gradient checkpointing (activation memory traded for recomputation), and bfloat16.
+FULL_VARIANTS = ("align_unshared", "align_checkpointed", "trl_bf16", "align_bf16")
 #: Where results go unless ``--out`` or ``--update`` says otherwise: outside the source tree, in
 #: align's own cache (``$ALIGN_CACHE``, else the user cache directory).
 DEFAULT_OUT = cache_root() / "benchmarks" / "latest.json"
@@ -137,8 +138,13 @@ def worker_dpo(variant: str, steps: int, batch: int) -> dict[str, Any]:
         from align.objectives.dpo import DPOObjective
 
         set_seed(0)  # every variant's adapter starts from the same random A (B is zero)
-        model = attach_adapter(base, rank=1, alpha=1.0, dropout=0.0, target_modules=TARGETS)
-        policy = EnginePolicy(model, tokenizer, seed=0, scratch_dir=Path(scratch))
+        checkpointed = variant == "align_checkpointed"
+        model = attach_adapter(
+            base, rank=1, alpha=1.0, dropout=0.0, target_modules=TARGETS, gradient_checkpointing=checkpointed
+        )
+        policy = EnginePolicy(
+            model, tokenizer, seed=0, scratch_dir=Path(scratch), gradient_checkpointing=checkpointed
+        )
         policy.set_log_target(lambda step, entry: logs.append(entry) if "loss" in entry else None)
         objective = DPOObjective(
             max_steps=steps, per_device_train_batch_size=batch, share_prompt=variant != "align_unshared"
@@ -524,6 +530,14 @@ def main() -> None:
         if "align_unshared" in variants:
             ratios["align / align_unshared pairs/s"] = round(
                 ours["pairs_per_s"] / variants["align_unshared"]["pairs_per_s"], 2
+            )
+        if "align_checkpointed" in variants:
+            checkpointed = variants["align_checkpointed"]
+            ratios["align_checkpointed / seed pairs/s"] = round(
+                checkpointed["pairs_per_s"] / variants["seed"]["pairs_per_s"], 2
+            )
+            ratios["align_checkpointed / seed peak memory"] = round(
+                checkpointed["peak_rss_mb"] / variants["seed"]["peak_rss_mb"], 2
             )
         if "align_bf16" in variants:
             ratios["align_bf16 / trl_bf16 pairs/s"] = round(
