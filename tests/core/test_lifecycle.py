@@ -275,7 +275,7 @@ def test_a_rollback_metric_is_checked_against_what_the_evaluators_declare():
         run_protocol(protocol, plugins=[StubPlugin(objectives={"t": StubObjective()})], builtins=["quiz"])
     assert str(info.value).endswith(
         "rollback.max_drop: metric 'quiz.acc' is not recorded by this step; did you mean 'quiz.accuracy'? "
-        "(it records: quiz.accuracy)"
+        "(it records: quiz.accuracy, quiz.margin)"
     )
 
 

@@ -60,9 +60,10 @@ def test_run_protocol_with_builtin_evaluators_and_a_stub_objective(stub_model):
         builtins=["quiz"],
         model=model,
     )
-    assert result.metrics("topic", "before") == {"quiz.accuracy": 0.0}
+    # the margin is per character: (0 - 1) / 5 before learning, (1 - 0) / 5 after
+    assert result.metrics("topic", "before") == {"quiz.accuracy": 0.0, "quiz.margin": pytest.approx(-0.2)}
     assert result.metrics("topic", "study") == {"study.loss": 0.5}
-    assert result.metrics("topic", "after") == {"quiz.accuracy": 1.0}
+    assert result.metrics("topic", "after") == {"quiz.accuracy": 1.0, "quiz.margin": pytest.approx(0.2)}
     assert (result.path / "config.yaml").exists() and (result.path / "summary.json").exists()
 
 
