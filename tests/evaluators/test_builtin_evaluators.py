@@ -18,9 +18,9 @@ def quiz_topic(make_topic):
 def test_quiz_accuracy_picks_the_most_likely_choice(stub_model, make_topic):
     model = stub_model(loglikelihood={"aa": -5.0, "bb": -1.0, "cc": -3.0, "dd": -9.0, "ee": -2.0})
     result = QuizEvaluator(normalize="none").evaluate(model, quiz_topic(make_topic))
-    assert result["accuracy"] == 0.5  # Q1 right (bb), Q2 wrong (ee beats dd)
-    # the right choice's score minus the best wrong one's: bb - cc = 2, dd - ee = -7
-    assert result["margin"] == pytest.approx((2.0 - 7.0) / 2)
+    # Q1 right (bb), Q2 wrong (ee beats dd); the margin is the right choice's score minus the
+    # best wrong one's: bb - cc = 2, dd - ee = -7
+    assert result == {"accuracy": 0.5, "margin": pytest.approx((2.0 - 7.0) / 2)}
     # one batched call, every choice of every question scored against its own question
     assert model.calls == [("loglikelihood", (["Q1?"] * 3 + ["Q2?"] * 2, ["aa", "bb", "cc", "dd", "ee"]))]
 
