@@ -287,6 +287,11 @@ def _(c):
     return ["validate", c.config("replay:\n  contents: 1\n"), "--topics", c.topics()]
 
 
+@case("replay-schedule-unknown")
+def _(c):
+    return ["validate", c.config("replay:\n  schedule: spacd\n"), "--topics", c.topics()]
+
+
 @case("voice-set-unknown")
 def _(c):
     return ["validate", c.config("voice_set: persons\n"), "--topics", c.topics()]

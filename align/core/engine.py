@@ -123,6 +123,7 @@ class Engine:
         self.evaluate_timeout: float | None = plan.settings.evaluate_timeout
         self.recheck = plan.settings.recheck
         self.replay = plan.settings.replay.as_dict()
+        self.replay_schedule = plan.settings.replay.schedule
         self.voice_set = plan.settings.voice_set
         #: What a recheck runs on earlier topics: each evaluator of the protocol once, as its last
         #: evaluation step configures it (that step's values are the matrix's diagonal).
@@ -459,7 +460,12 @@ class Engine:
         if index == 0 or not any(settings.values()):
             return topic
         mixed, chosen = replay_topic(
-            topic, self.plan.topics[:index], settings, self.plan.settings.seed, step.name
+            topic,
+            self.plan.topics[:index],
+            settings,
+            self.plan.settings.seed,
+            step.name,
+            self.replay_schedule,
         )
         if chosen:
             counts = {name: float(len(items)) for name, items in chosen.items()}

@@ -8,6 +8,16 @@ each training step, as a multiple of the topic's own count (``1.0``: as many ear
 the topic has; ``0``: none); the sample is drawn uniformly from every earlier topic's items, with
 the run's seed, so a resumed run replays exactly what an uninterrupted one does.
 
+``replay.schedule`` says which earlier items: ``random`` draws a fresh uniform sample for each
+topic, so as the pool grows an item may go unseen for several topics running, and which ones do
+is down to the seed; ``spaced`` takes the items trained longest ago first (an item counts as
+trained by its own topic and by every step that replayed it), drawing with the seed only among
+items trained equally long ago, so every earlier item comes back before any comes back twice:
+spaced rehearsal. ``balanced`` shares each topic's replay out evenly between the earlier topics
+first (every earlier topic is rehearsed at every later one), then takes each topic's items
+trained longest ago. All three are pure functions of the topics, the settings and the seed: the
+history the schedules read is recomputed from the earlier topics, never read back from the run.
+
 Only training data is replayed (passages and preference pairs), never quiz items or voice pairs:
 those measure the run.
 """
@@ -33,29 +43,125 @@ def replay_counts(own: int, pool: int, fraction: float) -> int:
 
 
 def replay_topic(
-    topic: Topic, earlier: Sequence[Topic], settings: Mapping[str, float], seed: int, salt: str = ""
+    topic: Topic,
+    earlier: Sequence[Topic],
+    settings: Mapping[str, float],
+    seed: int,
+    salt: str = "",
+    schedule: str = "random",
 ) -> tuple[Topic, dict[str, list[list[Any]]]]:
     """``topic`` with a sample of ``earlier`` topics' training items appended to its own.
 
     Returns the topic to train on and, per field, the ``[topic name, index]`` of each item
     replayed (what the run records). ``salt`` (the step's name) makes each training step's sample
-    its own; the same ``seed``, topics and salt always give the same sample.
+    its own; the same ``seed``, topics, salt and ``schedule`` always give the same sample.
     """
     replaced: dict[str, Any] = {}
     chosen: dict[str, list[list[Any]]] = {}
     for name in REPLAYED_FIELDS:
         own = getattr(topic, name)
-        pool = [(other.name, i, item) for other in earlier for i, item in enumerate(getattr(other, name))]
-        count = replay_counts(len(own), len(pool), float(settings.get(name, 0.0)))
-        if not count or not own:
+        fraction = float(settings.get(name, 0.0))
+        if schedule in ("spaced", "balanced"):
+            picks = _scheduled_picks([*earlier, topic], name, fraction, seed, salt, schedule)[-1]
+        else:
+            picks = _random_picks(topic, earlier, name, fraction, seed, salt)
+        if not picks or not own:
             continue
-        rng = random.Random(f"{seed}:{topic.name}:{salt}:{name}")
-        picked = sorted(rng.sample(range(len(pool)), count))
-        replaced[name] = tuple(own) + tuple(pool[i][2] for i in picked)
-        chosen[name] = [[pool[i][0], pool[i][1]] for i in picked]
+        items = {(other.name, i): item for other in earlier for i, item in enumerate(getattr(other, name))}
+        replaced[name] = tuple(own) + tuple(items[key] for key in picks)
+        chosen[name] = [list(key) for key in picks]
     if not replaced:
         return topic, {}
     return dataclasses.replace(topic, **replaced), chosen
+
+
+Key = tuple[str, int]
+
+
+def _pool(earlier: Sequence[Topic], name: str) -> list[Key]:
+    return [(other.name, i) for other in earlier for i in range(len(getattr(other, name)))]
+
+
+def _rng(seed: int, topic: Topic, salt: str, name: str) -> random.Random:
+    return random.Random(f"{seed}:{topic.name}:{salt}:{name}")
+
+
+def _random_picks(
+    topic: Topic, earlier: Sequence[Topic], name: str, fraction: float, seed: int, salt: str
+) -> list[Key]:
+    pool = _pool(earlier, name)
+    count = replay_counts(len(getattr(topic, name)), len(pool), fraction)
+    if not count:
+        return []
+    return [pool[i] for i in sorted(_rng(seed, topic, salt, name).sample(range(len(pool)), count))]
+
+
+def _scheduled_picks(
+    topics: Sequence[Topic], name: str, fraction: float, seed: int, salt: str, schedule: str
+) -> list[list[Key]]:
+    """The items each of ``topics`` replays under ``schedule`` (``spaced`` or ``balanced``), in
+    order (the first replays nothing). ``spaced`` takes the earlier items trained longest ago;
+    ``balanced`` first shares the count out evenly between the earlier topics, then takes each
+    topic's items trained longest ago. Among items last trained at the same topic it draws with the
+    seed, exactly as ``random`` draws from the whole pool, so while every earlier item is equally
+    fresh (the third topic of a run whose second replayed all of the first) ``spaced`` and
+    ``random`` pick the same items."""
+    last: dict[Key, int] = {}  # item -> the position of the topic that last trained it
+    picks: list[list[Key]] = []
+    for position, topic in enumerate(topics):
+        earlier = topics[:position]
+        pool = _pool(earlier, name)
+        count = replay_counts(len(getattr(topic, name)), len(pool), fraction)
+        chosen: list[Key] = []
+        if count:
+            rng = _rng(seed, topic, salt, name)
+            if schedule == "balanced":
+                groups = [[key for key in pool if key[0] == other.name] for other in earlier]
+                for group, quota in zip(groups, _quotas([len(g) for g in groups], count, rng)):
+                    chosen += _trained_longest_ago(group, quota, last, rng)
+            else:
+                chosen = _trained_longest_ago(pool, count, last, rng)
+        order = {key: i for i, key in enumerate(pool)}
+        picked = sorted(chosen, key=order.__getitem__)
+        for key in picked:
+            last[key] = position
+        for i in range(len(getattr(topic, name))):
+            last[(topic.name, i)] = position
+        picks.append(picked)
+    return picks
+
+
+def _trained_longest_ago(
+    items: list[Key], count: int, last: Mapping[Key, int], rng: random.Random
+) -> list[Key]:
+    """``count`` of ``items``, those trained longest ago first, ties drawn with ``rng``."""
+    chosen: list[Key] = []
+    for when in sorted({last[key] for key in items}):
+        wanted = count - len(chosen)
+        if wanted <= 0:
+            break
+        group = [key for key in items if last[key] == when]
+        chosen += group if len(group) <= wanted else rng.sample(group, wanted)
+    return chosen
+
+
+def _quotas(sizes: list[int], count: int, rng: random.Random) -> list[int]:
+    """``count`` shared out as evenly as ``sizes`` allow (no share above its size); what does not
+    divide evenly goes to shares drawn with ``rng``."""
+    quotas = [0] * len(sizes)
+    left = count
+    while left:
+        room = [j for j, size in enumerate(sizes) if quotas[j] < size]
+        share, extra = divmod(left, len(room))
+        if not share:
+            for j in rng.sample(room, extra):
+                quotas[j] += 1
+            break
+        for j in room:
+            added = min(share, sizes[j] - quotas[j])
+            quotas[j] += added
+            left -= added
+    return quotas
 
 
 def with_person_voice(topic: Topic, topics: Sequence[Topic]) -> Topic:

@@ -33,6 +33,8 @@ QUANTIZATIONS = ("none", "4bit", "8bit")
 ON_ERROR = ("stop", "skip")
 #: The values of ``recheck``: after each topic, evaluate every ``earlier`` topic again, or ``none``.
 RECHECK = ("earlier", "none")
+#: The values of ``replay.schedule``: which earlier items a topic replays (align/core/replay.py).
+REPLAY_SCHEDULES = ("random", "spaced", "balanced")
 #: The values of ``voice_set``: which held-out voice pairs score a topic's voice.
 VOICE_SETS = ("person", "topic")
 #: The largest ``lora.rank`` taken: far above any model's use (align's adapter is rank 1), far below
@@ -230,9 +232,22 @@ class ReplaySettings:
 
     content: float = 1.0
     preference_pairs: float = 0.0
+    #: ``random``: a fresh seeded sample of every earlier item for each topic; ``spaced``: the
+    #: items trained longest ago first (ties drawn with the seed), so every earlier item comes
+    #: back before any comes back twice; ``balanced``: an even share for each earlier topic, its
+    #: items trained longest ago first.
+    schedule: str = "random"
 
     def __post_init__(self) -> None:
+        require(
+            self.schedule in REPLAY_SCHEDULES,
+            "schedule",
+            f"expected one of {', '.join(REPLAY_SCHEDULES)}, got {brief(self.schedule)}"
+            f"{closest(str(self.schedule), REPLAY_SCHEDULES)}",
+        )
         for f in dataclasses.fields(self):
+            if f.name == "schedule":
+                continue
             value = number(f.name, getattr(self, f.name))
             require(
                 0 <= value <= 100,
@@ -243,7 +258,7 @@ class ReplaySettings:
 
     def as_dict(self) -> dict[str, float]:
         """Each kind of item and its multiple (what :func:`align.core.replay.replay_topic` takes)."""
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "schedule"}
 
 
 @dataclass(frozen=True)

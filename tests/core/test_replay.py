@@ -1,5 +1,6 @@
 """Replay, the person-level voice set, and ACC/BWT: the mechanics of learning that holds."""
 
+import itertools
 import json
 
 import pytest
@@ -200,3 +201,117 @@ def test_sft_replays_earlier_answers_only_when_it_trains_on_answers(answers, rea
 
     assert SFTObjective(answers=answers).reads == reads
     assert SFTObjective(answers=answers).requires == ("content",)  # a topic needs no pairs for SFT
+
+
+SIX = [topic(f"s{k}", 7, 3) for k in range(6)]
+
+
+def replayed(schedule, seed, topics=SIX, field="content"):
+    """Each topic's replayed ``[topic, index]`` items, as the engine would draw them."""
+    return [
+        replay_topic(t, topics[:k], {field: 1.0}, seed=seed, salt="sft", schedule=schedule)[1].get(field, [])
+        for k, t in enumerate(topics)
+    ]
+
+
+def longest_gaps(schedule, seed):
+    """For each item of the first four topics, the most topics in a row (up to the sixth) that
+    neither trained it as its own nor replayed it."""
+    trained = {(t.name, i): [k] for k, t in enumerate(SIX) for i in range(len(t.content))}
+    for k, items in enumerate(replayed(schedule, seed)):
+        for name, i in items:
+            trained[(name, i)].append(k)
+    gaps = {}
+    for key, when in trained.items():
+        if when[0] < 4:
+            marks = [*sorted(when), len(SIX)]
+            gaps[key] = max(b - a - 1 for a, b in itertools.pairwise(marks))
+    return gaps
+
+
+def test_spaced_replay_brings_every_earlier_item_back_before_any_comes_back_twice():
+    for seed in range(5):
+        picks = replayed("spaced", seed)
+        assert picks[1] == [["s0", i] for i in range(7)]  # the pool is the first topic: all of it
+        # the fourth topic takes exactly the seven items the third left out
+        third, fourth = ({tuple(x) for x in picks[k]} for k in (2, 3))
+        assert (
+            third.isdisjoint(fourth) and len(third | fourth) == 14 and {n for n, _ in fourth} == {"s0", "s1"}
+        )
+        # no earlier item waits more than two topics to be trained again
+        assert max(longest_gaps("spaced", seed).values()) <= 2
+
+
+def test_random_replay_leaves_some_item_unseen_for_longer_at_some_seed():
+    # what spaced replay is for: under a uniform sample some item waits three topics or more
+    assert any(max(longest_gaps("random", seed).values()) >= 3 for seed in range(5))
+
+
+def test_spaced_replay_is_the_random_sample_while_every_earlier_item_is_equally_fresh():
+    for seed in range(4):
+        spaced, uniform = replayed("spaced", seed), replayed("random", seed)
+        assert spaced[:3] == uniform[:3]  # the third topic's pool was all trained at the second
+        assert spaced[3:] != uniform[3:]
+
+
+def test_spaced_replay_depends_only_on_the_topics_the_settings_and_the_seed():
+    assert replayed("spaced", 3) == replayed("spaced", 3)
+    assert replayed("spaced", 3) != replayed("spaced", 4)
+    pairs = replayed("spaced", 3, field="preference_pairs")
+    assert [len(p) for p in pairs] == [0, 3, 3, 3, 3, 3] and pairs[1] == [["s0", i] for i in range(3)]
+
+
+def test_balanced_replay_rehearses_every_earlier_topic_at_every_later_one():
+    for seed in range(5):
+        for k, items in enumerate(replayed("balanced", seed)):
+            shares = [sum(name == t.name for name, _ in items) for t in SIX[:k]]
+            assert sum(shares) == (7 if k else 0)
+            assert not shares or max(shares) - min(shares) <= 1  # as even as seven items allow
+        # within a topic, every item comes back before any of its items comes back twice
+        assert max(longest_gaps("balanced", seed).values()) <= 3
+    assert any(
+        0 in [sum(n == t.name for n, _ in items) for t in SIX[:k]]
+        for k, items in enumerate(replayed("spaced", 0))
+    )  # spaced can leave a whole topic out
+
+
+def test_balanced_shares_follow_the_topics_sizes():
+    small = [topic("a", 1), topic("b", 6), topic("c", 4)]
+    items = replay_topic(small[2], small[:2], {"content": 1.0}, seed=0, schedule="balanced")[1]["content"]
+    assert sorted(n for n, _ in items) == ["a", "b", "b", "b"]  # a has one to give, b the rest
+    uneven = [topic("a", 5), topic("b", 5), topic("c", 3)]
+    items = replay_topic(uneven[2], uneven[:2], {"content": 1.0}, seed=0, schedule="balanced")[1]["content"]
+    assert sorted(n for n, _ in items) in (["a", "a", "b"], ["a", "b", "b"])
+
+
+def test_the_engine_replays_on_the_configured_schedule():
+    topics = [topic(f"e{k}", 2) for k in range(4)]
+    seen = []
+    plugin = StubPlugin(
+        objectives={"sft": StubObjective(effect=lambda policy, t: seen.append(t))},
+        evaluators={"quiz": StubEvaluator({"accuracy": 1.0})},
+    )
+    protocol = [{"name": "sft", "train": "sft"}, {"name": "after", "evaluate": ["quiz"]}]
+    for schedule in ("random", "spaced", "balanced"):
+        seen.clear()
+        result = run_protocol(
+            protocol,
+            topics,
+            plugins=[plugin],
+            builtins=False,
+            config={"replay": {"content": 1.0, "schedule": schedule}, "seed": 1},
+        )
+        events = [e["items"]["content"] for e in result.events if e["kind"] == "replay"]
+        assert events == replayed(schedule, 1, topics)[1:]
+        assert [t.content[2:] for t in seen[1:]] == [
+            tuple(topics[int(name[1:])].content[i] for name, i in items) for items in events
+        ]
+
+
+def test_an_unknown_replay_schedule_is_refused():
+    with pytest.raises(
+        ConfigError, match=r"replay.schedule: expected one of random, spaced, balanced, got 'spacd'"
+    ):
+        run_protocol(
+            [{"name": "after", "evaluate": ["quiz"]}], TOPICS, config={"replay": {"schedule": "spacd"}}
+        )
