@@ -334,10 +334,13 @@ def load_plugins(
             skip=_split_env(environ.get("ALIGN_DISABLE_PLUGINS")) or (),
         )
     for plugin in extra:
+        name = _plugin_name(manager, plugin)
         try:
-            name = register_plugin(manager, plugin)
+            register_plugin(manager, plugin, name)
         except pluggy.PluginValidationError as exc:  # a hook with arguments the spec lacks …
-            failures.append(LoadFailure(_plugin_name(manager, plugin), None, None, _describe(exc)))
+            # pluggy keeps the name, and the hooks it took before the refused one: none may run
+            manager.unregister(name=name)
+            failures.append(LoadFailure(name, None, None, _describe(exc)))
             continue
         problem = unknown_hooks(manager, plugin)
         if problem is not None:

@@ -278,6 +278,7 @@ def test_a_hook_pluggy_refuses_to_register_is_a_one_line_load_failure(plugins):
     loaded = load_plugins(extra=[NotAGenerator()], entry_points=False)
     [failure] = loaded.failures
     assert failure.name == "NotAGenerator"
+    assert not loaded.manager.has_plugin("NotAGenerator")  # nothing of it is left registered
     assert failure.error.startswith("PluginValidationError: Plugin 'NotAGenerator' for hook 'on_run_end'; ")
     assert failure.error.endswith(
         "Declared as wrapper=True or hookwrapper=True but function is not a generator function"
