@@ -315,3 +315,19 @@ def test_an_unknown_replay_schedule_is_refused():
         run_protocol(
             [{"name": "after", "evaluate": ["quiz"]}], TOPICS, config={"replay": {"schedule": "spacd"}}
         )
+
+
+def test_on_the_demo_s_topics_spaced_replays_what_random_does():
+    # the demo's second topic replays all of the first, so its third finds every item equally
+    # fresh: the default schedule leaves the demo's runs as they were
+    from align.core.topics import load_topics
+    from tests.conftest import REPO
+
+    demo = load_topics(REPO / "align" / "demo" / "topics")
+    for field in ("content", "preference_pairs"):
+        for k in range(1, len(demo)):
+            spaced, uniform = (
+                replay_topic(demo[k], demo[:k], {field: 1.0}, 0, "sft", schedule)[1]
+                for schedule in ("spaced", "random")
+            )
+            assert spaced == uniform and spaced[field]

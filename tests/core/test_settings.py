@@ -26,7 +26,7 @@ DEFAULTS = {
     "recheck": "earlier",
     "report_to": "none",
     "voice_set": "person",
-    "replay": {"content": 1.0, "preference_pairs": 0.0, "schedule": "random"},
+    "replay": {"content": 1.0, "preference_pairs": 0.0, "schedule": "spaced"},
     "model": {
         "path": "smollm2",
         "dtype": "float32",
