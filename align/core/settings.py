@@ -236,7 +236,7 @@ class ReplaySettings:
     #: items trained longest ago first (ties drawn with the seed), so every earlier item comes
     #: back before any comes back twice; ``balanced``: an even share for each earlier topic, its
     #: items trained longest ago first. ``spaced`` kept more of each earlier answer's lead than
-    #: ``random`` at every seed measured (docs/quality.md); on the demo both pick the same items.
+    #: ``random`` at four seeds of four (docs/quality.md); on the demo both pick the same items.
     schedule: str = "spaced"
 
     def __post_init__(self) -> None:
