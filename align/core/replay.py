@@ -5,10 +5,11 @@ One adapter carries every topic, so training topic ``k`` moves the weights that 
 fine-tuning: each training step of a later topic also sees a sample of what earlier topics
 trained on. ``replay.content`` and ``replay.preference_pairs`` say how many earlier items join
 each training step, as a multiple of the topic's own count (``1.0``: as many earlier passages as
-the topic has; ``0``: none); the sample is drawn uniformly from every earlier topic's items, with
-the run's seed, so a resumed run replays exactly what an uninterrupted one does.
+the topic has; ``0``: none), chosen from every earlier topic's items with the run's seed, so a
+resumed run replays exactly what an uninterrupted one does.
 
-``replay.schedule`` says which earlier items: ``random`` draws a fresh uniform sample for each
+``replay.schedule`` says which earlier items (``spaced`` unless the config says otherwise;
+:func:`replay_topic` itself defaults to ``random``, the draw it made before schedules): ``random`` draws a fresh uniform sample for each
 topic, so as the pool grows an item may go unseen for several topics running, and which ones do
 is down to the seed; ``spaced`` takes the items trained longest ago first (an item counts as
 trained by its own topic and by every step that replayed it), drawing with the seed only among
