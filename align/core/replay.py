@@ -16,7 +16,11 @@ trained by its own topic and by every step that replayed it), drawing with the s
 items trained equally long ago, so every earlier item comes back before any comes back twice:
 spaced rehearsal. ``balanced`` shares each topic's replay out evenly between the earlier topics
 first (every earlier topic is rehearsed at every later one), then takes each topic's items
-trained longest ago. All three are pure functions of the topics, the settings and the seed: the
+trained longest ago. ``expanding`` rehearses the way spaced repetition does, the first
+rehearsal soon and later ones further apart: half of each topic's replay goes to the topic just
+before it (whose items have never been rehearsed; ``spaced`` leaves them for last, so on six
+topics the fourth and fifth are never rehearsed at all), the other half to the items trained
+longest ago. All four are pure functions of the topics, the settings and the seed: the
 history the schedules read is recomputed from the earlier topics, never read back from the run.
 
 Only training data is replayed (passages and preference pairs), never quiz items or voice pairs:
@@ -62,7 +66,7 @@ def replay_topic(
     for name in REPLAYED_FIELDS:
         own = getattr(topic, name)
         fraction = float(settings.get(name, 0.0))
-        if schedule in ("spaced", "balanced"):
+        if schedule in SCHEDULED:
             picks = _scheduled_picks([*earlier, topic], name, fraction, seed, salt, schedule)[-1]
         else:
             picks = _random_picks(topic, earlier, name, fraction, seed, salt)
@@ -77,6 +81,9 @@ def replay_topic(
 
 
 Key = tuple[str, int]
+
+#: The schedules :func:`_scheduled_picks` computes (``random`` is a plain draw).
+SCHEDULED = ("spaced", "balanced", "expanding")
 
 
 def _pool(earlier: Sequence[Topic], name: str) -> list[Key]:
@@ -100,10 +107,11 @@ def _random_picks(
 def _scheduled_picks(
     topics: Sequence[Topic], name: str, fraction: float, seed: int, salt: str, schedule: str
 ) -> list[list[Key]]:
-    """The items each of ``topics`` replays under ``schedule`` (``spaced`` or ``balanced``), in
+    """The items each of ``topics`` replays under ``schedule`` (one of :data:`SCHEDULED`), in
     order (the first replays nothing). ``spaced`` takes the earlier items trained longest ago;
     ``balanced`` first shares the count out evenly between the earlier topics, then takes each
-    topic's items trained longest ago. Among items last trained at the same topic it draws with the
+    topic's items trained longest ago; ``expanding`` gives half the count (rounded up) to the
+    topic just before, then takes the earlier items trained longest ago. Among items last trained at the same topic it draws with the
     seed, exactly as ``random`` draws from the whole pool, so while every earlier item is equally
     fresh (the third topic of a run whose second replayed all of the first) ``spaced`` and
     ``random`` pick the same items."""
@@ -120,6 +128,11 @@ def _scheduled_picks(
                 groups = [[key for key in pool if key[0] == other.name] for other in earlier]
                 for group, quota in zip(groups, _quotas([len(g) for g in groups], count, rng)):
                     chosen += _trained_longest_ago(group, quota, last, rng)
+            elif schedule == "expanding" and position >= 2:
+                newest = [key for key in pool if key[0] == earlier[-1].name]
+                chosen = _trained_longest_ago(newest, min(len(newest), -(-count // 2)), last, rng)
+                rest = [key for key in pool if key not in set(chosen)]
+                chosen += _trained_longest_ago(rest, count - len(chosen), last, rng)
             else:
                 chosen = _trained_longest_ago(pool, count, last, rng)
         order = {key: i for i, key in enumerate(pool)}

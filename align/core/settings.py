@@ -34,7 +34,7 @@ ON_ERROR = ("stop", "skip")
 #: The values of ``recheck``: after each topic, evaluate every ``earlier`` topic again, or ``none``.
 RECHECK = ("earlier", "none")
 #: The values of ``replay.schedule``: which earlier items a topic replays (align/core/replay.py).
-REPLAY_SCHEDULES = ("random", "spaced", "balanced")
+REPLAY_SCHEDULES = ("random", "spaced", "balanced", "expanding")
 #: The values of ``voice_set``: which held-out voice pairs score a topic's voice.
 VOICE_SETS = ("person", "topic")
 #: The largest ``lora.rank`` taken: far above any model's use (align's adapter is rank 1), far below

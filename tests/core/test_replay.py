@@ -284,6 +284,34 @@ def test_balanced_shares_follow_the_topics_sizes():
     assert sorted(n for n, _ in items) in (["a", "a", "b"], ["a", "b", "b"])
 
 
+def test_expanding_replay_gives_half_of_each_replay_to_the_topic_just_before():
+    for seed in range(5):
+        picks = replayed("expanding", seed)
+        assert picks[1] == [["s0", i] for i in range(7)]
+        for k in range(2, 6):
+            assert len(picks[k]) == 7
+            newest = sum(name == f"s{k - 1}" for name, _ in picks[k])
+            # seven halved, rounded up; at the third topic the rest ties the second's other items
+            # with the first's (all last trained at the second), so it may take more of them
+            assert newest == 4 if k > 2 else newest >= 4
+
+
+def test_expanding_replay_rehearses_every_earlier_topic_before_the_run_ends():
+    rehearsed = {name for items in replayed("expanding", 0) for name, _ in items}
+    assert rehearsed == {f"s{k}" for k in range(5)}
+    # what it is for: spaced leaves the newest topics' items for last, and six topics end first
+    assert {name for items in replayed("spaced", 0) for name, _ in items} == {"s0", "s1", "s2"}
+
+
+def test_expanding_replay_takes_the_rest_trained_longest_ago():
+    # at the fourth topic: four of the third's items, then the three trained longest ago, which
+    # are the first two topics' items the third topic did not replay
+    picks = replayed("expanding", 2)
+    third, fourth = ({tuple(x) for x in picks[k]} for k in (2, 3))
+    rest = {key for key in fourth if key[0] != "s2"}
+    assert len(rest) == 3 and rest.isdisjoint(third) and {n for n, _ in rest} <= {"s0", "s1"}
+
+
 def test_the_engine_replays_on_the_configured_schedule():
     topics = [topic(f"e{k}", 2) for k in range(4)]
     seen = []
@@ -292,7 +320,7 @@ def test_the_engine_replays_on_the_configured_schedule():
         evaluators={"quiz": StubEvaluator({"accuracy": 1.0})},
     )
     protocol = [{"name": "sft", "train": "sft"}, {"name": "after", "evaluate": ["quiz"]}]
-    for schedule in ("random", "spaced", "balanced"):
+    for schedule in ("random", "spaced", "balanced", "expanding"):
         seen.clear()
         result = run_protocol(
             protocol,
@@ -310,7 +338,8 @@ def test_the_engine_replays_on_the_configured_schedule():
 
 def test_an_unknown_replay_schedule_is_refused():
     with pytest.raises(
-        ConfigError, match=r"replay.schedule: expected one of random, spaced, balanced, got 'spacd'"
+        ConfigError,
+        match=r"replay.schedule: expected one of random, spaced, balanced, expanding, got 'spacd'",
     ):
         run_protocol(
             [{"name": "after", "evaluate": ["quiz"]}], TOPICS, config={"replay": {"schedule": "spacd"}}
