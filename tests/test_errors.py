@@ -287,6 +287,11 @@ def _(c):
     return ["validate", c.config("replay:\n  contents: 1\n"), "--topics", c.topics()]
 
 
+@case("threads-invalid")
+def _(c):
+    return ["validate", c.config("threads: 0\n"), "--topics", c.topics()]
+
+
 @case("replay-schedule-unknown")
 def _(c):
     return ["validate", c.config("replay:\n  schedule: spacd\n"), "--topics", c.topics()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import importlib.metadata
@@ -119,6 +120,24 @@ def load_policy(plan: Plan, scratch_dir: Path, tensorboard_dir: Path | None = No
     )
 
 
+def _computing(plan: Plan, reporter: Reporter | None) -> contextlib.AbstractContextManager[None]:
+    """Set the run's compute threads, warn when other align runs already compute on this machine,
+    and say that this one does for as long as the returned context lasts (align/core/machine.py)."""
+    from align.core import machine
+
+    threads = machine.apply_threads(plan.settings.threads)
+    logger.info("computing with %d threads on %d cores", threads, machine.cores())
+    if distributed.is_distributed():
+        return contextlib.nullcontext()  # the launcher shares the machine out between its processes
+    message = machine.crowding(threads, machine.others(), machine.cores())
+    if message is not None:
+        if reporter is not None:
+            reporter.warning(message)
+        else:
+            logger.warning(message)
+    return machine.registered(threads)
+
+
 def execute(
     plan: Plan,
     reporter: Reporter | None = None,
@@ -155,10 +174,12 @@ def execute(
     if not resume:
         rundir.check_writable()
     distributed.barrier()  # every process has seen the directory as it was before the main one writes
+    sharing = contextlib.nullcontext()
     if policy is None:
         quiet_libraries()
         from align.hf.loading import set_seed
 
+        sharing = _computing(plan, reporter)
         set_seed(plan.settings.seed)
         trackers = plan.settings.trackers
         tensorboard = rundir.path / "tensorboard" if "tensorboard" in trackers else None
@@ -182,7 +203,8 @@ def execute(
         seed_step=policy.reseed,
     )
     try:
-        return engine.run()
+        with sharing:
+            return engine.run()
     except KeyboardInterrupt as exc:
         exc.run_dir = rundir.path  # type: ignore[attr-defined]  # the CLI names it in its message
         raise

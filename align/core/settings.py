@@ -286,6 +286,9 @@ class RunSettings:
     #: The held-out voice pairs that score each topic's voice: every topic's (``person``: a voice
     #: belongs to the person, and more pairs give a score that can show something) or its own.
     voice_set: str = "person"
+    #: The CPU threads torch computes with: ``auto`` (torch's own choice, one per core) or a number.
+    #: Two runs on one machine each take every core unless told otherwise (align/core/machine.py).
+    threads: int | str = "auto"
     replay: ReplaySettings = field(default_factory=ReplaySettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -323,6 +326,20 @@ class RunSettings:
                 key,
                 f"expected one of {', '.join(valid)}, got {brief(value)}{closest(str(value), valid)}",
             )
+        if self.threads != "auto":
+            threads = self.threads
+            if isinstance(threads, str) and number_from_string(threads) is not None:
+                threads = number_from_string(threads)
+            require(
+                not isinstance(threads, bool)
+                and isinstance(threads, (int, float))
+                and math.isfinite(threads)
+                and float(threads).is_integer()
+                and 1 <= threads <= 1024,
+                "threads",
+                f"expected auto or a number of threads from 1 to 1024, got {brief(self.threads)}",
+            )
+            _set(self, "threads", int(threads))
         check_report_to(self.report_to)
         require(
             self.name is None or ("/" not in self.name and self.name not in ("", ".", "..")),

@@ -26,6 +26,7 @@ DEFAULTS = {
     "recheck": "earlier",
     "report_to": "none",
     "voice_set": "person",
+    "threads": "auto",
     "replay": {"content": 1.0, "preference_pairs": 0.0, "schedule": "spaced"},
     "model": {
         "path": "smollm2",
@@ -56,6 +57,11 @@ def test_the_defaults_are_the_configs_in_its_order():
     assert list(BASE_DEFAULTS) == [*DEFAULTS, "protocol"]
 
 
+def test_threads_reads_a_number_written_as_a_string():
+    assert build_settings({"threads": "2"}, "t.yaml").threads == 2
+    assert build_settings({}, "t.yaml").threads == "auto"
+
+
 def test_an_empty_config_builds_the_defaults():
     settings = build_settings({}, "t.yaml")
     assert settings == RunSettings()
@@ -68,6 +74,11 @@ def test_an_empty_config_builds_the_defaults():
     [
         ({"seed": -1}, "t.yaml: seed: must be between 0 and 4294967295 (got -1)"),
         ({"seed": 1.5}, "t.yaml: seed: expected an integer, got 1.5"),
+        ({"threads": 1.5}, "t.yaml: threads: expected auto or a number of threads from 1 to 1024, got 1.5"),
+        (
+            {"threads": "all"},
+            "t.yaml: threads: expected auto or a number of threads from 1 to 1024, got 'all'",
+        ),
         ({"on_error": "skipp"}, "t.yaml: on_error: expected one of stop, skip, got 'skipp'"),
         (
             {"recheck": "earlir"},
