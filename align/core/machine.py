@@ -5,7 +5,7 @@ there are, and each thread that waits for a core it shares spins: on the project
 machine two runs side by side each ran several times slower than one alone (docs/performance.md
 measures it). ``threads`` (a config key, ``auto`` by default) sets how many threads a run
 computes with, and each run that loads a model says so in a file under ``$ALIGN_CACHE/running/``
-for as long as it runs, so a run that starts beside another warns: run one at a time, or give
+(named by host and pid) for as long as it runs, so a run that starts beside another warns: run one at a time, or give
 each its share of the cores.
 
 The thread count is never chosen behind the user's back: sums split across threads add in
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -72,6 +73,8 @@ def others(directory: Path | None = None) -> list[dict[str, Any]]:
             pid = int(entry["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # being written, or not ours: not a run to count
+        if entry.get("host") != socket.gethostname():
+            continue  # a cache shared between machines: another machine's run uses its own cores
         if pid == os.getpid():
             continue
         if not _alive(pid):
@@ -88,9 +91,11 @@ def registered(threads: int, directory: Path | None = None) -> Iterator[None]:
 
     A cache that cannot be written only means other runs will not see this one."""
     directory = running_dir() if directory is None else directory
-    path = directory / f"{os.getpid()}.json"
+    host = socket.gethostname()
+    path = directory / f"{host}-{os.getpid()}.json"
     entry = {
         "pid": os.getpid(),
+        "host": host,
         "threads": threads,
         "command": " ".join(sys.argv[:3]),
         "started": time.time(),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -52,12 +53,15 @@ def test_the_running_file_lasts_as_long_as_the_run(tmp_path):
 
 
 def test_other_runs_are_the_live_ones_and_ended_runs_files_are_removed(tmp_path):
-    alive, gone = os.getppid(), ended_pid()
-    (tmp_path / f"{alive}.json").write_text(json.dumps({"pid": alive, "threads": 2}))
-    (tmp_path / f"{gone}.json").write_text(json.dumps({"pid": gone, "threads": 2}))
+    alive, gone, host = os.getppid(), ended_pid(), socket.gethostname()
+    (tmp_path / f"{host}-{alive}.json").write_text(json.dumps({"pid": alive, "host": host, "threads": 2}))
+    (tmp_path / f"{host}-{gone}.json").write_text(json.dumps({"pid": gone, "host": host, "threads": 2}))
     (tmp_path / "half-written.json").write_text("{")
+    # a cache shared with another machine: its runs are not on these cores, and not ours to remove
+    (tmp_path / f"elsewhere-{gone}.json").write_text(json.dumps({"pid": gone, "host": "elsewhere"}))
     assert [entry["pid"] for entry in machine.others(tmp_path)] == [alive]
-    assert not (tmp_path / f"{gone}.json").exists()
+    assert not (tmp_path / f"{host}-{gone}.json").exists()
+    assert (tmp_path / f"elsewhere-{gone}.json").exists()
 
 
 def test_a_cache_that_cannot_be_written_does_not_stop_a_run(tmp_path):
@@ -83,7 +87,10 @@ def test_align_run_warns_beside_another_run_and_takes_the_threads_it_is_given(
     running = tmp_path / "running"
     running.mkdir()
     other = os.getppid()
-    (running / f"{other}.json").write_text(json.dumps({"pid": other, "threads": machine.cores()}))
+    other_file = running / f"{socket.gethostname()}-{other}.json"
+    other_file.write_text(
+        json.dumps({"pid": other, "host": socket.gethostname(), "threads": machine.cores()})
+    )
     monkeypatch.setattr(machine, "running_dir", lambda: running)
     seen = []
     monkeypatch.setattr(machine, "registered", _recording(machine.registered, seen, running))
@@ -99,8 +106,8 @@ def test_align_run_warns_beside_another_run_and_takes_the_threads_it_is_given(
     assert f"Warning: 1 other align run is computing on this machine (pid {other} " in result.output
     assert seen == [(1, 1)]  # registered with its own thread count, which torch computed with
     assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["threads"] == 1
-    assert list(running.glob(f"{os.getpid()}.json")) == []  # gone once the run ended
-    (running / f"{other}.json").unlink()
+    assert list(running.glob(f"*-{os.getpid()}.json")) == []  # gone once the run ended
+    other_file.unlink()
     torch.set_num_threads(1)
     quiet = CliRunner().invoke(cli, [*args, "--output", str(tmp_path / "b")], env={"ALIGN_LOAD_PLUGINS": ""})
     assert quiet.exit_code == 0 and "Warning" not in quiet.output, quiet.output
