@@ -55,12 +55,11 @@ def worker(steps: int, threads: int | None) -> None:
     import torch
     from transformers import set_seed
 
-    from align.core.machine import apply_threads
     from align.core.runner import quiet_libraries
-    from align.hf.loading import attach_adapter, load_model
+    from align.hf.loading import attach_adapter, load_model, set_threads
 
     quiet_libraries()
-    used = apply_threads("auto" if threads is None else threads)
+    used = set_threads("auto" if threads is None else threads)
     set_seed(0)
     base, tokenizer = load_model("smollm2")
     model = attach_adapter(base, rank=1, alpha=1.0, dropout=0.0, target_modules=TARGETS)

@@ -5,8 +5,11 @@ there are, and each thread that waits for a core it shares spins: on the project
 machine two runs side by side each ran several times slower than one alone (docs/performance.md
 measures it). ``threads`` (a config key, ``auto`` by default) sets how many threads a run
 computes with, and each run that loads a model says so in a file under ``$ALIGN_CACHE/running/``
-(named by host and pid) for as long as it runs, so a run that starts beside another warns: run one at a time, or give
-each its share of the cores.
+(named by host and pid) for as long as it runs, so a run that starts beside another warns: run
+one at a time, or give each its share of the cores.
+
+This module keeps those files and words the warning; the core layer imports no torch, so the
+runner sets the threads (:func:`align.hf.loading.set_threads`) and names the folder.
 
 The thread count is never chosen behind the user's back: sums split across threads add in
 another order, so a run's last bits depend on its thread count, and the same seed must give the
@@ -25,7 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-#: Where each running align process (one that loads a model) leaves a file named by its pid.
+#: The folder of align's cache (``$ALIGN_CACHE``) where each running align process (one that
+#: loads a model) leaves a file named by its host and pid.
 RUNNING_DIR = "running"
 
 
@@ -34,22 +38,6 @@ def cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-def apply_threads(threads: int | str) -> int:
-    """Set torch's compute threads to ``threads`` (``auto`` leaves torch's own choice); the count
-    in use."""
-    import torch
-
-    if threads != "auto":
-        torch.set_num_threads(int(threads))
-    return torch.get_num_threads()
-
-
-def running_dir() -> Path:
-    from align.hf.source import cache_root
-
-    return cache_root() / RUNNING_DIR
 
 
 def _alive(pid: int) -> bool:
@@ -62,10 +50,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def others(directory: Path | None = None) -> list[dict[str, Any]]:
-    """The other align processes running on this machine, each ``{"pid", "threads", "command"}``;
-    files left by processes that have ended are removed."""
-    directory = running_dir() if directory is None else directory
+def others(directory: Path) -> list[dict[str, Any]]:
+    """The other align processes running on this machine, as their files in ``directory`` say
+    (each ``{"pid", "host", "threads", "command", "started"}``); files left by processes that
+    have ended are removed."""
     found = []
     for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
         try:
@@ -86,11 +74,10 @@ def others(directory: Path | None = None) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def registered(threads: int, directory: Path | None = None) -> Iterator[None]:
-    """Say, for as long as the block runs, that this process computes with ``threads`` threads.
-
-    A cache that cannot be written only means other runs will not see this one."""
-    directory = running_dir() if directory is None else directory
+def registered(threads: int, directory: Path) -> Iterator[None]:
+    """Say in ``directory``, for as long as the block runs, that this process computes with
+    ``threads`` threads. A directory that cannot be written only means other runs will not see
+    this one."""
     host = socket.gethostname()
     path = directory / f"{host}-{os.getpid()}.json"
     entry = {

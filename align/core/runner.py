@@ -124,18 +124,21 @@ def _computing(plan: Plan, reporter: Reporter | None) -> contextlib.AbstractCont
     """Set the run's compute threads, warn when other align runs already compute on this machine,
     and say that this one does for as long as the returned context lasts (align/core/machine.py)."""
     from align.core import machine
+    from align.hf.loading import set_threads
+    from align.hf.source import cache_root
 
-    threads = machine.apply_threads(plan.settings.threads)
+    threads = set_threads(plan.settings.threads)
     logger.info("computing with %d threads on %d cores", threads, machine.cores())
     if distributed.is_distributed():
         return contextlib.nullcontext()  # the launcher shares the machine out between its processes
-    message = machine.crowding(threads, machine.others(), machine.cores())
+    running = cache_root() / machine.RUNNING_DIR
+    message = machine.crowding(threads, machine.others(running), machine.cores())
     if message is not None:
         if reporter is not None:
             reporter.warning(message)
         else:
             logger.warning(message)
-    return machine.registered(threads)
+    return machine.registered(threads, running)
 
 
 def execute(

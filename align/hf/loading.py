@@ -181,6 +181,16 @@ def set_seed(seed: int) -> None:
     seed_everything(seed)
 
 
+def set_threads(threads: int | str) -> int:
+    """Set torch's compute threads to ``threads`` (``auto`` leaves torch's own choice, one per
+    core); the count in use (see :mod:`align.core.machine`)."""
+    import torch
+
+    if threads != "auto":
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
 def quiet_libraries() -> None:
     """Keep the libraries' own progress bars and notices out of align's output."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -75,8 +75,10 @@ def test_a_cache_that_cannot_be_written_does_not_stop_a_run(tmp_path):
 def test_threads_sets_torch_s_compute_threads(torch_threads):
     import torch
 
-    assert machine.apply_threads(1) == 1 == torch.get_num_threads()
-    assert machine.apply_threads("auto") == 1  # auto leaves the count as it is
+    from align.hf.loading import set_threads
+
+    assert set_threads(1) == 1 == torch.get_num_threads()
+    assert set_threads("auto") == 1  # auto leaves the count as it is
 
 
 def test_align_run_warns_beside_another_run_and_takes_the_threads_it_is_given(
@@ -84,16 +86,16 @@ def test_align_run_warns_beside_another_run_and_takes_the_threads_it_is_given(
 ):
     import torch
 
-    running = tmp_path / "running"
-    running.mkdir()
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    running = tmp_path / "cache" / machine.RUNNING_DIR
+    running.mkdir(parents=True)
     other = os.getppid()
     other_file = running / f"{socket.gethostname()}-{other}.json"
     other_file.write_text(
         json.dumps({"pid": other, "host": socket.gethostname(), "threads": machine.cores()})
     )
-    monkeypatch.setattr(machine, "running_dir", lambda: running)
     seen = []
-    monkeypatch.setattr(machine, "registered", _recording(machine.registered, seen, running))
+    monkeypatch.setattr(machine, "registered", _recording(machine.registered, seen))
     (tmp_path / "topics").mkdir()
     write_topic(tmp_path / "topics", "alpha")
     config = tmp_path / "run.yaml"
@@ -104,7 +106,8 @@ def test_align_run_warns_beside_another_run_and_takes_the_threads_it_is_given(
     )
     assert result.exit_code == 0, result.output
     assert f"Warning: 1 other align run is computing on this machine (pid {other} " in result.output
-    assert seen == [(1, 1)]  # registered with its own thread count, which torch computed with
+    # registered in align's cache with its own thread count, which torch computed with
+    assert seen == [(1, 1, running)]
     assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["threads"] == 1
     assert list(running.glob(f"*-{os.getpid()}.json")) == []  # gone once the run ended
     other_file.unlink()
@@ -113,11 +116,11 @@ def test_align_run_warns_beside_another_run_and_takes_the_threads_it_is_given(
     assert quiet.exit_code == 0 and "Warning" not in quiet.output, quiet.output
 
 
-def _recording(registered, seen, running):
-    def record(threads, directory=None):
+def _recording(registered, seen):
+    def record(threads, directory):
         import torch
 
-        seen.append((threads, torch.get_num_threads()))
-        return registered(threads, running)
+        seen.append((threads, torch.get_num_threads(), directory))
+        return registered(threads, directory)
 
     return record
