@@ -59,6 +59,7 @@ def others(directory: Path) -> list[dict[str, Any]]:
         try:
             entry = json.loads(path.read_text())
             pid = int(entry["pid"])
+            entry["threads"] = int(entry["threads"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # being written, or not ours: not a run to count
         if entry.get("host") != socket.gethostname():
@@ -104,10 +105,10 @@ def registered(threads: int, directory: Path) -> Iterator[None]:
 def crowding(threads: int, running: list[dict[str, Any]], available: int) -> str | None:
     """A warning when this run's ``threads`` and those of the ``running`` align processes come to
     more than the ``available`` cores, else ``None``."""
-    theirs = sum(int(entry.get("threads") or 0) for entry in running)
+    theirs = sum(entry["threads"] for entry in running)
     if not running or threads + theirs <= available:
         return None
-    who = ", ".join(f"pid {entry['pid']} ({entry.get('threads')} threads)" for entry in running)
+    who = ", ".join(f"pid {entry['pid']} ({entry['threads']} threads)" for entry in running)
     share = max(1, available // (len(running) + 1))
     return (
         f"{len(running)} other align run{'s are' if len(running) > 1 else ' is'} computing on this "

@@ -9,9 +9,9 @@ the topic has; ``0``: none), chosen from every earlier topic's items with the ru
 resumed run replays exactly what an uninterrupted one does.
 
 ``replay.schedule`` says which earlier items (``spaced`` unless the config says otherwise;
-:func:`replay_topic` itself defaults to ``random``, the draw it made before schedules): ``random`` draws a fresh uniform sample for each
-topic, so as the pool grows an item may go unseen for several topics running, and which ones do
-is down to the seed; ``spaced`` takes the items trained longest ago first (an item counts as
+:func:`replay_topic` itself defaults to ``random``, the draw it made before schedules):
+``random`` draws a fresh uniform sample for each topic, so as the pool grows an item may go
+unseen for several topics running, and which ones do is down to the seed; ``spaced`` takes the items trained longest ago first (an item counts as
 trained by its own topic and by every step that replayed it), drawing with the seed only among
 items trained equally long ago, so every earlier item comes back before any comes back twice:
 spaced rehearsal. ``balanced`` shares each topic's replay out evenly between the earlier topics
@@ -111,8 +111,8 @@ def _scheduled_picks(
     order (the first replays nothing). ``spaced`` takes the earlier items trained longest ago;
     ``balanced`` first shares the count out evenly between the earlier topics, then takes each
     topic's items trained longest ago; ``expanding`` gives half the count (rounded up) to the
-    topic just before, then takes the earlier items trained longest ago. Among items last trained at the same topic it draws with the
-    seed, exactly as ``random`` draws from the whole pool, so while every earlier item is equally
+    topic just before, then takes the earlier items trained longest ago. Among items last trained
+    at the same topic it draws with the seed, exactly as ``random`` draws from the whole pool, so while every earlier item is equally
     fresh (the third topic of a run whose second replayed all of the first) ``spaced`` and
     ``random`` pick the same items."""
     last: dict[Key, int] = {}  # item -> the position of the topic that last trained it
@@ -131,7 +131,8 @@ def _scheduled_picks(
             elif schedule == "expanding" and position >= 2:
                 newest = [key for key in pool if key[0] == earlier[-1].name]
                 chosen = _trained_longest_ago(newest, min(len(newest), -(-count // 2)), last, rng)
-                rest = [key for key in pool if key not in set(chosen)]
+                taken = set(chosen)
+                rest = [key for key in pool if key not in taken]
                 chosen += _trained_longest_ago(rest, count - len(chosen), last, rng)
             else:
                 chosen = _trained_longest_ago(pool, count, last, rng)

@@ -127,12 +127,12 @@ def _computing(plan: Plan, reporter: Reporter | None) -> contextlib.AbstractCont
     from align.hf.loading import set_threads
     from align.hf.source import cache_root
 
-    threads = set_threads(plan.settings.threads)
-    logger.info("computing with %d threads on %d cores", threads, machine.cores())
+    threads, cores = set_threads(plan.settings.threads), machine.cores()
+    logger.info("computing with %d threads on %d cores", threads, cores)
     if distributed.is_distributed():
         return contextlib.nullcontext()  # the launcher shares the machine out between its processes
     running = cache_root() / machine.RUNNING_DIR
-    message = machine.crowding(threads, machine.others(running), machine.cores())
+    message = machine.crowding(threads, machine.others(running), cores)
     if message is not None:
         if reporter is not None:
             reporter.warning(message)

@@ -327,19 +327,16 @@ class RunSettings:
                 f"expected one of {', '.join(valid)}, got {brief(value)}{closest(str(value), valid)}",
             )
         if self.threads != "auto":
-            threads = self.threads
-            if isinstance(threads, str) and number_from_string(threads) is not None:
-                threads = number_from_string(threads)
+            try:  # the one rule for numbers (a string that reads as one is it), worded for threads
+                threads = number("threads", self.threads, integer=True)
+            except ParamError:
+                threads = 0
             require(
-                not isinstance(threads, bool)
-                and isinstance(threads, (int, float))
-                and math.isfinite(threads)
-                and float(threads).is_integer()
-                and 1 <= threads <= 1024,
+                1 <= threads <= 1024,
                 "threads",
                 f"expected auto or a number of threads from 1 to 1024, got {brief(self.threads)}",
             )
-            _set(self, "threads", int(threads))
+            _set(self, "threads", threads)
         check_report_to(self.report_to)
         require(
             self.name is None or ("/" not in self.name and self.name not in ("", ".", "..")),

@@ -57,6 +57,8 @@ def test_other_runs_are_the_live_ones_and_ended_runs_files_are_removed(tmp_path)
     (tmp_path / f"{host}-{alive}.json").write_text(json.dumps({"pid": alive, "host": host, "threads": 2}))
     (tmp_path / f"{host}-{gone}.json").write_text(json.dumps({"pid": gone, "host": host, "threads": 2}))
     (tmp_path / "half-written.json").write_text("{")
+    bad = {"pid": alive, "host": host, "threads": "many"}
+    (tmp_path / f"{host}-bad.json").write_text(json.dumps(bad))  # not a run's file: not counted
     # a cache shared with another machine: its runs are not on these cores, and not ours to remove
     (tmp_path / f"elsewhere-{gone}.json").write_text(json.dumps({"pid": gone, "host": "elsewhere"}))
     assert [entry["pid"] for entry in machine.others(tmp_path)] == [alive]
