@@ -471,3 +471,52 @@ def test_a_recheck_past_evaluate_timeout_stops_the_run(tmp_path):
             run(plugins, tmp_path, protocol=protocol, on_error="skip", evaluate_timeout=0.2)
     finally:
         release.set()
+
+
+def test_what_is_loaded_before_the_run_is_kept_out_of_full_collections(monkeypatch, tmp_path):
+    """Objects alive when the run starts are frozen for it (the trainers' full collections skip
+    them), and thawed when it ends, also after a failure."""
+    import gc
+
+    seen = []
+
+    @dataclass
+    class Watching(CountingObjective):
+        def train(self, policy, topic):
+            seen.append(gc.get_freeze_count())
+            return super().train(policy, topic)
+
+    monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "")
+    plugins = load_plugins(
+        extra=[StubPlugin(objectives={"bump": Watching}, evaluators={"level": LevelEvaluator})]
+    )
+    assert gc.get_freeze_count() == 0
+    run(plugins, tmp_path, topics=("t1",))
+    assert seen and all(count > 1000 for count in seen)
+    assert gc.get_freeze_count() == 0
+
+    @dataclass
+    class Failing(CountingObjective):
+        def train(self, policy, topic):
+            raise RuntimeError("boom")
+
+    plugins = load_plugins(
+        extra=[StubPlugin(objectives={"bump": Failing}, evaluators={"level": LevelEvaluator})]
+    )
+    (tmp_path / "again").mkdir()
+    with pytest.raises(RunStopped, match="boom"):
+        run(plugins, tmp_path / "again", topics=("t1",))
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_callers_own_freeze_is_left_as_it_was(stub_plugins, tmp_path):
+    import gc
+
+    gc.freeze()
+    try:
+        assert gc.get_freeze_count() > 1000
+        run(stub_plugins, tmp_path, topics=("t1",))
+        # still frozen (a few of the frozen objects may have been freed meanwhile)
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
