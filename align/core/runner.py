@@ -230,16 +230,18 @@ def _long_lived() -> Iterator[None]:
     """Keep what is loaded by the time the run starts (the libraries' modules, the model, the
     topics) out of the garbage collector's full passes until it ends.
 
-    The trainers ask for a full pass at the start of every training step (accelerate's
-    ``free_memory``), and Python makes its own as objects pile up: over the half a million objects
-    the imports and the model leave, each pass took 0.24 s on the 2-core machine
-    (docs/performance.md), for nothing, since they live as long as the run. Frozen objects are
-    still freed when their last reference goes; only cycles among them wait for the end of the run.
-    A caller's own freeze (``gc.freeze()`` before the run) is left as it was.
+    The trainers ask for a full pass each time they start training (accelerate's ``free_memory``,
+    at every SFT and DPO step of every topic), and Python makes its own as objects pile up: over
+    the half a million objects the imports and the model leave, each pass took 0.24 s on the 2-core
+    machine (docs/performance.md), for nothing, since they live as long as the run. One pass first
+    frees what loading left behind, so no garbage is frozen; frozen objects are still freed when
+    their last reference goes, and only cycles among them wait for the end of the run. A caller's
+    own freeze (``gc.freeze()`` before the run) is left as it was.
     """
     if gc.get_freeze_count():
         yield
         return
+    gc.collect()
     gc.freeze()
     try:
         yield

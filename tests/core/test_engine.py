@@ -520,3 +520,23 @@ def test_a_callers_own_freeze_is_left_as_it_was(stub_plugins, tmp_path):
         assert gc.get_freeze_count() > 1000
     finally:
         gc.unfreeze()
+
+
+def test_garbage_left_before_the_run_is_freed_not_frozen(stub_plugins, tmp_path):
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    gc.disable()  # only the run's own pass may free the cycle
+    try:
+        node = Node()
+        node.me = node
+        alive = weakref.ref(node)
+        del node
+        assert alive() is not None  # a cycle: reference counting alone never frees it
+        run(stub_plugins, tmp_path, topics=("t1",))
+        assert alive() is None
+    finally:
+        gc.enable()
