@@ -11,10 +11,10 @@ resumed run replays exactly what an uninterrupted one does.
 ``replay.schedule`` says which earlier items (``spaced`` unless the config says otherwise;
 :func:`replay_topic` itself defaults to ``random``, the draw it made before schedules):
 ``random`` draws a fresh uniform sample for each topic, so as the pool grows an item may go
-unseen for several topics running, and which ones do is down to the seed; ``spaced`` takes the items trained longest ago first (an item counts as
-trained by its own topic and by every step that replayed it), drawing with the seed only among
-items trained equally long ago, so every earlier item comes back before any comes back twice:
-spaced rehearsal. ``balanced`` shares each topic's replay out evenly between the earlier topics
+unseen for several topics running, and which ones do is down to the seed; ``spaced`` takes the
+items trained longest ago first (an item counts as trained by its own topic and by every step
+that replayed it), drawing with the seed only among items trained equally long ago, so every
+earlier item comes back before any comes back twice: spaced rehearsal. ``balanced`` shares each topic's replay out evenly between the earlier topics
 first (every earlier topic is rehearsed at every later one), then takes each topic's items
 trained longest ago. ``expanding`` rehearses the way spaced repetition does, the first
 rehearsal soon and later ones further apart: half of each topic's replay goes to the topic just
@@ -112,9 +112,9 @@ def _scheduled_picks(
     ``balanced`` first shares the count out evenly between the earlier topics, then takes each
     topic's items trained longest ago; ``expanding`` gives half the count (rounded up) to the
     topic just before, then takes the earlier items trained longest ago. Among items last trained
-    at the same topic it draws with the seed, exactly as ``random`` draws from the whole pool, so while every earlier item is equally
-    fresh (the third topic of a run whose second replayed all of the first) ``spaced`` and
-    ``random`` pick the same items."""
+    at the same topic it draws with the seed, exactly as ``random`` draws from the whole pool, so
+    while every earlier item is equally fresh (the third topic of a run whose second replayed all
+    of the first) ``spaced`` and ``random`` pick the same items."""
     last: dict[Key, int] = {}  # item -> the position of the topic that last trained it
     picks: list[list[Key]] = []
     for position, topic in enumerate(topics):
