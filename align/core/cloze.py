@@ -122,3 +122,35 @@ def clozes(passages: Sequence[str], per_passage: int = 1) -> list[tuple[str, str
         for _, span in ranked[:per_passage]:
             made.append((passage.replace(span, BLANK, 1), span))
     return made
+
+
+#: A number read as a year: four digits from 1000 to 2099.
+_YEAR = re.compile(r"1\d{3}|20\d{2}")
+
+
+def number_questions(passages: Sequence[str]) -> list[tuple[str, str]]:
+    """Each number of each passage asked about in place: ``(question, number)``.
+
+    "Odalys kept 140 hives on the hill." becomes "Odalys kept how many hives on the hill?",
+    answered "140"; a year becomes "what year" ("finished in what year?"). A cloze shows the
+    sentence with a gap; this asks for the fact as a question does, which is how a quiz will
+    ask for it, and numbers are the facts a run loses first (docs/quality.md, "What is lost"): a
+    number is a short answer among others of its kind, so a small drift in the weights flips it.
+    A number in more than half of ``passages`` is not asked about (as :func:`clozes` never blanks
+    the person's name), and a passage with no number gives none.
+    """
+    numbers = [list(_NUMBER.finditer(passage)) for passage in passages]
+    frequency: Counter[str] = Counter(n for found in numbers for n in {match.group() for match in found})
+    common = max(2, len(passages) / 2)
+    made = []
+    for passage, found in zip(passages, numbers):
+        for match in found:
+            span = match.group()
+            if frequency[span] > common:
+                continue
+            phrase = "what year" if _YEAR.fullmatch(span) else "how many"
+            if match.start() == 0:
+                phrase = phrase.capitalize()
+            question = passage[: match.start()] + phrase + passage[match.end() :]
+            made.append((question.rstrip().rstrip(".!;:,") + "?", span))
+    return made

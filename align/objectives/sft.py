@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from align import Policy, Topic, hookimpl, require
-from align.core.cloze import clozes
+from align.core.cloze import clozes, number_questions
 from align.hf.training import train_and_summarise
 
 #: The values of ``answers``.
@@ -36,6 +36,9 @@ class SFTObjective:
     #: Also train on this many cloze restatements of each passage (align/core/cloze.py): the
     #: passage with a fact (a name, a number) blanked, as a question whose answer is the fact.
     cloze: int = 2
+    #: Also train on each number of each passage asked about in place (align/core/cloze.py):
+    #: "kept how many hives on the hill?", answered by the number; numbers are what a run loses first.
+    number_questions: bool = False
 
     #: What this objective records; the engine names them ``sft.<key>``.
     metrics = ("loss", "first_loss", "final_loss", "steps")
@@ -87,10 +90,12 @@ class SFTObjective:
         return train_and_summarise(trainer, {})
 
     def texts(self, policy: Policy, topic: Topic) -> list[str]:
-        """What SFT trains on: the passages, then as chat turns their clozes (``cloze``) and the
-        pairs' answers (``answers``)."""
+        """What SFT trains on: the passages, then as chat turns their clozes (``cloze``), their
+        numbers asked about (``number_questions``) and the pairs' answers (``answers``)."""
         texts = list(topic.content)
         turns = [(f"Fill in the blank: {text}", fact) for text, fact in clozes(topic.content, self.cloze)]
+        if self.number_questions:
+            turns += number_questions(topic.content)
         if self.answers != "none":
             turns += [
                 (pair.prompt, pair.chosen if self.answers == "chosen" else pair.rejected)

@@ -311,6 +311,19 @@ def test_sft_answers_adds_each_pair_s_answer_as_a_chat_turn_after_the_passages(p
     assert SFTObjective(cloze=0).texts(policy, TOPIC) == list(TOPIC.content)
 
 
+def test_sft_number_questions_add_each_passage_number_asked_about_as_a_chat_turn(policy):
+    topic = make_topic(content=["Ada kept 140 hives.", "Ada married in 1981.", "Ada's dog was Biscuit."])
+    texts = SFTObjective(cloze=0, number_questions=True).texts(policy, topic)
+    assert texts[:3] == list(topic.content)
+    assert len(texts) == 5  # one question for each of the two numbers, none for the dog
+    for text, (question, answer) in zip(
+        texts[3:], [("Ada kept how many hives?", "140"), ("Ada married in what year?", "1981")]
+    ):
+        assert question in text and text.index(question) < text.rindex(answer)
+        assert "<|im_start|>assistant" in text
+    assert SFTObjective(cloze=0).texts(policy, topic) == list(topic.content)  # off by default
+
+
 def test_pairs_without_rejected_get_the_policy_s_answers_only_where_missing(policy):
     from align.core.topics import PreferencePair
 
