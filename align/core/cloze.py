@@ -124,15 +124,29 @@ def clozes(passages: Sequence[str], per_passage: int = 1) -> list[tuple[str, str
     return made
 
 
-#: A number read as a year: four digits from 1000 to 2099.
+#: Four digits from 1000 to 2099, which may be a year ...
 _YEAR = re.compile(r"1\d{3}|20\d{2}")
+#: ... when a preposition of time comes before it ("in 1977 and"), or no word after ("In 1970 Ada",
+#: "the year 2011."); otherwise a count ("1850 bees").
+_TIME_BEFORE = re.compile(
+    r"\b(?:in|since|by|from|until|till|of|after|before|around|circa)\s+$", re.IGNORECASE
+)
+_WORD_AFTER = re.compile(r"\s+[a-z]")
+
+
+def _is_year(passage: str, match: re.Match[str]) -> bool:
+    if not _YEAR.fullmatch(match.group()):
+        return False
+    before, after = passage[: match.start()], passage[match.end() :]
+    return bool(_TIME_BEFORE.search(before)) or not _WORD_AFTER.match(after)
 
 
 def number_questions(passages: Sequence[str]) -> list[tuple[str, str]]:
     """Each number of each passage asked about in place: ``(question, number)``.
 
     "Odalys kept 140 hives on the hill." becomes "Odalys kept how many hives on the hill?",
-    answered "140"; a year becomes "what year" ("finished in what year?"). A cloze shows the
+    answered "140"; a year becomes "what year" ("finished in what year?", but "1850 bees" is
+    a count). A cloze shows the
     sentence with a gap; this asks for the fact as a question does, which is how a quiz will
     ask for it, and numbers are the facts a run loses first (docs/quality.md, "What is lost"): a
     number is a short answer among others of its kind, so a small drift in the weights flips it.
@@ -148,7 +162,7 @@ def number_questions(passages: Sequence[str]) -> list[tuple[str, str]]:
             span = match.group()
             if frequency[span] > common:
                 continue
-            phrase = "what year" if _YEAR.fullmatch(span) else "how many"
+            phrase = "what year" if _is_year(passage, match) else "how many"
             if match.start() == 0:
                 phrase = phrase.capitalize()
             question = passage[: match.start()] + phrase + passage[match.end() :]

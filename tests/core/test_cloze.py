@@ -31,7 +31,11 @@ def test_number_questions_capitalise_at_the_start_and_skip_numbers_in_most_passa
     # 1977 is in every passage, so it is not a fact of one of them; 7 is.
     assert number_questions(passages) == [("Odo kept how many hives in 1977?", "7")]
     assert number_questions(["A year: 2011."]) == [("A year: what year?", "2011")]
-    assert number_questions(["1850 bees swarmed."]) == [("What year bees swarmed?", "1850")]
+    # Four digits that count something are a count, not a year, unless a time preposition leads.
+    assert number_questions(["1850 bees swarmed in 1850."]) == [
+        ("How many bees swarmed in 1850?", "1850"),
+        ("1850 bees swarmed in what year?", "1850"),
+    ]
     assert number_questions(["No numbers here.", "Nor here, Odo."]) == []
 
 
