@@ -105,6 +105,14 @@ def span_kind(span: str) -> str:
     return "name" if span[:1].isupper() else "word"
 
 
+def _spread(spans: Sequence[Sequence[str]]) -> tuple[Counter[str], float]:
+    """How many passages each span is in (``spans``: each passage's), and the count above which a
+    span is too common to be one passage's fact: more than half the passages, and more than two
+    (the person's own name, in nearly every passage)."""
+    frequency: Counter[str] = Counter(span for found in spans for span in set(found))
+    return frequency, max(2, len(spans) / 2)
+
+
 def clozes(passages: Sequence[str], per_passage: int = 1) -> list[tuple[str, str]]:
     """Up to ``per_passage`` clozes of each passage: ``(passage with the span blanked, span)``.
 
@@ -113,8 +121,7 @@ def clozes(passages: Sequence[str], per_passage: int = 1) -> list[tuple[str, str
     (the person's name) is never blanked, and a passage with no other span gives none.
     """
     spans = [fact_spans(passage) for passage in passages]
-    frequency: Counter[str] = Counter(span for found in spans for span in set(found))
-    common = max(2, len(passages) / 2)
+    frequency, common = _spread(spans)
     made = []
     for passage, found in zip(passages, spans):
         candidates = [(i, span) for i, span in enumerate(found) if frequency[span] <= common]
@@ -146,16 +153,15 @@ def number_questions(passages: Sequence[str]) -> list[tuple[str, str]]:
 
     "Odalys kept 140 hives on the hill." becomes "Odalys kept how many hives on the hill?",
     answered "140"; a year becomes "what year" ("finished in what year?", but "1850 bees" is
-    a count). A cloze shows the
-    sentence with a gap; this asks for the fact as a question does, which is how a quiz will
-    ask for it, and numbers are the facts a run loses first (docs/quality.md, "What is lost"): a
-    number is a short answer among others of its kind, so a small drift in the weights flips it.
-    A number in more than half of ``passages`` is not asked about (as :func:`clozes` never blanks
-    the person's name), and a passage with no number gives none.
+    a count). A cloze shows the sentence with a gap; this asks for the fact as a question does,
+    which is how a quiz will ask for it, and numbers are the facts a run loses first
+    (docs/quality.md, "What is lost, question by question"): a number is a short answer among
+    others of its kind, so a small drift in the weights flips it. A number too common to be one
+    passage's fact is not asked about (:func:`_spread`, the rule that keeps :func:`clozes` from
+    blanking the person's name), and a passage with no number gives none.
     """
     numbers = [list(_NUMBER.finditer(passage)) for passage in passages]
-    frequency: Counter[str] = Counter(n for found in numbers for n in {match.group() for match in found})
-    common = max(2, len(passages) / 2)
+    frequency, common = _spread([[match.group() for match in found] for found in numbers])
     made = []
     for passage, found in zip(passages, numbers):
         for match in found:
