@@ -576,6 +576,29 @@ def eval_command(adapter, topics, evaluators, model, as_json, debug):
 
 
 @cli.command()
+@click.argument("run_dir", metavar="RUN", type=click.Path())
+@_base_model_option
+@_json_option
+@_debug_option
+@_handle_errors
+def questions(run_dir, model, as_json, debug):
+    """Show each quiz question's margin before training, after its own topic and at the end of the
+    run: which answers the run never learnt, which later topics took, and which hang by a thread.
+
+    \b
+    align questions runs/demo
+    align questions runs/demo --json
+    """
+    from align.plugins.manager import load_plugins
+    from align.tools.questions import questions_table, run_questions
+
+    plugins = load_plugins()
+    _check_failures(plugins, strict=False)
+    result = run_questions(plugins.registry, run_dir, model=model)
+    _echo(json.dumps(result, indent=2) if as_json else questions_table(result))
+
+
+@cli.command()
 @click.argument("run_a", metavar="RUN_A", type=click.Path())
 @click.argument("run_b", metavar="RUN_B", type=click.Path())
 @_json_option

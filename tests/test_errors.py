@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from align.cli import cli
 from align.testing import make_topic
 
-from .conftest import REPO
+from .conftest import REPO, make_distribution
 
 CATALOGUE = REPO / "docs" / "errors.md"
 
@@ -1087,6 +1087,49 @@ def _(c):
 def _(c):
     c.write("elsewhere/adapter_config.json", "{}")
     return ["report", summary_run(c, "run", adapter="../elsewhere")]
+
+
+def questions_run(c, quiz: bool, adapter: str | None = None) -> str:
+    topic = make_topic(name="alpha") if quiz else make_topic(name="alpha", quiz=[])
+    c.write("run/topics.json", json.dumps([topic.to_dict()]))
+    return summary_run(c, "run", adapter=adapter)
+
+
+@case("questions-no-quiz")
+def _(c):
+    return ["questions", questions_run(c, quiz=False)]
+
+
+@case("questions-no-adapters")
+def _(c):
+    return ["questions", questions_run(c, quiz=True)]
+
+
+@case("questions-quiz-from-a-plugin")
+def _(c):
+    import importlib
+
+    site = c.tmp.parent / "site"  # outside the case's directory, whose files are compared
+    site.mkdir()
+    source = """
+        from align import hookimpl
+
+        class Quiz:
+            metrics = ("accuracy",)
+
+            def evaluate(self, model, topic):
+                return {"accuracy": 1.0}
+
+        @hookimpl
+        def register_evaluators(register):
+            register("quiz", Quiz)
+        """
+    make_distribution(site, "align_own_quiz", source)
+    c.monkeypatch.syspath_prepend(str(site))
+    c.monkeypatch.setenv("ALIGN_LOAD_PLUGINS", "align_own_quiz")
+    importlib.invalidate_caches()
+    c.write("run/adapters/alpha/adapter_config.json", "{}")
+    return ["questions", questions_run(c, quiz=True, adapter="adapters/alpha")]
 
 
 def run_with_adapter(c) -> str:

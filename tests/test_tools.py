@@ -136,6 +136,119 @@ def test_eval_of_the_packaged_smollm2_reproduces_the_demos_before_column(runner)
     assert round(data["topics"][0]["metrics"]["quiz.accuracy"], 2) == 0.43
 
 
+# -- align questions ----------------------------------------------------------------------------
+def last_step_with(run, topic, metric):
+    summary = json.loads((run / "summary.json").read_text())
+    entry = next(t for t in summary["topics"] if t["topic"] == topic)
+    return [
+        s for s in entry["steps"] if s["kind"] == "eval" and s["status"] == "ran" and metric in s["metrics"]
+    ][-1]
+
+
+def test_questions_reproduce_the_runs_quiz_question_by_question(runner, tiny_run):
+    """Each topic's per-question margins average to the margins the run recorded: after the topic's
+    own last step, at the end (the forgetting matrix's last row) and, for the first topic, before
+    training (the bare model; a later topic's "before" is the adapter the earlier ones left)."""
+    result = invoke(runner, "questions", tiny_run, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["final_adapter"] == "adapters/second"
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    forgetting = summary["forgetting"]
+    assert [entry["topic"] for entry in data["topics"]] == forgetting["topics"] == ["first", "second"]
+    for j, entry in enumerate(data["topics"]):
+        questions = entry["questions"]
+        assert [q["number"] for q in questions] == list(range(1, len(questions) + 1))
+
+        def mean(key, questions=questions):
+            return sum(q["margin"][key] for q in questions) / len(questions)
+
+        own = last_step_with(tiny_run, entry["topic"], "quiz.margin")["metrics"]
+        assert mean("own") == pytest.approx(own["quiz.margin"], abs=1e-5)
+        assert mean("final") == pytest.approx(forgetting["metrics"]["quiz.margin"][-1][j], abs=1e-5)
+        right_own = sum(q["right"]["own"] for q in questions) / len(questions)
+        assert right_own == pytest.approx(own["quiz.accuracy"])
+        for q in questions:
+            assert q["right"]["final"] == (q["picked"]["final"] == q["answer"])
+    first = data["topics"][0]["questions"]
+    bare = sum(q["margin"]["bare"] for q in first) / len(first)
+    assert bare == pytest.approx(summary_metrics(tiny_run, "first", "before")["quiz.margin"], abs=1e-5)
+    # The last topic's own adapter is the final one: its two columns agree.
+    assert all(q["margin"]["own"] == q["margin"]["final"] for q in data["topics"][-1]["questions"])
+    total = sum(len(entry["questions"]) for entry in data["topics"])
+    assert sum(data["counts"].values()) == total
+
+    table = invoke(runner, "questions", tiny_run)
+    assert table.exit_code == 0, table.output
+    lines = table.output.splitlines()
+    assert lines[0].startswith(f"run {tiny_run}, final adapter adapters/second")
+    rows = [line for line in lines if line.startswith(("first ", "second "))]
+    assert len(rows) == total
+    right = sum(q["right"]["final"] for entry in data["topics"] for q in entry["questions"])
+    closing = next(
+        i for i, line in enumerate(lines) if line.endswith(")") and " answers right at the end (" in line
+    )
+    assert lines[closing].startswith(f"{right} of {total} answers right at the end (")
+    assert len(lines) - closing - 1 == len([s for s in data["counts"] if s != "kept"])  # a line per status
+
+
+@pytest.mark.parametrize(
+    "own, final, status",
+    [
+        (None, {"right": True, "margin": 2.0}, "not trained"),
+        ({"right": False, "margin": -0.2}, {"right": False, "margin": -0.1}, "never learnt"),
+        ({"right": False, "margin": -0.2}, {"right": True, "margin": 0.9}, "learnt later"),
+        ({"right": True, "margin": 1.5}, {"right": False, "margin": -0.1}, "lost"),
+        ({"right": True, "margin": 1.5}, {"right": True, "margin": 0.49}, "weak"),
+        ({"right": True, "margin": 0.1}, {"right": True, "margin": 0.5}, "kept"),
+    ],
+)
+def test_question_status(own, final, status):
+    from align.tools.questions import question_status
+
+    assert question_status(own, final) == status
+
+
+def test_questions_table_names_the_answer_a_lost_question_was_given_instead():
+    from align.tools.questions import questions_table
+
+    def question(number, status, own, final, picked="140"):
+        return {
+            "number": number,
+            "question": f"Question {number}?",
+            "answer": "140",
+            "picked": {"own": "140", "final": picked},
+            "margin": {"bare": -0.5, "own": own, "final": final},
+            "right": {"bare": False, "own": own > 0, "final": final > 0},
+            "status": status,
+        }
+
+    result = {
+        "run": "runs/x",
+        "model": "smollm2",
+        "final_adapter": "adapters/home",
+        "weak_margin": 0.5,
+        "topics": [
+            {
+                "topic": "apprenticeship",
+                "questions": [question(1, "lost", 0.3, -0.1, "300"), question(2, "kept", 2.0, 1.5)],
+            },
+            {"topic": "home", "questions": [question(1, "weak", 0.4, 0.2)]},
+        ],
+        "counts": {"lost": 1, "weak": 1, "kept": 1},
+    }
+    lines = questions_table(result).splitlines()
+    lost = next(i for i, line in enumerate(lines) if line.split()[:2] == ["apprenticeship", "1"])
+    assert lines[lost].split()[2:6] == ["-0.50", "+0.30", "-0.10", "lost"]
+    assert lines[lost + 1].strip() == "answer: 140; the final model picks: 300"
+    assert lines[lost + 2].split()[:2] == ["apprenticeship", "2"]  # a kept answer gets no second line
+    assert lines[-3:] == [
+        "2 of 3 answers right at the end (1 lost, 1 weak, 1 kept)",
+        "  lost: right after its own topic, wrong at the end: a later topic took it",
+        "  weak: right at the end, by a lead under 0.50: the kind of answer later topics take",
+    ]
+
+
 # -- align compare ------------------------------------------------------------------------------
 def write_run(path, topics, steps=("before", "sft", "after_sft", "dpo", "after_dpo")):
     """A run directory holding only a summary.json: ``topics`` maps topic → [step entries]."""
