@@ -113,20 +113,112 @@ def _spread(spans: Sequence[Sequence[str]]) -> tuple[Counter[str], float]:
     return frequency, max(2, len(spans) / 2)
 
 
-def clozes(passages: Sequence[str], per_passage: int = 1) -> list[tuple[str, str]]:
+_NUMBER_WORD = (
+    r"(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|fifteen|"
+    r"sixteen|seventeen|eighteen|nineteen|twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety|"
+    r"hundred|thousand|dozen)"
+)
+#: A count written in words and what it counts: "eleven tonnes", "forty-two hives".
+_COUNTED = re.compile(rf"\b{_NUMBER_WORD}(?:[\s-]+{_NUMBER_WORD})*\s+[a-z][a-z'-]+")
+#: The words after "a" or "an": a thing the passage introduces ("a postman", "an old lifeboat sail").
+_INTRODUCED = re.compile(r"\b(?:a|an)\s+([a-z][a-z'-]*(?:\s+[a-z][a-z'-]*){0,2})")
+#: Words that end such a phrase: what follows the thing, not the thing.
+_PHRASE_END = _FUNCTION_WORDS | frozenset(
+    [
+        "who",
+        "whom",
+        "whose",
+        "which",
+        "where",
+        "he",
+        "she",
+        "they",
+        "was",
+        "is",
+        "were",
+        "are",
+        "had",
+        "has",
+        "known",
+        "called",
+        "named",
+        "about",
+        "than",
+        "into",
+        "over",
+        "under",
+        "near",
+        "all",
+        "around",
+        "built",
+        "made",
+        "sewn",
+        "cut",
+        "set",
+        "kept",
+    ]
+)
+
+
+def _participle(word: str) -> bool:
+    return "-" not in word and word.endswith(("ed", "ing"))
+
+
+def word_spans(passage: str) -> list[str]:
+    """Facts written in plain lowercase words, which :func:`fact_spans` does not see: counts in
+    words with what they count ("eleven tonnes"), then the things the passage introduces with
+    "a" or "an" ("a postman who" gives "postman", "a small owl" "small owl"), the longest first.
+    A phrase ends at a function word or, after its first word, at a participle ("a brass smoker
+    engraved with" gives "brass smoker"); a count without a thing counted ("a dozen") is none."""
+    counted = [
+        match.group() for match in _COUNTED.finditer(passage) if match.group().split()[-1] not in _PHRASE_END
+    ]
+    introduced: list[str] = []
+    for match in _INTRODUCED.finditer(passage):
+        words: list[str] = []
+        for word in match.group(1).split():
+            if word in _PHRASE_END or (words and _participle(word)):
+                break
+            words.append(word)
+        if (
+            words
+            and not re.fullmatch(_NUMBER_WORD, words[0])
+            and not any(" ".join(words) in c for c in counted)
+        ):
+            introduced.append(" ".join(words))
+    introduced.sort(key=lambda span: -len(span.split()))  # stable: equally long ones in order
+    spans: list[str] = []
+    for span in counted + introduced:
+        if span not in spans:
+            spans.append(span)
+    return spans
+
+
+def clozes(passages: Sequence[str], per_passage: int = 1, words: bool = False) -> list[tuple[str, str]]:
     """Up to ``per_passage`` clozes of each passage: ``(passage with the span blanked, span)``.
 
     The spans blanked are those that occur in the fewest of ``passages`` (ties: the later in the
     passage, where sentences tend to put what is new); a span in more than half of the passages
-    (the person's name) is never blanked, and a passage with no other span gives none.
+    (the person's name) is never blanked, and a passage with no other span gives none. With
+    ``words``, a passage with fewer names, numbers and quoted words than ``per_passage`` fills the
+    rest from :func:`word_spans` (the facts in plain words: "a postman", "eleven tonnes"), so the
+    clozes of every other passage stay as they are.
     """
     spans = [fact_spans(passage) for passage in passages]
     frequency, common = _spread(spans)
+    plain = [word_spans(passage) for passage in passages] if words else [[] for _ in passages]
+    plain_frequency, plain_common = _spread(plain)
     made = []
-    for passage, found in zip(passages, spans):
+    for passage, found, extra in zip(passages, spans, plain):
         candidates = [(i, span) for i, span in enumerate(found) if frequency[span] <= common]
-        ranked = sorted(candidates, key=lambda item: (frequency[item[1]], -item[0]))
-        for _, span in ranked[:per_passage]:
+        ranked = [span for _, span in sorted(candidates, key=lambda item: (frequency[item[1]], -item[0]))]
+        chosen = ranked[:per_passage]
+        for span in extra:
+            if len(chosen) >= per_passage:
+                break
+            if plain_frequency[span] <= plain_common and not any(span in c or c in span for c in chosen):
+                chosen.append(span)
+        for span in chosen:
             made.append((passage.replace(span, BLANK, 1), span))
     return made
 

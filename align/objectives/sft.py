@@ -36,6 +36,10 @@ class SFTObjective:
     #: Also train on this many cloze restatements of each passage (align/core/cloze.py): the
     #: passage with a fact (a name, a number) blanked, as a question whose answer is the fact.
     cloze: int = 2
+    #: Let a passage with fewer names and numbers than ``cloze`` blank facts in plain words too
+    #: (align/core/cloze.py): "a postman", "a small owl", "eleven tonnes", which clozes otherwise
+    #: never ask for; every other passage's clozes stay as they are.
+    cloze_words: bool = False
     #: Also train on each number of each passage asked about in place (align/core/cloze.py):
     #: "kept how many hives on the hill?", answered by the number; numbers are what a run loses first.
     number_questions: bool = False
@@ -93,7 +97,10 @@ class SFTObjective:
         """What SFT trains on: the passages, then as chat turns their clozes (``cloze``), their
         numbers asked about (``number_questions``) and the pairs' answers (``answers``)."""
         texts = list(topic.content)
-        turns = [(f"Fill in the blank: {text}", fact) for text, fact in clozes(topic.content, self.cloze)]
+        turns = [
+            (f"Fill in the blank: {text}", fact)
+            for text, fact in clozes(topic.content, self.cloze, words=self.cloze_words)
+        ]
         if self.number_questions:
             turns += number_questions(topic.content)
         if self.answers != "none":

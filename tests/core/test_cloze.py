@@ -45,3 +45,32 @@ def test_a_number_inside_another_is_not_taken_for_it():
         ("Odo kept how many hives and 14 dogs?", "140"),
         ("Odo kept 140 hives and how many dogs?", "14"),
     ]
+
+
+def test_word_spans_find_counts_in_words_and_the_things_a_passage_introduces():
+    from align.core.cloze import word_spans
+
+    assert word_spans("Her father was a postman who rode a bicycle.") == ["postman", "bicycle"]
+    # The longest first; a phrase ends at a function word, or at a participle after its first word.
+    assert word_spans("He carved a small owl from a lump of soapstone.") == ["small owl", "lump"]
+    assert word_spans("She owns a brass smoker engraved with bees.") == ["brass smoker"]
+    assert word_spans("A three-legged dog.") == []  # "A" opens the sentence: a name's place, not a word's
+    # A count in words comes first, with what it counts, and no phrase inside it is taken again.
+    assert word_spans("A block weighing eleven tonnes, cut by a mason.") == ["eleven tonnes", "mason"]
+    assert word_spans("It took forty-eight charts and a dozen to go.") == ["forty-eight charts"]
+    assert word_spans("Ada kept 140 hives near Lynn.") == []
+
+
+def test_clozes_with_words_fill_only_the_slots_names_and_numbers_leave_empty():
+    passages = [
+        "Ada Brook's father, Tom Brook, was a postman.",  # one name of its own: one slot left
+        "Ada Brook kept 140 hives above Lynn with a friend.",  # two spans of its own already
+        "Ada Brook loved a quiet garden.",  # the person's name only: both slots from words
+        "Ada Brook sang.",  # nothing to blank
+    ]
+    plain = clozes(passages, 2)
+    with_words = clozes(passages, 2, words=True)
+    assert [fact for _, fact in plain] == ["Tom Brook", "Lynn", "140"]
+    assert [fact for _, fact in with_words] == ["Tom Brook", "postman", "Lynn", "140", "quiet garden"]
+    assert ("Ada Brook's father, Tom Brook, was a ____.", "postman") in with_words
+    assert all(cloze in with_words for cloze in plain)  # every other cloze stays as it was

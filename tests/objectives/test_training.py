@@ -324,6 +324,19 @@ def test_sft_number_questions_add_each_passage_number_asked_about_as_a_chat_turn
     assert SFTObjective(cloze=0).texts(policy, topic) == list(topic.content)  # off by default
 
 
+def test_sft_cloze_words_blank_a_fact_in_plain_words_where_no_name_or_number_is_left(policy):
+    content = ["Ada's father was a postman.", "Ada kept 140 hives at Lynn.", "Ada sang.", "Ada swam."]
+    topic = make_topic(content=content)  # Ada is in every passage: never blanked
+    plain = SFTObjective(cloze=1).texts(policy, topic)
+    with_words = SFTObjective(cloze=1, cloze_words=True).texts(policy, topic)
+    assert len(plain) == 5 and len(with_words) == 6  # the postman passage had nothing to blank
+    assert all(text in with_words for text in plain)
+    added = next(text for text in with_words if text not in plain)
+    assert "Fill in the blank: Ada's father was a ____." in added and added.rstrip().endswith(
+        "postman<|im_end|>"
+    )
+
+
 def test_pairs_without_rejected_get_the_policy_s_answers_only_where_missing(policy):
     from align.core.topics import PreferencePair
 
