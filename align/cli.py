@@ -582,8 +582,8 @@ def eval_command(adapter, topics, evaluators, model, as_json, debug):
 @_debug_option
 @_handle_errors
 def questions(run_dir, model, as_json, debug):
-    """Show each quiz question's margin before training, after its own topic and at the end of the
-    run: which answers the run never learnt, which later topics took, and which hang by a thread.
+    """Show each quiz question's margin for the bare model, after its own topic and at the end of
+    the run: which answers the run never learnt, which later topics took, and which hang by a thread.
 
     \b
     align questions runs/demo
