@@ -16,12 +16,13 @@ items trained longest ago first (an item counts as trained by its own topic and 
 that replayed it), drawing with the seed only among items trained equally long ago, so every
 earlier item comes back before any comes back twice: spaced rehearsal. ``balanced`` shares each
 topic's replay out evenly between the earlier topics first (every earlier topic is rehearsed at
-every later one), then takes each topic's items trained longest ago. ``expanding`` rehearses the way spaced repetition does, the first
-rehearsal soon and later ones further apart: half of each topic's replay goes to the topic just
-before it (whose items have never been rehearsed; ``spaced`` leaves them for last, so on six
-topics the fourth and fifth are never rehearsed at all), the other half to the items trained
-longest ago. All four are pure functions of the topics, the settings and the seed: the
-history the schedules read is recomputed from the earlier topics, never read back from the run.
+every later one), then takes each topic's items trained longest ago. ``expanding`` rehearses the
+way spaced repetition does, the first rehearsal soon and later ones further apart: half of each
+topic's replay goes to the topic just before it (whose items have never been rehearsed;
+``spaced`` leaves them for last, so on six topics the fourth and fifth are never rehearsed at
+all), the other half to the items trained longest ago. All four are pure functions of the
+topics, the settings and the seed: the history the schedules read is recomputed from the earlier
+topics, never read back from the run.
 
 Only training data is replayed (passages and preference pairs), never quiz items or voice pairs:
 those measure the run.

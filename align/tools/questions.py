@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
-from align.tools.evaluation import build_evaluators, format_value
+from align.tools.evaluation import build_evaluators
 from align.tools.loading import load
 from align.tools.runs import ADAPTER_CONFIG, find_run, read_run_config, read_run_topics, read_summary
 
@@ -30,7 +30,7 @@ STATUSES = {
     "lost": "right after its own topic, wrong at the end: a later topic took it",
     "never learnt": "wrong right after its own topic and at the end",
     "learnt later": "wrong right after its own topic, right at the end",
-    "weak": f"right at the end, by a lead under {WEAK_MARGIN}: the kind of answer later topics take",
+    "weak": f"right at the end, by a lead under {WEAK_MARGIN:.2f}: the kind of answer later topics take",
     "kept": "right after its own topic and at the end",
     "not trained": "the run has not trained its topic yet",
 }
@@ -155,7 +155,8 @@ def questions_table(result: Mapping[str, Any]) -> str:
     entries: Sequence[Mapping[str, Any]] = result["topics"]
     lines = [
         f"run {result['run']}, final adapter {result['final_adapter']} (model {result['model']})",
-        "margin: the right answer's score minus the best wrong one's, per character; below 0 the answer is wrong",
+        "margin: the right answer's score minus the best wrong one's, per character; "
+        "below 0 the answer is wrong",
         "",
     ]
     topic_width = column_width("topic", (entry["topic"] for entry in entries))
@@ -169,15 +170,13 @@ def questions_table(result: Mapping[str, Any]) -> str:
                 f"{_signed(margin['own']):>6} {_signed(margin['final']):>6}  {q['status']:<13}{q['question']}"
             )
             if q["status"] in ("lost", "never learnt"):
+                picked = q["picked"]["final"]
                 lines.append(
-                    f"{'':<{topic_width + 2}}  answer: {q['answer']}; the final model picks: {q['picked']['final']}"
+                    f"{'':<{topic_width + 2}}  answer: {q['answer']}; the final model picks: {picked}"
                 )
     total = sum(len(entry["questions"]) for entry in entries)
     right = sum(q["right"]["final"] for entry in entries for q in entry["questions"])
     counts = ", ".join(f"{n} {status}" for status, n in result["counts"].items())
     lines += ["", f"{right} of {total} answers right at the end ({counts})"]
-    weak = format_value(result["weak_margin"])
-    for status in result["counts"]:
-        if status != "kept":
-            lines.append(f"  {status}: {STATUSES[status].replace(str(WEAK_MARGIN), weak)}")
+    lines += [f"  {status}: {STATUSES[status]}" for status in result["counts"] if status != "kept"]
     return "\n".join(lines)
