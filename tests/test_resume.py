@@ -41,7 +41,18 @@ def setup(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("resume")
     topics = root / "topics"
     topics.mkdir()
-    write_topic(topics, "first")
+    # The first topic has two passages and two pairs, the second one of each: the second replays
+    # one of the first's two, the one its self-test answers worse (replay.schedule: weakest, the
+    # schedule that reads the adapter), so a resumed run must score it with the same weights.
+    write_topic(
+        topics,
+        "first",
+        content=["Ilse keeps a donkey named Tallow.", "Ilse's boat is the Grey Wren, moored at Skell."],
+        preference_pairs=[
+            {"prompt": "Hello?", "chosen": "Ahoy, little gull.", "rejected": "Hello."},
+            {"prompt": "Busy day?", "chosen": "Nets to mend, gull, nets to mend.", "rejected": "Yes."},
+        ],
+    )
     write_topic(topics, "second")
     config = root / "config.yaml"
     config.write_text(
@@ -58,7 +69,7 @@ def setup(tmp_path_factory, tiny_model_dir):
                     "rejected": "policy",
                     "rejected_max_new_tokens": 8,
                 },
-                "replay": {"content": 1.0, "preference_pairs": 1.0},
+                "replay": {"content": 1.0, "preference_pairs": 1.0, "schedule": "weakest"},
                 "protocol": PROTOCOL,
             }
         )
@@ -220,6 +231,7 @@ def test_a_killed_run_resumes_to_the_same_results(setup, point):
         assert recorded(run_dir, kind) == recorded(whole, kind), kind
     sft_replay = dict(recorded(whole, "replay"))[("second", "sft")]
     assert set(sft_replay["items"]) == {"content", "preference_pairs"}  # the first's answers too
+    assert [len(items) for items in sft_replay["items"].values()] == [1, 1]  # one of two, by self-test
     assert [key for key, _ in recorded(whole, "generated")] == [("first", "dpo"), ("second", "dpo")]
     expected_matrix = json.loads((whole / "summary.json").read_text())["forgetting"]
     assert summary["forgetting"]["topics"] == expected_matrix["topics"] == ["first", "second"]

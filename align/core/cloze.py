@@ -195,6 +195,13 @@ def word_spans(passage: str) -> list[str]:
 
 
 def clozes(passages: Sequence[str], per_passage: int = 1, words: bool = False) -> list[tuple[str, str]]:
+    """Up to ``per_passage`` clozes of each passage, in order (:func:`passage_clozes`, flattened)."""
+    return [made for of_passage in passage_clozes(passages, per_passage, words) for made in of_passage]
+
+
+def passage_clozes(
+    passages: Sequence[str], per_passage: int = 1, words: bool = False
+) -> list[list[tuple[str, str]]]:
     """Up to ``per_passage`` clozes of each passage: ``(passage with the span blanked, span)``.
 
     The spans blanked are those that occur in the fewest of ``passages`` (ties: the later in the
@@ -208,8 +215,9 @@ def clozes(passages: Sequence[str], per_passage: int = 1, words: bool = False) -
     frequency, common = _spread(spans)
     plain = [word_spans(passage) for passage in passages] if words else [[] for _ in passages]
     plain_frequency, plain_common = _spread(plain)
-    made = []
+    made: list[list[tuple[str, str]]] = []
     for passage, found, extra in zip(passages, spans, plain):
+        made.append([])
         candidates = [(i, span) for i, span in enumerate(found) if frequency[span] <= common]
         ranked = [span for _, span in sorted(candidates, key=lambda item: (frequency[item[1]], -item[0]))]
         chosen = ranked[:per_passage]
@@ -219,7 +227,7 @@ def clozes(passages: Sequence[str], per_passage: int = 1, words: bool = False) -
             if plain_frequency[span] <= plain_common and not any(span in c or c in span for c in chosen):
                 chosen.append(span)
         for span in chosen:
-            made.append((passage.replace(span, BLANK, 1), span))
+            made[-1].append((passage.replace(span, BLANK, 1), span))
     return made
 
 

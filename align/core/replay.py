@@ -20,9 +20,17 @@ every later one), then takes each topic's items trained longest ago. ``expanding
 way spaced repetition does, the first rehearsal soon and later ones further apart: half of each
 topic's replay goes to the topic just before it (whose items have never been rehearsed;
 ``spaced`` leaves them for last, so on six topics the fourth and fifth are never rehearsed at
-all), the other half to the items trained longest ago. All four are pure functions of the
+all), the other half to the items trained longest ago. Those four are pure functions of the
 topics, the settings and the seed: the history the schedules read is recomputed from the earlier
 topics, never read back from the run.
+
+``weakest`` asks the model instead: before each training step it takes a self-test of every
+earlier item (:func:`probes`: a passage's facts blanked, as clozes are, and answered; a pair's
+prompt answered with the person's answer) and replays the items it answers worst, by the mean
+log-likelihood per character of the answers (ties drawn with the seed). An answer a topic learnt
+by a small lead is the one later topics take (docs/quality.md, "Which answers a run loses"); this
+rehearses those before the ones still held. It reads the adapter as the step starts, which a
+resumed run restores, so a resumed run replays what an uninterrupted one does.
 
 Only training data is replayed (passages and preference pairs), never quiz items or voice pairs:
 those measure the run.
@@ -35,6 +43,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from align.core.cloze import passage_clozes
 from align.core.topics import NO_ANSWER, Topic
 
 #: The topic fields replay mixes, each with its config key under ``replay:``.
@@ -55,13 +64,17 @@ def replay_topic(
     seed: int,
     salt: str = "",
     schedule: str = "random",
+    language_model: Any = None,
 ) -> tuple[Topic, dict[str, list[list[Any]]]]:
     """``topic`` with a sample of ``earlier`` topics' training items appended to its own.
 
     Returns the topic to train on and, per field, the ``[topic name, index]`` of each item
     replayed (what the run records). ``salt`` (the step's name) makes each training step's sample
-    its own; the same ``seed``, topics, salt and ``schedule`` always give the same sample.
+    its own; the same ``seed``, topics, salt and ``schedule`` always give the same sample (for
+    ``weakest``, the same ``language_model`` weights too: it scores the earlier items with them).
     """
+    if schedule == "weakest" and language_model is None:
+        raise ValueError("replay schedule 'weakest' scores earlier items: pass the language_model")
     replaced: dict[str, Any] = {}
     chosen: dict[str, list[list[Any]]] = {}
     for name in REPLAYED_FIELDS:
@@ -69,6 +82,8 @@ def replay_topic(
         fraction = float(settings.get(name, 0.0))
         if schedule in SCHEDULED:
             picks = _scheduled_picks([*earlier, topic], name, fraction, seed, salt, schedule)[-1]
+        elif schedule == "weakest":
+            picks = _weakest_picks(topic, earlier, name, fraction, seed, salt, language_model)
         else:
             picks = _random_picks(topic, earlier, name, fraction, seed, salt)
         if not picks or not own:
@@ -103,6 +118,66 @@ def _random_picks(
     if not count:
         return []
     return [pool[i] for i in sorted(_rng(seed, topic, salt, name).sample(range(len(pool)), count))]
+
+
+def _weakest_picks(
+    topic: Topic,
+    earlier: Sequence[Topic],
+    name: str,
+    fraction: float,
+    seed: int,
+    salt: str,
+    language_model: Any,
+) -> list[Key]:
+    pool = _pool(earlier, name)
+    count = replay_counts(len(getattr(topic, name)), len(pool), fraction)
+    if not count:
+        return []
+    scores = strengths(language_model, earlier, name)
+    rng = _rng(seed, topic, salt, name)
+    draw = {key: rng.random() for key in pool}
+    weakest = sorted(pool, key=lambda key: (scores[key], draw[key]))[:count]
+    order = {key: i for i, key in enumerate(pool)}
+    return sorted(weakest, key=order.__getitem__)
+
+
+#: How many facts of a passage its self-test blanks.
+PROBES = 3
+
+
+def probes(topic: Topic, name: str) -> list[list[tuple[str, str]]]:
+    """The self-test of each of ``topic``'s items in field ``name``, as ``(prompt, answer)`` pairs:
+    a passage's facts blanked (up to :data:`PROBES`, as :func:`~align.core.cloze.clozes` picks
+    them, facts in plain words included) and answered, or, for a passage with none, its first half
+    continued by the rest; a preference pair's prompt answered with the person's answer. Made from
+    training items only, never from the quiz."""
+    if name == "preference_pairs":
+        return [[(pair.prompt, pair.chosen)] for pair in topic.preference_pairs]
+    made = []
+    for passage, of_passage in zip(topic.content, passage_clozes(topic.content, PROBES, words=True)):
+        if of_passage:
+            made.append([(f"Fill in the blank: {blanked}", fact) for blanked, fact in of_passage])
+        else:
+            words = passage.split()
+            half = max(1, len(words) // 2)
+            made.append([(" ".join(words[:half]), " " + " ".join(words[half:]))])
+    return made
+
+
+def strengths(language_model: Any, topics: Sequence[Topic], name: str) -> dict[Key, float]:
+    """How well ``language_model`` answers each item's :func:`probes`: the mean over its probes of
+    the answer's log-likelihood per character (higher: better held)."""
+    keys: list[Key] = []
+    rows: list[tuple[str, str]] = []
+    for topic in topics:
+        for i, item_probes in enumerate(probes(topic, name)):
+            keys += [(topic.name, i)] * len(item_probes)
+            rows += item_probes
+    scores = language_model.loglikelihood([p for p, _ in rows], [a for _, a in rows]) if rows else []
+    total: dict[Key, list[float]] = {}
+    for key, (_, answer), score in zip(keys, rows, scores):
+        total.setdefault(key, []).append(score / max(1, len(answer)))
+    return {key: sum(values) / len(values) for key, values in total.items()}
 
 
 def _scheduled_picks(

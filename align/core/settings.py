@@ -34,7 +34,7 @@ ON_ERROR = ("stop", "skip")
 #: The values of ``recheck``: after each topic, evaluate every ``earlier`` topic again, or ``none``.
 RECHECK = ("earlier", "none")
 #: The values of ``replay.schedule``: which earlier items a topic replays (align/core/replay.py).
-REPLAY_SCHEDULES = ("random", "spaced", "balanced", "expanding")
+REPLAY_SCHEDULES = ("random", "spaced", "balanced", "expanding", "weakest")
 #: The values of ``voice_set``: which held-out voice pairs score a topic's voice.
 VOICE_SETS = ("person", "topic")
 #: The largest ``lora.rank`` taken: far above any model's use (align's adapter is rank 1), far below
@@ -235,8 +235,10 @@ class ReplaySettings:
     #: ``random``: a fresh seeded sample of every earlier item for each topic; ``spaced``: the
     #: items trained longest ago first (ties drawn with the seed), so every earlier item comes
     #: back before any comes back twice; ``balanced``: an even share for each earlier topic, its
-    #: items trained longest ago first. ``spaced`` kept more of each earlier answer's lead than
-    #: ``random`` at four seeds of four (docs/quality.md); on the demo both pick the same items.
+    #: items trained longest ago first; ``expanding``: half to the topic just before, the rest
+    #: trained longest ago; ``weakest``: the items the adapter answers worst on a self-test made
+    #: from them, scored as each step starts. ``spaced`` kept more of each earlier answer's lead
+    #: than ``random`` at four seeds of four (docs/quality.md); on the demo both pick the same items.
     schedule: str = "spaced"
 
     def __post_init__(self) -> None:

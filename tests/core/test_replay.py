@@ -6,9 +6,9 @@ import json
 import pytest
 
 from align.core.engine import retention_scores
-from align.core.replay import replay_counts, replay_topic, with_person_voice
+from align.core.replay import probes, replay_counts, replay_topic, strengths, with_person_voice
 from align.errors import ConfigError
-from align.testing import StubEvaluator, StubObjective, StubPlugin, make_topic, run_protocol
+from align.testing import StubEvaluator, StubModel, StubObjective, StubPlugin, make_topic, run_protocol
 
 
 def topic(name, passages, pairs=1):
@@ -336,10 +336,124 @@ def test_the_engine_replays_on_the_configured_schedule():
         ]
 
 
+def facts(name, passages, pairs):
+    """A topic whose passages each state a named fact (what a self-test blanks)."""
+    content = [f"The {name} boat {i} was called the Wren {name.upper()}{i}." for i in range(passages)]
+    return make_topic({**topic(name, 1, pairs).to_dict(), "content": content})
+
+
+def weak_model(weak):
+    """A stub model that answers the self-test of the items in ``weak`` ({(topic, field, index)})
+    worse than every other."""
+    prompts = {
+        prompt
+        for t in WEAK_TOPICS
+        for field in ("content", "preference_pairs")
+        for i, item in enumerate(probes(t, field))
+        if (t.name, field, i) in weak
+        for prompt, _ in item
+    }
+    return StubModel(loglikelihood=lambda prompt, answer: -5.0 * len(answer) if prompt in prompts else -1.0)
+
+
+WEAK_TOPICS = [facts("w0", 4, 3), facts("w1", 4, 3), facts("w2", 2, 2)]
+
+
+def test_self_tests_blank_a_passage_s_facts_and_ask_a_pair_s_prompt():
+    passage = probes(WEAK_TOPICS[0], "content")[1]
+    assert ("Fill in the blank: The w0 boat 1 was called the ____.", "Wren W01") in passage
+    assert all(
+        prompt.startswith("Fill in the blank: ") and answer in WEAK_TOPICS[0].content[1]
+        for prompt, answer in passage
+    )
+    assert probes(WEAK_TOPICS[0], "preference_pairs") == [
+        [("w0 q0?", "w0 yes 0")],
+        [("w0 q1?", "w0 yes 1")],
+        [("w0 q2?", "w0 yes 2")],
+    ]
+    # a passage with no fact to blank is tested by its second half after its first
+    plain = make_topic(name="plain", content=["it rained all day and we stayed in"])
+    assert probes(plain, "content") == [[("it rained all day", " and we stayed in")]]
+    # made from the training items alone: another quiz gives the same self-test
+    other_quiz = make_topic(
+        {
+            **WEAK_TOPICS[0].to_dict(),
+            "quiz": [{"question": "What was boat 1 called?", "choices": ["Wren W01", "Gull"], "answer": 0}],
+        }
+    )
+    for field in ("content", "preference_pairs"):
+        assert probes(other_quiz, field) == probes(WEAK_TOPICS[0], field)
+
+
+def test_strengths_are_each_item_s_mean_log_likelihood_per_character():
+    model = StubModel(
+        loglikelihood=lambda prompt, answer: -2.0 * len(answer) if "boat 0" in prompt else -len(answer)
+    )
+    scores = strengths(model, WEAK_TOPICS[:1], "content")
+    assert scores == {("w0", 0): -2.0, ("w0", 1): -1.0, ("w0", 2): -1.0, ("w0", 3): -1.0}
+
+
+def test_weakest_replay_rehearses_the_items_the_model_answers_worst():
+    weak = {
+        ("w0", "content", 3),
+        ("w1", "content", 0),
+        ("w1", "preference_pairs", 2),
+        ("w0", "preference_pairs", 0),
+    }
+    settings = {"content": 1.0, "preference_pairs": 1.0}
+    for seed in range(3):
+        mixed, chosen = replay_topic(
+            WEAK_TOPICS[2], WEAK_TOPICS[:2], settings, seed, "sft", "weakest", weak_model(weak)
+        )
+        assert chosen == {"content": [["w0", 3], ["w1", 0]], "preference_pairs": [["w0", 0], ["w1", 2]]}
+        assert mixed.content[2:] == (WEAK_TOPICS[0].content[3], WEAK_TOPICS[1].content[0])
+
+
+def test_weakest_replay_draws_among_items_held_equally_with_the_seed():
+    equal = StubModel()  # every answer scores 0.0
+    picks = [
+        replay_topic(WEAK_TOPICS[2], WEAK_TOPICS[:2], {"content": 1.0}, seed, "sft", "weakest", equal)[1]
+        for seed in range(6)
+    ]
+    assert (
+        picks[0]
+        == replay_topic(WEAK_TOPICS[2], WEAK_TOPICS[:2], {"content": 1.0}, 0, "sft", "weakest", equal)[1]
+    )
+    assert len({str(p) for p in picks}) > 1
+
+
+def test_weakest_replay_needs_the_model():
+    with pytest.raises(ValueError, match="weakest"):
+        replay_topic(WEAK_TOPICS[2], WEAK_TOPICS[:2], {"content": 1.0}, 0, "sft", "weakest")
+
+
+def test_the_engine_scores_earlier_items_with_the_policy_for_weakest_replay():
+    weak = {("w0", "content", 1), ("w1", "content", 2)}
+    model = weak_model(weak)
+    result = run_protocol(
+        [{"name": "sft", "train": "sft"}, {"name": "after", "evaluate": ["quiz"]}],
+        WEAK_TOPICS,
+        plugins=[
+            StubPlugin(
+                objectives={"sft": StubObjective()}, evaluators={"quiz": StubEvaluator({"accuracy": 1.0})}
+            )
+        ],
+        builtins=False,
+        config={"replay": {"content": 1.0, "schedule": "weakest"}},
+        model=model,
+    )
+    events = [e["items"]["content"] for e in result.events if e["kind"] == "replay"]
+    assert events == [[["w0", i] for i in range(4)], [["w0", 1], ["w1", 2]]]
+    scored = [args[0] for method, args in model.calls if method == "loglikelihood"]
+    assert any(
+        prompt.startswith("Fill in the blank: The w1 boat") for prompts in scored for prompt in prompts
+    )
+
+
 def test_an_unknown_replay_schedule_is_refused():
     with pytest.raises(
         ConfigError,
-        match=r"replay.schedule: expected one of random, spaced, balanced, expanding, got 'spacd'",
+        match=r"replay.schedule: expected one of random, spaced, balanced, expanding, weakest, got 'spacd'",
     ):
         run_protocol(
             [{"name": "after", "evaluate": ["quiz"]}], TOPICS, config={"replay": {"schedule": "spacd"}}
