@@ -24,8 +24,8 @@ all), the other half to the items trained longest ago. Those four are pure funct
 topics, the settings and the seed: the history the schedules read is recomputed from the earlier
 topics, never read back from the run.
 
-``weakest`` asks the model instead: before each training step it takes a self-test of every
-earlier item (:func:`probes`: a passage's facts blanked, as clozes are, and answered; a pair's
+``weakest`` asks the model instead: before each training step that replays some earlier items
+but not all, it takes a self-test of every earlier item (:func:`probes`: a passage's facts blanked, as clozes are, and answered; a pair's
 prompt answered with the person's answer) and replays the items it answers worst, by the mean
 log-likelihood per character of the answers (ties drawn with the seed). An answer a topic learnt
 by a small lead is the one later topics take (docs/quality.md, "Which answers a run loses"); this
@@ -133,6 +133,8 @@ def _weakest_picks(
     count = replay_counts(len(getattr(topic, name)), len(pool), fraction)
     if not count:
         return []
+    if count >= len(pool):  # every earlier item is replayed: nothing to choose, no self-test
+        return pool
     scores = strengths(language_model, earlier, name)
     rng = _rng(seed, topic, salt, name)
     draw = {key: rng.random() for key in pool}

@@ -422,6 +422,13 @@ def test_weakest_replay_draws_among_items_held_equally_with_the_seed():
     assert len({str(p) for p in picks}) > 1
 
 
+def test_weakest_replay_of_every_earlier_item_takes_no_self_test():
+    model = StubModel()
+    _, chosen = replay_topic(WEAK_TOPICS[1], WEAK_TOPICS[:1], {"content": 1.0}, 0, "sft", "weakest", model)
+    assert chosen == {"content": [["w0", i] for i in range(4)]}
+    assert model.calls == []
+
+
 def test_weakest_replay_needs_the_model():
     with pytest.raises(ValueError, match="weakest"):
         replay_topic(WEAK_TOPICS[2], WEAK_TOPICS[:2], {"content": 1.0}, 0, "sft", "weakest")
