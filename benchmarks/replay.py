@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--topics", default=str(REPO / "examples" / "topics"))
+    parser.add_argument("--model", default="smollm2", help="a model name or directory (tests: a tiny one)")
     parser.add_argument("--epochs", type=float, default=0.25, help="the slice of SFT timed")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
@@ -52,7 +53,7 @@ def main() -> None:
 
     quiet_libraries()
     set_seed(0)
-    base, tokenizer = load_model("smollm2")
+    base, tokenizer = load_model(args.model)
     model = attach_adapter(base, rank=1, alpha=1.0, dropout=0.0, target_modules=TARGETS)
     policy = EnginePolicy(model, tokenizer, seed=0, scratch_dir=Path(tempfile.mkdtemp(prefix="align-bench-")))
     topics = load_topics(args.topics)

@@ -87,6 +87,32 @@ def test_scale_benchmark_runs_both_variants_from_the_same_start(tmp_path):
     assert "align / seed tokens/s" in completed.stdout
 
 
+def test_replay_benchmark_times_both_schedules_against_the_sft_step(tmp_path, tiny_model_dir):
+    """``benchmarks/replay.py`` on the tiny model: ``spaced`` picks without the model, ``weakest``
+    scores the earlier items, and the SFT slice is scaled to the step's 6 epochs."""
+    out = tmp_path / "replay.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "replay.py"),
+            *("--model", str(tiny_model_dir), "--epochs", "0.05", "--repeats", "1", "--out", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["earlier_items"] == {"content": 35, "preference_pairs": 50}
+    assert results["pick_seconds"]["weakest"] > results["pick_seconds"]["spaced"] >= 0
+    assert results["sft_slice"]["steps"] >= 1
+    # both rounded as written: the slice to 0.01 s, the scaled step to 0.1 s
+    scaled = results["sft_slice"]["seconds"] * 6 / 0.05
+    assert results["sft_6_epochs_seconds"] == pytest.approx(scaled, abs=0.005 * 6 / 0.05 + 0.05)
+    assert results["weakest_share_of_sft"] > 0
+    assert "self-test" in completed.stdout
+
+
 def _run_module():
     import importlib.util
 
