@@ -25,12 +25,15 @@ topics, the settings and the seed: the history the schedules read is recomputed 
 topics, never read back from the run.
 
 ``weakest`` asks the model instead: before each training step that replays some earlier items
-but not all, it takes a self-test of every earlier item (:func:`probes`: a passage's facts blanked, as clozes are, and answered; a pair's
-prompt answered with the person's answer) and replays the items it answers worst, by the mean
-log-likelihood per character of the answers (ties drawn with the seed). An answer a topic learnt
-by a small lead is the one later topics take (docs/quality.md, "Which answers a run loses"); this
-rehearses those before the ones still held. It reads the adapter as the step starts, which a
-resumed run restores, so a resumed run replays what an uninterrupted one does.
+but not all, it takes a self-test of every earlier item (:func:`probes`: a passage's facts
+blanked, as clozes are, and answered; a pair's prompt answered with the person's answer) and
+replays the items it answers worst, by the mean log-likelihood per character of the answers
+(ties drawn with the seed). An answer a topic learnt by a small lead is the one later topics take
+(docs/quality.md, "Which answers a run loses"); this rehearses those before the ones still held.
+It reads the adapter as the step starts, which a resumed run restores, so a resumed run replays
+what an uninterrupted one does. Measured at four seeds it kept as many answers as ``spaced``, not
+more: it learns facts a topic's own SFT missed, and misses answers its self-test, in the
+passages' words, finds held (docs/quality.md, "The weakest items first").
 
 Only training data is replayed (passages and preference pairs), never quiz items or voice pairs:
 those measure the run.
