@@ -466,7 +466,7 @@ class Engine:
             self.plan.settings.seed,
             step.name,
             self.replay_schedule,
-            self.policy.language_model if self.replay_schedule == "weakest" else None,
+            self.policy.language_model,
         )
         if chosen:
             counts = {name: float(len(items)) for name, items in chosen.items()}
