@@ -12,16 +12,21 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.benchmark
 
 
-def test_quick_benchmark_suite_reports_every_section(tmp_path):
-    out = tmp_path / "results.json"
+def run_benchmark(script, out, *args, timeout=600):
+    """``benchmarks/<script>`` run with ``args`` and ``--out out``: its process, which must have
+    succeeded, and the results it wrote."""
     completed = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(REPO / "benchmarks" / script), *args, "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=timeout,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    results = json.loads(out.read_text())
+    return completed, json.loads(out.read_text())
+
+
+def test_quick_benchmark_suite_reports_every_section(tmp_path):
+    completed, results = run_benchmark("run.py", tmp_path / "results.json", "--quick", timeout=1200)
     assert results["quick"] is True
     assert {"date", "machine", "versions"} <= results.keys()
 
@@ -61,20 +66,9 @@ def test_scale_benchmark_runs_both_variants_from_the_same_start(tmp_path):
     """``benchmarks/scale.py`` (the GPU DPO benchmark) on its tiny shape on the CPU, so that a GPU
     session can trust it: both variants train, report their numbers and the ratios, and start
     from the same adapter with the base model as reference (the same first loss, ln 2)."""
-    out = tmp_path / "scale.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "scale.py"),
-            *("--shape", "tiny", "--steps", "2"),
-            *("--length", "32", "--out", str(out)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    completed, results = run_benchmark(
+        "scale.py", tmp_path / "scale.json", "--shape", "tiny", "--steps", "2", "--length", "32"
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    results = json.loads(out.read_text())
     assert {"date", "device", "versions", "cuda"} <= results.keys()
     assert set(results["variants"]) == {"seed", "align"}
     for row in results["variants"].values():
@@ -90,19 +84,16 @@ def test_scale_benchmark_runs_both_variants_from_the_same_start(tmp_path):
 def test_replay_benchmark_times_both_schedules_against_the_sft_step(tmp_path, tiny_model_dir):
     """``benchmarks/replay.py`` on the tiny model: ``spaced`` picks without the model, ``weakest``
     scores the earlier items, and the SFT slice is scaled to the step's 6 epochs."""
-    out = tmp_path / "replay.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "replay.py"),
-            *("--model", str(tiny_model_dir), "--epochs", "0.05", "--repeats", "1", "--out", str(out)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    completed, results = run_benchmark(
+        "replay.py",
+        tmp_path / "replay.json",
+        "--model",
+        str(tiny_model_dir),
+        "--epochs",
+        "0.05",
+        "--repeats",
+        "1",
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    results = json.loads(out.read_text())
     assert results["earlier_items"] == {"content": 35, "preference_pairs": 50}
     assert results["pick_seconds"]["weakest"] > results["pick_seconds"]["spaced"] >= 0
     assert results["sft_slice"]["steps"] >= 1
